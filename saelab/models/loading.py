@@ -1,0 +1,117 @@
+"""Load a language model as a TransformerLens v4 `TransformerBridge`, and check hook names against it."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+REFERENCE = "reference"
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def reference_dir() -> Path:
+    return Path(__file__).resolve().parent / "reference"
+
+
+def resolve_model_path(name: str) -> str:
+    """'reference' → the embedded model's directory; a local path stays; anything else is a hub name."""
+    if name == REFERENCE:
+        path = reference_dir()
+        if not (path / "model.safetensors").exists():
+            raise FileNotFoundError(
+                f"the embedded reference model is missing from {path}; reinstall saelab or rebuild it with "
+                f"`saelab reference train --out {path}`"
+            )
+        return str(path)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    return name
+
+
+def _check_hub(name: str) -> None:
+    """With no network and nothing cached, fail at once instead of retrying for minutes."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from saelab.models.hub import hub_reachable
+
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # use the local copy, ask nothing of the network
+        return
+    if not hub_reachable():
+        raise ConnectionError(
+            f"model {name!r} is not a local path and the Hugging Face hub cannot be reached from this machine "
+            f"(no network). Use the embedded model (--model reference) or a local directory holding a "
+            f"transformers model (config.json + weights + tokenizer)."
+        )
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        out = getattr(torch, dtype)
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise ValueError(f"dtype: unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return out
+
+
+def load_model(name: str = REFERENCE, device: str | torch.device = "cpu", dtype: str | torch.dtype = "float32"):
+    """A `TransformerBridge` for the embedded reference model, a hub name or a local model directory."""
+    import logging
+
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = resolve_model_path(name)
+    if not Path(path).exists():
+        _check_hub(path)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    bridge = TransformerBridge.boot_transformers(path, device=str(device), dtype=parse_dtype(dtype))
+    bridge.eval()
+    bridge.saelab_model_id = name  # what the user asked for, recorded in manifests
+    return bridge
+
+
+def model_fingerprint(name: str) -> str:
+    """sha256 of the weights file for local models (the reference included), else the hub name."""
+    path = Path(resolve_model_path(name))
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(path.glob("*.safetensors")):
+            h.update(f.read_bytes())
+        return h.hexdigest()
+    return name
+
+
+def hook_names(model) -> list[str]:
+    """Every hook name the model accepts, canonical and TransformerLens-style aliases, sorted."""
+    return sorted(model.hook_dict.keys())
+
+
+def hook_layer(hook_name: str) -> int | None:
+    """The block index a hook lives in (`blocks.3.hook_resid_post` → 3), or None outside the blocks."""
+    m = _LAYER.match(hook_name)
+    return int(m.group(1)) if m else None
+
+
+def check_hook_names(model, hooks: list[str] | str) -> list[str]:
+    """Raise a `KeyError` naming the closest valid hooks for any name the model does not have."""
+    hooks = [hooks] if isinstance(hooks, str) else list(hooks)
+    valid = set(model.hook_dict.keys())
+    for h in hooks:
+        if h not in valid:
+            close = difflib.get_close_matches(h, sorted(valid), n=5, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            n_layers = getattr(model.cfg, "n_layers", "?")
+            raise KeyError(
+                f"hook {h!r} does not exist in this model ({n_layers} layers){hint} "
+                f"List them all with `saelab hooks --model ...` or saelab.hook_names(model)."
+            )
+    return hooks
