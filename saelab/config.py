@@ -7,6 +7,7 @@ builds the dataclass; any invalid value raises one `ConfigError` that names the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import typing
 from dataclasses import dataclass, field
@@ -143,3 +144,100 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 __all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "check", "from_dict", "to_dict", "load_config", "save_config",
            "merge", "read_file", "field"]
+
+
+ARCHITECTURES = ("topk",)  # grows as architecture files land in saelab/sae/
+NORMALIZATIONS = ("none", "scale", "layer_norm")
+
+
+@dataclass
+class SAEConfig:
+    """The SAE itself. `n_latents` 0 means `expansion_factor × d_in`, filled in when d_in is known."""
+
+    architecture: str = "topk"
+    d_in: int = 0
+    n_latents: int = 0
+    expansion_factor: int = 16
+    k: int = 32
+    hook_name: str = ""
+    model_name: str = "reference"
+    # "scale": one fixed factor so that E||x||² = d_in (from cache statistics), folded into the weights at save;
+    # "layer_norm": per-token (x − μ)/σ as in OpenAI's released SAEs, undone on output; "none".
+    normalize: str = "scale"
+    input_scale: float = 1.0
+    # ReLU after top-k (OpenAI's code) by default; before top-k (dictionary_learning) selects the same non-zero
+    # set and differs only in which index pads when fewer than k pre-activations are positive.
+    relu_before_topk: bool = False
+    k_aux: int = 0  # 0 means d_in // 2 (sparsify, dictionary_learning); OpenAI used 256, the paper ~512
+    aux_coef: float = 1 / 32
+    multi_topk: bool = False  # add L(4k)/8 (Gao et al.) so the SAE stays good at larger k at test time
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        check(self.architecture in ARCHITECTURES, "sae.architecture",
+              f"must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        check(self.normalize in NORMALIZATIONS, "sae.normalize", f"must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        check(self.d_in >= 0, "sae.d_in", f"must be >= 0, got {self.d_in}")
+        check(self.n_latents >= 0, "sae.n_latents", f"must be >= 0, got {self.n_latents}")
+        check(self.expansion_factor >= 1, "sae.expansion_factor", f"must be >= 1, got {self.expansion_factor}")
+        check(self.k >= 1, "sae.k", f"must be >= 1, got {self.k}")
+        check(self.k_aux >= 0, "sae.k_aux", f"must be >= 0, got {self.k_aux}")
+        check(self.aux_coef >= 0, "sae.aux_coef", f"must be >= 0, got {self.aux_coef}")
+        check(self.input_scale > 0 and self.input_scale == self.input_scale, "sae.input_scale",
+              f"must be a positive number, got {self.input_scale}")
+        check(self.dtype in DTYPES, "sae.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        if self.d_in:
+            if not self.n_latents:
+                self.n_latents = self.expansion_factor * self.d_in
+            check(self.k <= self.n_latents, "sae.k", f"must be <= n_latents ({self.n_latents}), got {self.k}")
+            if not self.k_aux:
+                self.k_aux = max(1, self.d_in // 2)
+
+
+SOURCES = ("auto", "cache", "stream")
+
+
+@dataclass
+class TrainConfig:
+    """`saelab train`: one SAE on one hook. Defaults train a TopK SAE (16×, k=32) on the reference model's
+    middle residual stream over the standard-library corpus in a few minutes on 2 CPU cores."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    hook_name: str = ""  # "" → the middle residual stream, blocks.{n_layers // 2}.hook_resid_pre
+    out: str = ""  # "" → runs/<name>
+    name: str = ""  # "" → <model>-<hook>-<architecture>-k<k>
+    source: str = "auto"  # auto: a cache if `cache` is given (or made), else stream
+    cache: str = ""  # an existing activation cache to train from
+    cache_tokens: int = 1_000_000  # when source=auto makes a cache: its size (several epochs over it are fine)
+    context_size: int = 128
+    tokens: int = 8_000_000  # training tokens
+    batch_size: int = 4096
+    lr: float = 0.0  # 0 → 2e-4 / sqrt(n_latents / 2^14)  (Gao et al. Fig. 3, as sparsify and dictionary_learning)
+    lr_warmup_steps: int = 50
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of training
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 6.25e-10  # OpenAI's
+    grad_clip: float = 1.0
+    dead_tokens: int = 0  # 0 → min(10M, tokens / 4): latents silent this many tokens are dead (AuxK, metrics)
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 200  # steps; also at the end
+    keep_checkpoints: int = 2
+    resume: bool = False
+    eval_tokens: int = 65_536  # held-out tokens for the final core metrics (0 skips)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self):
+        check(self.source in SOURCES, "source", f"must be one of {SOURCES}, got {self.source!r}")
+        check(self.tokens > 0, "tokens", f"must be > 0, got {self.tokens}")
+        check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
+        check(self.context_size >= 2, "context_size", f"must be >= 2, got {self.context_size}")
+        check(self.lr >= 0, "lr", f"must be >= 0, got {self.lr}")
+        check(0 <= self.lr_decay_fraction <= 1, "lr_decay_fraction", f"must be in [0, 1], got {self.lr_decay_fraction}")
+        check(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        check(self.checkpoint_every > 0, "checkpoint_every", f"must be > 0, got {self.checkpoint_every}")
+        check(self.source != "cache" or bool(self.cache), "cache", "source=cache needs --cache DIR")
+        check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
+              f"must be two numbers in [0, 1), got {self.adam_betas}")

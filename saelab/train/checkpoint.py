@@ -1,0 +1,86 @@
+"""Atomic training checkpoints: tensors in safetensors, everything else in JSON (nothing is pickled).
+
+A checkpoint is a directory `checkpoints/step-NNNNNNNN/` written under a temporary name and renamed when
+complete, so a run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{pid}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
+    (tmp / STATE_JSON).write_text(json.dumps(meta))
+    for f in (tmp / STATE_TENSORS, tmp / STATE_JSON):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_JSON).exists() and (p / STATE_TENSORS).exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path / STATE_TENSORS)), json.loads((path / STATE_JSON).read_text())
+    except Exception as e:  # a damaged file: say which, and what to do
+        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete that directory to resume from the one "
+                           f"before it, or start afresh without --resume") from e
+
+
+def rng_state() -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def set_rng_state(t: torch.Tensor) -> None:
+    torch.set_rng_state(t.to(torch.uint8))

@@ -1,0 +1,137 @@
+"""SparseAutoencoder (TopK) against a dense float64 reference, decoder hygiene, AuxK, save/load."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig
+from saelab.sae import SparseAutoencoder, SparseCode, geometric_median
+
+
+def make_sae(d=24, n=96, k=5, normalize="scale", **kw):
+    sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, normalize=normalize, hook_name="blocks.1.hook_resid_post",
+                                      **kw))
+    sae.reset_parameters(seed=0)
+    with torch.no_grad():  # non-trivial biases, so every term of the reference matters
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.3)
+    return sae
+
+
+def dense_reference(sae, x):
+    """The TopK SAE written densely in float64: the independent reference."""
+    s = sae.cfg.input_scale if sae.cfg.normalize == "scale" else 1.0
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double().requires_grad_() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    xn = x.double() * s
+    pre = (xn - b_dec) @ W_enc + b_enc
+    idx = pre.topk(sae.cfg.k, dim=-1).indices
+    z = torch.zeros_like(pre).scatter(1, idx, pre.gather(1, idx).relu())
+    x_hat_n = z @ W_dec + b_dec
+    return (W_enc, b_enc, W_dec, b_dec), z, x_hat_n, x_hat_n / s, xn
+
+
+def test_forward_and_gradients_match_dense_reference():
+    torch.manual_seed(0)
+    sae = make_sae()
+    x = torch.randn(64, 24) * 3 + 1
+    sae.init_from_data_(x)
+    params, z, x_hat_n, x_hat, xn = dense_reference(sae, x)
+    out = sae(x)
+    assert torch.allclose(out.x_hat.double(), x_hat, atol=1e-4)
+    assert torch.equal(out.code.to_dense(96).ne(0), z.ne(0))
+    assert (out.code.l0() == 5).all()  # L0 == k when enough pre-activations are positive
+    ref_loss = (xn - x_hat_n).pow(2).sum(-1).mean() / sae.loss_normalizer.double()
+    assert torch.allclose(out.losses["fvu"].double(), ref_loss, rtol=1e-4)
+    out.losses["loss"].backward()
+    ref_loss.backward()
+    for p, ref in zip((sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec), params):
+        assert torch.allclose(p.grad.double(), ref.grad, atol=1e-5, rtol=1e-4), p.shape
+
+
+def test_w_enc_layout_is_saelens_shape_with_contiguous_latent_columns():
+    sae = make_sae()
+    assert sae.W_enc.shape == (24, 96) and sae.W_dec.shape == (96, 24)
+    assert sae.W_enc.T.is_contiguous()
+    # tied init: encoder is the decoder's transpose, decoder rows unit norm
+    torch.testing.assert_close(sae.W_enc.T, sae.W_dec)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(96))
+
+
+def test_decoder_hygiene():
+    sae = make_sae()
+    x = torch.randn(32, 24)
+    sae(x).losses["loss"].backward()
+    sae.remove_parallel_grad_()
+    dots = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert dots.abs().max() < 1e-6
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)
+    sae.normalize_decoder_()
+    assert (sae.W_dec.norm(dim=1) - 1).abs().max() < 1e-6
+
+
+def test_auxk_zero_without_dead_and_trains_only_dead_latents():
+    torch.manual_seed(1)
+    sae = make_sae(k_aux=8)
+    x = torch.randn(64, 24)
+    sae.init_from_data_(x)
+    out = sae(x, dead_mask=torch.zeros(96, dtype=torch.bool))
+    assert "auxk" not in out.losses
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+    out = sae(x, dead_mask=dead)
+    assert out.losses["auxk"] > 0
+    sae.zero_grad()
+    out.losses["auxk"].backward()
+    # the residual target is detached: only dead latents' decoder rows and encoder columns get gradient
+    assert sae.W_dec.grad[~dead].abs().max() == 0
+    assert sae.W_enc.grad[:, ~dead].abs().max() == 0
+    assert sae.W_dec.grad[dead].abs().max() > 0
+
+
+def test_multi_topk_adds_a_loss():
+    sae = make_sae(multi_topk=True)
+    out = sae(torch.randn(16, 24))
+    assert "multi_topk_fvu" in out.losses
+    assert out.losses["multi_topk_fvu"] <= out.losses["fvu"] + 1e-6  # 4k latents reconstruct at least as well
+
+
+def test_encode_decode_equals_forward_reconstruction():
+    sae = make_sae()
+    x = torch.randn(10, 24)
+    code = sae.encode(x)
+    assert isinstance(code, SparseCode) and code.k == 5
+    torch.testing.assert_close(sae.decode(code), sae(x).x_hat, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="d_in"):
+        sae.encode(torch.randn(3, 25))
+
+
+@pytest.mark.parametrize("normalize", ["scale", "none", "layer_norm"])
+def test_save_load_round_trip_on_raw_activations(tmp_path, normalize):
+    torch.manual_seed(2)
+    sae = make_sae(normalize=normalize)
+    x = torch.randn(40, 24) * 5 + 2
+    sae.init_from_data_(x)
+    before = sae.decode(sae.encode(x))
+    sae.save(tmp_path / "sae")
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    for key in ("architecture", "d_in", "d_sae", "hook_name", "k", "dtype", "model_name"):
+        assert key in cfg
+    assert cfg["d_sae"] == 96 and cfg["architecture"] == "topk"
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.cfg.input_scale == 1.0  # the scale is folded into the weights
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), before, atol=1e-4, rtol=1e-4)
+
+
+def test_load_refuses_pickles(tmp_path):
+    (tmp_path / "sae.pt").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        SparseAutoencoder.load(tmp_path)
+
+
+def test_geometric_median():
+    pts = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [100, 100]])
+    med = geometric_median(pts)
+    assert med.norm() < 1.0  # the outlier barely moves it, unlike the mean (at norm ≈ 28)
+    assert torch.allclose(geometric_median(torch.tensor([[2.0, 3.0]] * 3)), torch.tensor([2.0, 3.0]))
