@@ -10,11 +10,13 @@ import json
 import sys
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="reference",
+def _add_model_flags(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """--model/--device/--model-dtype; without defaults (None) when a --config file may set them instead."""
+    p.add_argument("--model", default="reference" if defaults else None,
                    help="'reference' (embedded, default), a hub name such as gpt2, or a local model directory")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: cpu)")
-    p.add_argument("--model-dtype", default="float32", help="float32 (default), float16 or bfloat16")
+    p.add_argument("--device", default="cpu" if defaults else None, help="cpu, cuda[:N] or auto (default: cpu)")
+    p.add_argument("--model-dtype", default="float32" if defaults else None,
+                   help="float32 (default), float16 or bfloat16")
 
 
 # ---------------------------------------------------------------------------------------------------- info
@@ -97,7 +99,108 @@ def run_reference(args) -> int:
     return 0
 
 
-COMMANDS = ["info", "hooks", "reference"]
+# ---------------------------------------------------------------------------------------------------- train
+def parse_count(text: str) -> int:
+    """'20M' → 20_000_000, '500k' → 500_000, '1.5G', '4096'."""
+    t = str(text).strip().lower().replace("_", "")
+    mult = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 20M, 500k or 4096)") from None
+
+
+TRAIN_FLAGS = {  # flag → (config key, type, help)
+    "--hook": ("hook_name", str, "hook to train on (default: the middle residual stream, blocks.{L//2}.hook_resid_pre)"),
+    "--dataset": ("corpus.source", str, "corpus: 'stdlib' (default), an HF dataset name or a local path"),
+    "--text-field": ("corpus.text_field", str, "text field of dataset rows (default: text)"),
+    "--n-latents": ("sae.n_latents", int, "SAE width (default: 16 × d_in)"),
+    "--expansion-factor": ("sae.expansion_factor", int, "width as a multiple of d_in when --n-latents is not given (16)"),
+    "--k": ("sae.k", int, "active latents per token (32)"),
+    "--architecture": ("sae.architecture", str, "topk (more to come)"),
+    "--normalize": ("sae.normalize", str, "input normalisation: scale (default; folded at save), layer_norm or none"),
+    "--k-aux": ("sae.k_aux", int, "AuxK latents (default d_in // 2)"),
+    "--aux-coef": ("sae.aux_coef", float, "AuxK loss coefficient (1/32)"),
+    "--tokens": ("tokens", parse_count, "training tokens, e.g. 20M (default 8M)"),
+    "--batch-size": ("batch_size", int, "tokens per step per process (4096)"),
+    "--lr": ("lr", float, "learning rate (default 2e-4 / sqrt(n_latents / 2^14))"),
+    "--dead-tokens": ("dead_tokens", parse_count, "a latent silent this many tokens is dead (default min(10M, tokens/4))"),
+    "--out": ("out", str, "run directory (default runs/<name>)"),
+    "--name": ("name", str, "run name (default <model>-<hook>-<arch>-k<k>)"),
+    "--cache": ("cache", str, "train from this existing activation cache"),
+    "--source": ("source", str, "auto (default: the --cache, else a cache made in the run directory) or stream"),
+    "--cache-tokens": ("cache_tokens", parse_count, "size of the cache made when none is given (1M)"),
+    "--context-size": ("context_size", int, "tokens per row (128)"),
+    "--seed": ("seed", int, "seed (0)"),
+    "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints (200)"),
+    "--eval-tokens": ("eval_tokens", parse_count, "held-out tokens for the final core metrics (64k; 0 skips)"),
+    "--threads": ("threads", int, "torch CPU threads (default: torch's)"),
+}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train an SAE (default: TopK 16×, k=32, reference model, middle residual stream)",
+                       description="Train a sparse autoencoder. With no arguments: a TopK SAE (16× width, k=32) on "
+                                   "the reference model's middle residual stream over the standard-library corpus, "
+                                   "in a few minutes on 2 CPU cores; then print its core metrics.")
+    p.add_argument("--config", help="a YAML/JSON TrainConfig; flags override it")
+    _add_model_flags(p, defaults=False)
+    for flag, (_, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--multi-topk", action="store_true", default=None, help="add the L(4k)/8 multi-TopK loss")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the run's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args):
+    from saelab.config import TrainConfig, load_config
+
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in TRAIN_FLAGS.items()}
+    overrides.update({"model.name": args.model, "model.device": args.device, "model.dtype": args.model_dtype,
+                      "sae.multi_topk": args.multi_topk, "resume": args.resume})
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def run_train(args) -> int:
+    from saelab.train.pipeline import run_training
+
+    cfg = train_config_from_args(args)
+    result = run_training(cfg, progress=not args.no_progress)
+    last = result.last
+    print(f"trained {result.run_dir}/sae: {result.steps:,} steps, {result.tokens:,} tokens; "
+          f"FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.1f}, "
+          f"dead {last.get('dead_pct', float('nan')):.2f} %")
+    if cfg.eval_tokens:
+        return _evaluate(result.run_dir, cfg.eval_tokens)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- eval
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="core metrics of a trained SAE → RUN/eval/core.json",
+                       description="Score a trained SAE on held-out text: explained variance, FVU, MSE, L0, dead "
+                                   "and dense latents, CE and KL with the SAE spliced in, loss recovered (zero and "
+                                   "mean ablation), ΔCE. Writes RUN/eval/core.json.")
+    p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
+    p.add_argument("--tokens", type=parse_count, default=65_536, help="held-out tokens (default 64k)")
+
+
+def run_eval(args) -> int:
+    return _evaluate(args.run, args.tokens)
+
+
+def _evaluate(run, tokens: int) -> int:
+    from pathlib import Path
+
+    from saelab.eval.run import evaluate_run
+
+    path, text = evaluate_run(Path(run), tokens)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = ["info", "hooks", "reference", "train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
