@@ -51,6 +51,42 @@ class ModelSpec:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass
+class CacheConfig:
+    """`saelab cache`: activations of several hooks from one model pass, written as an on-disk cache.
+
+    Everything except `tokens` (the target size; a larger one extends a finished cache) and `out` identifies the
+    cache: rerunning with a different value against an existing directory is refused, naming what differs.
+    """
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    hooks: list[str] = field(default_factory=list)  # [] → the middle residual stream, blocks.{L // 2}.hook_resid_pre
+    out: str = ""  # "" → caches/<model>-<first hook>[+N]
+    tokens: int = 1_000_000  # target size in tokens (BOS included), rounded up to whole rows
+    context_size: int = 128
+    split: str = "train"
+    dtype: str = "float32"  # storage dtype of activations and gradients
+    with_grads: bool = False  # also store d(next-token CE, summed over predicted tokens)/d(activation)
+    exclude_bos: bool = True  # drop position 0 (BOS) of every row from the training rows
+    batch_rows: int = 32  # rows per model forward
+    shard_rows: int = 0  # rows per shard (a multiple of batch_rows); 0 → about 64 MB per activation file
+
+    def __post_init__(self):
+        check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        check(self.tokens > 0, "tokens", f"must be > 0, got {self.tokens}")
+        check(self.context_size >= 2, "context_size", f"must be >= 2, got {self.context_size}")
+        check(self.split in ("train", "validation", "all"), "split",
+              f"must be train, validation or all, got {self.split!r}")
+        check(self.batch_rows >= 1, "batch_rows", f"must be >= 1, got {self.batch_rows}")
+        check(self.shard_rows >= 0, "shard_rows", f"must be >= 0 (0: automatic), got {self.shard_rows}")
+        check(self.shard_rows % self.batch_rows == 0, "shard_rows",
+              f"must be a multiple of batch_rows ({self.batch_rows}), got {self.shard_rows}")
+        check(len(set(self.hooks)) == len(self.hooks), "hooks", f"lists a hook twice: {self.hooks}")
+        check(all(h and "/" not in h and not h.startswith(".") for h in self.hooks), "hooks",
+              f"hook names must be non-empty, without '/' and not start with '.', got {self.hooks}")
+
+
 def _field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -69,9 +105,28 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()]
     if origin is tuple and isinstance(value, list):
         return tuple(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp in (bool, int, float, str):
+        return _scalar(tp, value, path)
     return value
+
+
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    """Check a scalar's type, accepting the spellings YAML and flags produce ("1e6" and 1e6 for an int)."""
+    if isinstance(value, tp) and not (tp is not bool and isinstance(value, bool)):
+        return value
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    if tp in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+        if number is not None:
+            if tp is float:
+                return number
+            if number.is_integer():
+                return int(number)
+    raise ConfigError(f"{path}: must be {'an' if tp is int else 'a'} {tp.__name__}, got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict, path: str = "") -> T:

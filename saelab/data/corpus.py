@@ -113,23 +113,25 @@ def _text_key(source: str, text: str) -> str:
     return f"{source}#{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
 
-def _hf_rows(spec: CorpusSpec, kind: str, data_files: str | None = None) -> Iterator[Document]:
+def _hf_rows(spec: CorpusSpec, kind: str, data_files: str | None = None, label: str | None = None) -> Iterator[Document]:
+    """Rows of an HF dataset, or of one local JSONL/parquet file (`data_files`, keyed by its relative path `label`)."""
     import datasets
 
     try:
         if data_files is not None:
             ds = datasets.load_dataset(kind, data_files=data_files, split="train", streaming=True)
-            label = data_files
+            label = label or Path(data_files).name
+            where = data_files
         else:
             _fail_fast_if_offline(spec.source)
             ds = datasets.load_dataset(spec.source, spec.hf_config, split=spec.hf_split, streaming=True)
-            label = spec.source
+            label = where = spec.source
     except FileNotFoundError as e:
         raise FileNotFoundError(f"corpus source {spec.source!r}: {e}") from e
     for row in ds:
         if spec.text_field not in row:
             raise KeyError(
-                f"corpus source {label!r} has no field {spec.text_field!r}; its fields are {sorted(row)}. "
+                f"corpus source {where!r} has no field {spec.text_field!r}; its fields are {sorted(row)}. "
                 f"Pass --text-field with one of them."
             )
         text = row[spec.text_field]
@@ -170,7 +172,8 @@ def iter_documents(spec: CorpusSpec, split: str = "train", skipped: UndecodableF
                     if text:
                         yield Document(key, text)
             else:  # rows of a JSONL/parquet file go through HF datasets, split per row
-                for doc in _hf_rows(spec, fmt, data_files=str(path)):
+                # keyed by the file's relative path, not its absolute one, so the split survives a move
+                for doc in _hf_rows(spec, fmt, data_files=str(path), label=key):
                     if keep(doc.key):
                         yield doc
     else:

@@ -30,6 +30,11 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:  # a path, not 'org/name'
+        raise FileNotFoundError(
+            f"model {name!r}: no such local directory. Use the embedded model (--model reference), a hub name "
+            f"such as gpt2, or a directory holding a transformers model (config.json + weights + tokenizer)."
+        )
     return name
 
 
@@ -67,11 +72,10 @@ def load_model(name: str = REFERENCE, device: str | torch.device = "cpu", dtype:
     """A `TransformerBridge` for the embedded reference model, a hub name or a local model directory."""
     import logging
 
-    from transformer_lens.model_bridge import TransformerBridge
-
     path = resolve_model_path(name)
     if not Path(path).exists():
-        _check_hub(path)
+        _check_hub(path)  # before importing TransformerLens (seconds): an offline machine fails at once
+    from transformer_lens.model_bridge import TransformerBridge
     logging.getLogger("transformers").setLevel(logging.ERROR)
     bridge = TransformerBridge.boot_transformers(path, device=str(device), dtype=parse_dtype(dtype))
     bridge.eval()

@@ -50,11 +50,17 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 @torch.no_grad()
 def bits_per_byte(model, tokenizer, spec: CorpusSpec = CorpusSpec(), split: str = "validation",
-                  context_size: int = 256, batch_size: int = 16, max_rows: int | None = None) -> dict:
-    """Held-out bits per byte over packed rows; each stream token is predicted exactly once."""
+                  context_size: int = 256, batch_size: int = 16, max_rows: int | None = None,
+                  every: int = 1) -> dict:
+    """Held-out bits per byte over packed rows; each stream token is predicted exactly once.
+
+    `every` > 1 scores every `every`-th row only (a sample spread over the whole split), then `max_rows` caps it.
+    """
     device = model_device(model)
     nbytes = torch.as_tensor(token_byte_lengths(tokenizer), device=device)
     rows = iter_packed_rows(spec, tokenizer, context_size, split)
+    if every > 1:
+        rows = islice(rows, 0, None, every)
     if max_rows is not None:
         rows = islice(rows, max_rows)
     total_nats, total_bytes, total_tokens = 0.0, 0, 0
