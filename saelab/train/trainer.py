@@ -58,7 +58,7 @@ class MetricsLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < resume_step]
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in keep))
         self.fh = open(path, "a")
 
@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             tokens_seen += x.shape[0] * world
 
             for name, value in out.losses.items():
-                accum[name] = accum.get(name, 0.0) + float(value)
+                accum[name] = accum.get(name, 0.0) + float(value.detach())
             accum["l0"] = accum.get("l0", 0.0) + float((out.code.values > 0).sum(-1).float().mean())
             n_accum += 1
             done = step + 1
