@@ -80,11 +80,15 @@ def add_reference(sub) -> None:
     from saelab.models.train_reference import ReferenceRecipe
 
     d = ReferenceRecipe(out="")
-    for name in ("steps", "n_layer", "n_embd", "n_head", "n_ctx", "batch_rows", "vocab_size", "seed", "threads"):
+    for name in ("steps", "n_layer", "n_embd", "n_head", "n_ctx", "batch_rows", "vocab_size", "seed", "threads",
+                 "warmup_steps", "schedule_steps"):
         t.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
                        help=f"default {getattr(d, name)}")
     t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     t.add_argument("--dataset", default="stdlib", help="corpus (default: stdlib)")
+    t.add_argument("--init-from", default="", help="continue from this model directory (weights + tokenizer)")
+    t.add_argument("--decay", default=d.decay, choices=["cosine", "linear"], help="lr decay shape (cosine)")
+    t.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights (float16)")
 
 
 def run_reference(args) -> int:
@@ -93,7 +97,9 @@ def run_reference(args) -> int:
 
     recipe = ReferenceRecipe(out=args.out, steps=args.steps, n_layer=args.n_layer, n_embd=args.n_embd,
                              n_head=args.n_head, n_ctx=args.n_ctx, batch_rows=args.batch_rows,
-                             vocab_size=args.vocab_size, seed=args.seed, threads=args.threads, lr=args.lr)
+                             vocab_size=args.vocab_size, seed=args.seed, threads=args.threads, lr=args.lr,
+                             warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
+                             init_from=args.init_from, decay=args.decay, save_dtype=args.save_dtype)
     report = train_reference(recipe, CorpusSpec(args.dataset))
     print(json.dumps(report["validation"], indent=1))
     return 0
@@ -200,7 +206,121 @@ def _evaluate(run, tokens: int) -> int:
     return 0
 
 
-COMMANDS = ["info", "hooks", "reference", "train", "eval"]
+# ---------------------------------------------------------------------------------------------------- cache
+CACHE_FLAGS = {  # flag → (config key, type, help)
+    "--hooks": ("hooks", str, "comma-separated hook names (default: the middle residual stream, "
+                              "blocks.{L//2}.hook_resid_pre); all are captured in one forward pass"),
+    "--tokens": ("tokens", parse_count, "cache size in tokens, e.g. 2M, 500k or 20000 (default 1M); a larger value "
+                                        "later extends the cache"),
+    "--out": ("out", str, "cache directory (default caches/<model>-<hook>); rerunning resumes or extends it"),
+    "--dataset": ("corpus.source", str, "corpus: 'stdlib' (default), an HF dataset name or a local path"),
+    "--text-field": ("corpus.text_field", str, "text field of dataset rows (default: text)"),
+    "--split": ("split", str, "corpus split: train (default), validation or all"),
+    "--context-size": ("context_size", int, "tokens per packed row, BOS included (default 128)"),
+    "--dtype": ("dtype", str, "storage dtype: float32 (default), float16 or bfloat16 (stored as raw bits, exact)"),
+    "--batch-rows": ("batch_rows", int, "rows per model forward (default 32)"),
+    "--shard-rows": ("shard_rows", int, "rows per shard, a multiple of --batch-rows (default: ~64 MB files)"),
+}
+
+
+def add_cache(sub) -> None:
+    p = sub.add_parser(
+        "cache", help="write model activations (and LM-loss gradients) of several hooks to disk; verify a cache",
+        description="Run the model once per batch of packed rows, capture every --hooks in that one forward pass "
+                    "(stopping after the last layer needed) and write sharded .npy files, token ids and a "
+                    "manifest.json with statistics. Crash-safe: rerunning the same command resumes after the last "
+                    "complete shard and gives the same bytes as an uninterrupted run; a different spec is refused. "
+                    "`saelab cache verify DIR` checks row counts and SHA-256 checksums.",
+        epilog="examples:\n  saelab cache --hooks blocks.1.hook_resid_post,blocks.2.hook_resid_post --tokens 2M "
+               "--out caches/ref\n  saelab cache --tokens 500k --with-grads --dtype bfloat16 --out caches/grads\n"
+               "  saelab cache verify caches/ref\n  saelab cache verify caches/ref --repair",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", nargs="?", choices=["write", "verify", "info"], default="write",
+                   help="write (default) a cache; verify DIR: check files, row counts and checksums; info DIR: "
+                        "describe a cache")
+    p.add_argument("path", nargs="?", help="the cache directory, for verify and info")
+    p.add_argument("--config", help="a YAML/JSON CacheConfig; flags override it")
+    _add_model_flags(p)
+    for flag, (_, typ, help_) in CACHE_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--with-grads", action="store_true", default=None,
+                   help="also store d(next-token cross-entropy, summed over predicted tokens)/d(activation) per "
+                        "hook, from one backward pass per batch (for gradient-TopK SAEs)")
+    p.add_argument("--keep-bos", action="store_true", default=None,
+                   help="keep position 0 (BOS) as a training row (default: excluded, its norm dwarfs the rest)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--repair", action="store_true",
+                   help="with verify: drop the first damaged shard and every later one from the manifest, so that "
+                        "rerunning the writing command rewrites them")
+    p.add_argument("--no-checksums", action="store_true", help="with verify: check sizes and row counts only")
+
+
+def cache_config_from_args(args):
+    from saelab.config import CacheConfig, load_config
+
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in CACHE_FLAGS.items()}
+    overrides.update({"model.name": args.model, "model.device": args.device, "model.dtype": args.model_dtype,
+                      "with_grads": args.with_grads, "exclude_bos": False if args.keep_bos else None})
+    return load_config(CacheConfig, args.config, overrides)
+
+
+def run_cache(args) -> int:
+    import time
+    from pathlib import Path
+
+    from saelab.activations import CacheError, describe, repair_cache, verify_cache, write_cache
+    from saelab.activations.format import read_manifest
+    from saelab.activations.writer import cache_bytes
+
+    try:
+        if args.action in ("verify", "info"):
+            if not args.path:
+                print(f"saelab cache {args.action}: error: give the cache directory: saelab cache {args.action} DIR",
+                      file=sys.stderr)
+                return 2
+            if args.action == "info":
+                print(describe(read_manifest(args.path)))
+                return 0
+            manifest, problems = verify_cache(args.path, checksums=not args.no_checksums)
+            print(describe(manifest))
+            n_files = sum(len(s["files"]) for s in manifest["shards"])
+            if not problems:
+                print(f"OK: {manifest['n_shards']} shards, {n_files} files, "
+                      f"{cache_bytes(Path(args.path), manifest) / 2 ** 20:,.1f} MiB checked"
+                      f"{'' if args.no_checksums else ' (sizes, row counts, SHA-256)'}")
+                return 0
+            for shard, problem in problems:
+                print(f"DAMAGED shard {shard}: {problem}")
+            first_bad = min(s for s, _ in problems)
+            if args.repair:
+                repair_cache(args.path, first_bad)
+                print(f"repaired: the manifest now ends before shard {first_bad}; rerun the `saelab cache` command "
+                      f"that wrote {args.path} to rewrite the dropped shards (identically)")
+                return 0
+            print(f"fix: `saelab cache verify {args.path} --repair` drops shard {first_bad} and the later ones from "
+                  f"the manifest; then rerun the `saelab cache` command that wrote it")
+            return 1
+        cfg = cache_config_from_args(args)
+        t0 = time.perf_counter()
+        before = 0
+        if cfg.out and (Path(cfg.out) / "manifest.json").exists():
+            before = read_manifest(cfg.out)["n_tokens"]
+        path = write_cache(cfg, progress=not args.no_progress)
+        elapsed = time.perf_counter() - t0
+        manifest = read_manifest(path)
+        done = manifest["n_tokens"] - before
+        print(f"wrote {path}: {cache_bytes(path, manifest) / 2 ** 20:,.1f} MiB"
+              + (f", {done:,} new tokens in {elapsed:.1f} s including model loading ({done / elapsed:,.0f} tokens/s)"
+                 if done > 0 else
+                 " (already complete: nothing to do)"))
+        print(describe(manifest))
+        return 0
+    except CacheError as e:
+        print(f"saelab cache: error: {e}", file=sys.stderr)
+        return 2
+
+
+COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,10 +43,18 @@ class ReferenceRecipe:
     save_dtype: str = "float16"  # halves the shipped size; quality is measured on the saved weights
     eval_rows: int | None = None  # None: the whole validation split
     bracket_sites: int = 2000
+    # Two-phase training (how the shipped model was made, see MODEL_CARD.md): `schedule_steps` > steps stops a
+    # longer cosine schedule early; `init_from` continues from a model directory (its weights and tokenizer)
+    # with a fresh optimizer; `decay="linear"` decays linearly from lr to 0 (a cool-down).
+    schedule_steps: int = 0  # 0: the schedule spans `steps`
+    init_from: str = ""
+    decay: str = "cosine"
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.decay not in ("cosine", "linear"):
+            raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
 
@@ -72,7 +80,10 @@ def _token_array(tokenizer, spec: CorpusSpec, split: str) -> np.ndarray:
 def _lr_at(step: int, r: ReferenceRecipe) -> float:
     if step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
-    t = (step - r.warmup_steps) / max(1, r.steps - r.warmup_steps)
+    horizon = r.schedule_steps or r.steps
+    t = (step - r.warmup_steps) / max(1, horizon - r.warmup_steps)
+    if r.decay == "linear":
+        return r.lr * max(0.0, 1.0 - t)
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -83,12 +94,25 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
 
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+    earlier = []  # the phases that made `init_from`, oldest first, so the card can list every command
+    if recipe.init_from:
+        prev = Path(recipe.init_from)
+        prev_report = json.loads((prev / "quality.json").read_text()) if (prev / "quality.json").exists() else {}
+        earlier = prev_report.get("phases") or []
+        if not earlier and (prev / "recipe.json").exists():
+            earlier = [json.loads((prev / "recipe.json").read_text())]
     torch.manual_seed(recipe.seed)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     t0 = time.time()
 
-    tokenizer = train_tokenizer(recipe, spec)
+    if recipe.init_from:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(recipe.init_from)
+    else:
+        tokenizer = train_tokenizer(recipe, spec)
     tokenizer.save_pretrained(out)
     log(f"tokenizer: {len(tokenizer)} tokens ({time.time() - t0:.0f}s)")
     data = _token_array(tokenizer, spec, "train")
@@ -98,7 +122,8 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=recipe.n_ctx, n_embd=recipe.n_embd,
                         n_layer=recipe.n_layer, n_head=recipe.n_head, bos_token_id=bos,
                         eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config)
+    model = (GPT2LMHeadModel.from_pretrained(recipe.init_from, dtype=torch.float32) if recipe.init_from
+             else GPT2LMHeadModel(config))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
@@ -132,7 +157,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
 
     dtype = getattr(torch, recipe.save_dtype)
     model.to(dtype).save_pretrained(out)  # model.safetensors + config.json
-    model = GPT2LMHeadModel.from_pretrained(out, torch_dtype=torch.float32).eval()
+    model = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     log("evaluating the saved weights on the validation split ...")
     bpb = quality.bits_per_byte(model, tokenizer, spec, "validation", recipe.n_ctx, max_rows=recipe.eval_rows)
     sites = quality.bracket_sites(tokenizer, spec, "validation", recipe.n_ctx, max_sites=recipe.bracket_sites)
@@ -140,6 +165,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     induction = quality.induction_losses(model, tokenizer)
     report = {
         "recipe": asdict(recipe),
+        "phases": earlier + [asdict(recipe)],
         "corpus": spec.to_dict(),
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_tokens": recipe.steps * recipe.batch_rows * recipe.n_ctx,
@@ -164,15 +190,30 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     return report
 
 
+def recipe_command(rc: dict) -> str:
+    """The `saelab reference train` command line that reproduces one phase."""
+    d = asdict(ReferenceRecipe(out=""))
+    flags = [f"--{k.replace('_', '-')} {v}" for k, v in rc.items()
+             if k not in ("out", "eval_rows", "bracket_sites") and v != d[k] and v not in (None, "")]
+    return " ".join(["saelab reference train --out", rc["out"], *flags])
+
+
 def model_card(r: dict) -> str:
     rc, v, b, ind = r["recipe"], r["validation"], r["bracket_closing"], r["induction"]
+    phases = r.get("phases") or [rc]
+    total_steps = sum(p["steps"] for p in phases)
+    total_tokens = sum(p["steps"] * p["batch_rows"] * p["n_ctx"] for p in phases)
+    commands = "\n".join(f"{i + 1}. `{recipe_command(p)}`" for i, p in enumerate(phases))
     return f"""# saelab reference model
 
 A small GPT-2-architecture language model trained on the Python standard library's source, shipped inside
 saelab so that every command works offline. Load it with `saelab.load_model("reference")`.
 
 ## Recipe
-Trained by `saelab reference train --out DIR` (module `saelab.models.train_reference`), seed {rc['seed']}.
+Trained by the seeded recipe `saelab reference train` (module `saelab.models.train_reference`), in
+{len(phases)} phase(s), each continuing from the one before (`--init-from`, fresh optimizer):
+
+{commands}
 
 | | |
 | --- | --- |
@@ -180,8 +221,8 @@ Trained by `saelab reference train --out DIR` (module `saelab.models.train_refer
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {rc['steps']:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {r['train_tokens']:,} tokens; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), lr {rc['lr']} with {rc['warmup_steps']} warm-up steps and cosine decay to {rc['min_lr_ratio']}×, gradient clipping 1.0; each row is a random window of the token stream behind a BOS |
-| wall time | {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
+| wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
 

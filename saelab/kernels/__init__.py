@@ -1,0 +1,38 @@
+"""Sparse kernels of the TopK family: the decoder and the encoder backward in O(B·k·d) instead of O(B·n·d).
+
+Public API:
+
+* `sparse_decode(indices, values, W_dec)` / `decode(code, W_dec)`: Σ_s values[b, s] · W_dec[indices[b, s]],
+  differentiable in values and W_dec (dense dW_dec).
+* `encoder_values(x, W_enc, b_enc, indices, values)`: the gathered encoder pre-activations with a sparse backward
+  to x, W_enc and b_enc.
+* `sparse_transpose_matmul(indices, weights, dense, n)`: the shared core of both weight gradients.
+* `backend_for(*tensors)`: 'triton' or 'torch', the path these tensors would take.
+
+Two implementations, one API: `torch_ops` (exact PyTorch, CPU and fallback) and `triton_ops` (CUDA). Triton is
+chosen when the tensors are on CUDA and triton imports; `SAELAB_KERNELS=torch|triton` forces one. triton is only
+imported when the Triton path is taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saelab.kernels.backend import ENV_VAR, backend_for, ops_for, triton_available
+from saelab.kernels.decode import SparseDecode, decode, sparse_decode
+from saelab.kernels.encoder import EncoderValues, encoder_values
+
+
+def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor,
+                            n: int) -> torch.Tensor:
+    """out[j] = Σ_{(b, s): indices[b, s] = j} weights[b, s] · dense[b]  ->  dense [n, d] in dense's dtype.
+
+    i.e. Sᵀ @ dense for the sparse [B, n] matrix S with S[b, indices[b, s]] += weights[b, s]; no autograd."""
+    if indices.dim() != 2 or indices.shape != weights.shape or dense.dim() != 2 or dense.shape[0] != indices.shape[0]:
+        raise ValueError(f"sparse_transpose_matmul: indices {tuple(indices.shape)}, weights {tuple(weights.shape)} "
+                         f"must be [B, k] and dense {tuple(dense.shape)} [B, d]")
+    return ops_for(indices, weights, dense).transpose_matmul(indices.long(), weights, dense, n)
+
+
+__all__ = ["ENV_VAR", "EncoderValues", "SparseDecode", "backend_for", "decode", "encoder_values", "ops_for",
+           "sparse_decode", "sparse_transpose_matmul", "triton_available"]
