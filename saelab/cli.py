@@ -212,7 +212,7 @@ CACHE_FLAGS = {  # flag → (config key, type, help)
                               "blocks.{L//2}.hook_resid_pre); all are captured in one forward pass"),
     "--tokens": ("tokens", parse_count, "cache size in tokens, e.g. 2M, 500k or 20000 (default 1M); a larger value "
                                         "later extends the cache"),
-    "--out": ("out", str, "cache directory (default caches/<model>-<hook>); rerunning resumes or extends it"),
+    "--out": ("out", str, "cache directory (default cache/<model>-<hook>); rerunning resumes or extends it"),
     "--dataset": ("corpus.source", str, "corpus: 'stdlib' (default), an HF dataset name or a local path"),
     "--text-field": ("corpus.text_field", str, "text field of dataset rows (default: text)"),
     "--split": ("split", str, "corpus split: train (default), validation or all"),
@@ -232,8 +232,8 @@ def add_cache(sub) -> None:
                     "complete shard and gives the same bytes as an uninterrupted run; a different spec is refused. "
                     "`saelab cache verify DIR` checks row counts and SHA-256 checksums.",
         epilog="examples:\n  saelab cache --hooks blocks.1.hook_resid_post,blocks.2.hook_resid_post --tokens 2M "
-               "--out caches/ref\n  saelab cache --tokens 500k --with-grads --dtype bfloat16 --out caches/grads\n"
-               "  saelab cache verify caches/ref\n  saelab cache verify caches/ref --repair",
+               "--out cache/ref\n  saelab cache --tokens 500k --with-grads --dtype bfloat16 --out cache/grads\n"
+               "  saelab cache verify cache/ref\n  saelab cache verify cache/ref --repair",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", nargs="?", choices=["write", "verify", "info"], default="write",
                    help="write (default) a cache; verify DIR: check files, row counts and checksums; info DIR: "

@@ -62,7 +62,7 @@ class CacheConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     hooks: list[str] = field(default_factory=list)  # [] → the middle residual stream, blocks.{L // 2}.hook_resid_pre
-    out: str = ""  # "" → caches/<model>-<first hook>[+N]
+    out: str = ""  # "" → cache/<model>-<first hook>[+N]
     tokens: int = 1_000_000  # target size in tokens (BOS included), rounded up to whole rows
     context_size: int = 128
     split: str = "train"

@@ -89,7 +89,9 @@ def model_fingerprint(name: str) -> str:
     if path.is_dir():
         h = hashlib.sha256()
         for f in sorted(path.glob("*.safetensors")):
-            h.update(f.read_bytes())
+            with open(f, "rb") as fh:  # in chunks: large local models do not fit in RAM twice
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
         return h.hexdigest()
     return name
 

@@ -65,7 +65,7 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1):
 
     model = load_model(cfg.model.name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
     return stream_activations(model, cfg.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
-                              batch_size=cfg.batch_size, seed=cfg.seed + rank)
+                              batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
 
 
 def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:

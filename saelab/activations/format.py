@@ -1,0 +1,247 @@
+"""The on-disk format of an activation cache: file names, the manifest, dtype codecs, npy headers, checksums.
+
+A cache directory holds
+
+    manifest.json                      written last, atomically (temporary name + rename)
+    tokens-NNNNN.npy                   int32 [rows, context_size]: the packed rows of shard N (BOS first)
+    <hook>/acts-NNNNN.npy              [rows × kept positions, d_in]: the training rows of shard N, row-major
+    <hook>/grads-NNNNN.npy             same shape: d loss / d activation (with --with-grads)
+    <hook>/stats-NNNNN.npy             float64 [2, d_in]: mean and sum of squared deviations of shard N's rows
+
+Training row r of a shard is position `r % K + first_kept` of packed row `r // K` (K = kept positions per row,
+`context_size - 1` when BOS is excluded). bfloat16 is stored as its raw bits in uint16 (numpy has no bfloat16), so
+it round-trips exactly; `manifest["spec"]["dtype"]` says how to read the bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "saelab-activation-cache"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TMP_SUFFIX = ".tmp"
+STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CacheError(RuntimeError):
+    """A cache is missing, incomplete, corrupt or does not match what was asked; the message says the fix."""
+
+
+def tokens_file(i: int) -> str:
+    return f"tokens-{i:05d}.npy"
+
+
+def acts_file(hook: str, i: int) -> str:
+    return f"{hook}/acts-{i:05d}.npy"
+
+
+def grads_file(hook: str, i: int) -> str:
+    return f"{hook}/grads-{i:05d}.npy"
+
+
+def stats_file(hook: str, i: int) -> str:
+    return f"{hook}/stats-{i:05d}.npy"
+
+
+# ------------------------------------------------------------------------------------------------ dtype codecs
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float tensor → the numpy array written to disk (bfloat16 as raw uint16 bits), on the CPU, contiguous."""
+    t = x.detach().to(TORCH_DTYPES[dtype])
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """The inverse of `to_storage`, as float32."""
+    a = np.ascontiguousarray(a)
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(a).float()
+
+
+# ------------------------------------------------------------------------------------------------ npy files
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The exact header `np.save` would write for a C-ordered array of this shape and dtype."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+def read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of a C-ordered .npy file; raises `CacheError` naming the file when unreadable."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            offset = f.tell()
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any parse failure means a damaged file
+        raise CacheError(f"{path}: not a readable .npy file ({e})") from None
+    if fortran:
+        raise CacheError(f"{path}: Fortran-ordered arrays are not supported")
+    return tuple(shape), np.dtype(dtype), offset
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+def pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill the contiguous array `out` with bytes read from `fd` at `offset` (no memory map: bounded RSS)."""
+    mv = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    n = len(mv)
+    while done < n:
+        got = os.preadv(fd, [mv[done:]], offset + done)
+        if got <= 0:
+            raise CacheError(f"unexpected end of file (fd {fd}) at byte {offset + done}")
+        done += got
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    mf = path / MANIFEST
+    if not mf.exists():
+        if path.exists() and any(path.iterdir()):
+            raise CacheError(f"{path} has no {MANIFEST}: it is not an activation cache (or its first shard was never "
+                             f"finished); write one with `saelab cache --out {path}`")
+        raise CacheError(f"no activation cache at {path}: write one with `saelab cache --out {path}`")
+    try:
+        m = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{mf} is not valid JSON ({e}); the cache cannot be trusted: delete {path} and rewrite it") \
+            from None
+    if m.get("format") != FORMAT:
+        raise CacheError(f"{mf} is not a saelab activation-cache manifest (format {m.get('format')!r})")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise CacheError(f"{mf} has schema version {m.get('schema_version')}, this saelab reads version "
+                         f"{SCHEMA_VERSION}: rewrite the cache with this version")
+    return m
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+class RunningStats:
+    """Per-dimension mean and M2 (sum of squared deviations) plus norm statistics, accumulated in float64.
+
+    Batches merge with Chan et al.'s pairwise update, so the result depends only on the sequence of batches: a
+    resumed write folds the same per-shard statistics in the same order and gets the same bits.
+    """
+
+    def __init__(self, d: int):
+        self.n = 0
+        self.mean = np.zeros(d, dtype=np.float64)
+        self.m2 = np.zeros(d, dtype=np.float64)
+        self.sum_norm = 0.0
+        self.sum_sq_norm = 0.0
+        self.max_norm = 0.0
+        self.min_norm = float("inf")
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x: [N, d] float (any device); statistics are taken in float64."""
+        if x.shape[0] == 0:
+            return
+        # The batch's own mean and M2 are taken in float32 (torch's pairwise sums: ~1e-7 relative error, 4-5x
+        # cheaper than float64 on CPU, which matters because this runs for every hook of every batch); everything
+        # from there on (merging batches and shards, norm sums) is float64.
+        x = x.detach()
+        x = x.float() if x.dtype != torch.float64 else x
+        n = x.shape[0]
+        mean = x.sum(0) / n  # (plain sums: torch.var_mean over dim 0 is several times slower on CPU)
+        c = x - mean
+        m2 = (c * c).sum(0)
+        norms_sq = (x * x).sum(1)
+        norms = norms_sq.sqrt()
+        sum_norm, sum_sq, max_norm, min_norm = torch.stack(
+            [norms.double().sum(), norms_sq.double().sum(), norms.max().double(), norms.min().double()]).tolist()
+        self._merge(n, mean.double().cpu().numpy(), m2.double().cpu().numpy(), sum_norm, sum_sq, max_norm, min_norm)
+
+    def _merge(self, n, mean, m2, sum_norm, sum_sq_norm, max_norm, min_norm) -> None:
+        if n == 0:
+            return
+        tot = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / tot)
+        self.m2 = self.m2 + m2 + delta * delta * (self.n * n / tot)
+        self.n = tot
+        self.sum_norm += sum_norm
+        self.sum_sq_norm += sum_sq_norm
+        self.max_norm = max(self.max_norm, max_norm)
+        self.min_norm = min(self.min_norm, min_norm)
+
+    def merge(self, other: "RunningStats") -> None:
+        self._merge(other.n, other.mean, other.m2, other.sum_norm, other.sum_sq_norm, other.max_norm,
+                    other.min_norm)
+
+    def scalars(self) -> dict:
+        return {"n": self.n, "sum_norm": self.sum_norm, "sum_sq_norm": self.sum_sq_norm, "max_norm": self.max_norm,
+                "min_norm": self.min_norm if self.n else 0.0}
+
+    def vectors(self) -> np.ndarray:
+        return np.stack([self.mean, self.m2])
+
+    @classmethod
+    def from_parts(cls, scalars: dict, vectors: np.ndarray) -> "RunningStats":
+        s = cls(vectors.shape[1])
+        s.n = int(scalars["n"])
+        s.mean, s.m2 = vectors[0].astype(np.float64), vectors[1].astype(np.float64)
+        s.sum_norm, s.sum_sq_norm = float(scalars["sum_norm"]), float(scalars["sum_sq_norm"])
+        s.max_norm = float(scalars["max_norm"])
+        s.min_norm = float(scalars["min_norm"]) if s.n else float("inf")
+        return s
+
+    def summary(self) -> dict:
+        """What the manifest shows for a hook (vectors live in the per-shard stats files)."""
+        n = max(self.n, 1)
+        var = self.m2 / n
+        return {"n": self.n, "mean_sq_norm": self.sum_sq_norm / n, "mean_norm": self.sum_norm / n,
+                "max_norm": self.max_norm, "min_norm": self.min_norm if self.n else 0.0,
+                "var_total": float(var.sum()), "mean_norm_of_mean": float(np.sqrt((self.mean ** 2).sum()))}
