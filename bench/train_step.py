@@ -130,7 +130,7 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             with torch.no_grad():
-                W_dec /= W_dec.norm(dim=1, keepdim=True)
+                W_dec.div_(W_dec.norm(dim=1, keepdim=True))
 
         out["step_s"] = _time(step, device, steps, repeats)
     out["tokens_per_s"] = B / out["step_s"]
