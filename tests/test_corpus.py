@@ -164,7 +164,7 @@ def test_missing_text_field_names_the_fields(tmp_path, fmt):
 def test_hf_dataset_name_offline_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    monkeypatch.setattr("saelab.models.hub.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("saelab.hub.hub_reachable", lambda *a, **k: False)
     spec = CorpusSpec(source="saelab-tests/no-such-dataset")
     assert spec.kind == "hf"
     t0 = time.time()

@@ -113,7 +113,7 @@ def test_wrong_hook_name_suggests_close_names(reference_model):
 
 
 def test_hub_name_offline_fails_fast(monkeypatch):
-    monkeypatch.setattr("saelab.models.hub.hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("saelab.hub.hub_reachable", lambda *a, **k: False)
     t0 = time.time()
     with pytest.raises(ConnectionError) as info:
         load_model("saelab-tests/no-such-model")

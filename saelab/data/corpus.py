@@ -140,7 +140,7 @@ def _hf_rows(spec: CorpusSpec, kind: str, data_files: str | None = None, label: 
 
 
 def _fail_fast_if_offline(name: str) -> None:
-    from saelab.models.hub import hub_reachable
+    from saelab.hub import hub_reachable
 
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return  # let datasets look in its local cache

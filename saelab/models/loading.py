@@ -42,7 +42,7 @@ def _check_hub(name: str) -> None:
     """With no network and nothing cached, fail at once instead of retrying for minutes."""
     from huggingface_hub import try_to_load_from_cache
 
-    from saelab.models.hub import hub_reachable
+    from saelab.hub import hub_reachable
 
     cached = try_to_load_from_cache(name, "config.json")
     if isinstance(cached, str):
