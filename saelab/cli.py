@@ -105,6 +105,18 @@ def run_reference(args) -> int:
     return 0
 
 
+def _add_table_flags(p: argparse.ArgumentParser, table: dict) -> None:
+    for flag, (_, typ, help_) in table.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def _table_overrides(args, table: dict) -> dict:
+    """Config overrides ({dotted key: value}) from the flags of a table; unset flags are None and ignored."""
+    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in table.items()}
+    overrides.update({"model.name": args.model, "model.device": args.device, "model.dtype": args.model_dtype})
+    return overrides
+
+
 # ---------------------------------------------------------------------------------------------------- train
 def parse_count(text: str) -> int:
     """'20M' → 20_000_000, '500k' → 500_000, '1.5G', '4096'."""
@@ -151,8 +163,7 @@ def add_train(sub) -> None:
                                    "in a few minutes on 2 CPU cores; then print its core metrics.")
     p.add_argument("--config", help="a YAML/JSON TrainConfig; flags override it")
     _add_model_flags(p, defaults=False)
-    for flag, (_, typ, help_) in TRAIN_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=help_)
+    _add_table_flags(p, TRAIN_FLAGS)
     p.add_argument("--multi-topk", action="store_true", default=None, help="add the L(4k)/8 multi-TopK loss")
     p.add_argument("--resume", action="store_true", default=None, help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -161,9 +172,8 @@ def add_train(sub) -> None:
 def train_config_from_args(args):
     from saelab.config import TrainConfig, load_config
 
-    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in TRAIN_FLAGS.items()}
-    overrides.update({"model.name": args.model, "model.device": args.device, "model.dtype": args.model_dtype,
-                      "sae.multi_topk": args.multi_topk, "resume": args.resume})
+    overrides = _table_overrides(args, TRAIN_FLAGS)
+    overrides.update({"sae.multi_topk": args.multi_topk, "resume": args.resume})
     return load_config(TrainConfig, args.config, overrides)
 
 
@@ -240,9 +250,8 @@ def add_cache(sub) -> None:
                         "describe a cache")
     p.add_argument("path", nargs="?", help="the cache directory, for verify and info")
     p.add_argument("--config", help="a YAML/JSON CacheConfig; flags override it")
-    _add_model_flags(p)
-    for flag, (_, typ, help_) in CACHE_FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=help_)
+    _add_model_flags(p, defaults=False)  # so a --config file's model is not overridden by a default
+    _add_table_flags(p, CACHE_FLAGS)
     p.add_argument("--with-grads", action="store_true", default=None,
                    help="also store d(next-token cross-entropy, summed over predicted tokens)/d(activation) per "
                         "hook, from one backward pass per batch (for gradient-TopK SAEs)")
@@ -258,9 +267,8 @@ def add_cache(sub) -> None:
 def cache_config_from_args(args):
     from saelab.config import CacheConfig, load_config
 
-    overrides = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in CACHE_FLAGS.items()}
-    overrides.update({"model.name": args.model, "model.device": args.device, "model.dtype": args.model_dtype,
-                      "with_grads": args.with_grads, "exclude_bos": False if args.keep_bos else None})
+    overrides = _table_overrides(args, CACHE_FLAGS)
+    overrides.update({"with_grads": args.with_grads, "exclude_bos": False if args.keep_bos else None})
     return load_config(CacheConfig, args.config, overrides)
 
 
