@@ -81,7 +81,7 @@ def add_reference(sub) -> None:
 
     d = ReferenceRecipe(out="")
     for name in ("steps", "n_layer", "n_embd", "n_head", "n_ctx", "batch_rows", "vocab_size", "seed", "threads",
-                 "warmup_steps", "schedule_steps"):
+                 "warmup_steps", "schedule_steps", "checkpoint_every"):
         t.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
                        help=f"default {getattr(d, name)}")
     t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
@@ -89,6 +89,11 @@ def add_reference(sub) -> None:
     t.add_argument("--init-from", default="", help="continue from this model directory (weights + tokenizer)")
     t.add_argument("--decay", default=d.decay, choices=["cosine", "linear"], help="lr decay shape (cosine)")
     t.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights (float16)")
+    t.add_argument("--precision", default=d.precision, choices=["bfloat16", "float32"],
+                   help="bfloat16: autocast with float32 master weights (default); float32: plain")
+    t.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip torch.compile (it costs ~30 s up front and makes each step ~1.6x faster on CPU)")
+    t.add_argument("--device", default=d.device, help="auto (cuda when available, default), cpu or cuda")
 
 
 def run_reference(args) -> int:
@@ -99,7 +104,9 @@ def run_reference(args) -> int:
                              n_head=args.n_head, n_ctx=args.n_ctx, batch_rows=args.batch_rows,
                              vocab_size=args.vocab_size, seed=args.seed, threads=args.threads, lr=args.lr,
                              warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
-                             init_from=args.init_from, decay=args.decay, save_dtype=args.save_dtype)
+                             init_from=args.init_from, decay=args.decay, save_dtype=args.save_dtype,
+                             precision=args.precision, compile=args.compile, device=args.device,
+                             checkpoint_every=args.checkpoint_every)
     report = train_reference(recipe, CorpusSpec(args.dataset))
     print(json.dumps(report["validation"], indent=1))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ class ReferenceRecipe:
     n_head: int = 8
     n_ctx: int = 256
     batch_rows: int = 32
-    steps: int = 4000
+    steps: int = 6000
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 200
@@ -48,13 +49,21 @@ class ReferenceRecipe:
     # with a fresh optimizer; `decay="linear"` decays linearly from lr to 0 (a cool-down).
     schedule_steps: int = 0  # 0: the schedule spans `steps`
     init_from: str = ""
-    decay: str = "cosine"
+    decay: str = "linear"  # linear to zero beats cosine to 10 % at equal steps (and made the shipped model)
+    # Mixed precision: bf16 autocast with float32 master weights, and torch.compile of the forward + loss: together
+    # 2.9x the plain float32 step on 2 CPU cores with AMX (3.7k -> 10.7k tok/s); "float32" / False turn them off.
+    precision: str = "bfloat16"
+    compile: bool = True
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    checkpoint_every: int = 500  # steps between resumable checkpoints in OUT/partial (and induction probes)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
+        if self.precision not in ("bfloat16", "float32"):
+            raise ValueError(f"precision must be bfloat16 or float32, got {self.precision!r}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
 
@@ -87,6 +96,48 @@ def _lr_at(step: int, r: ReferenceRecipe) -> float:
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+# fields that do not change what is trained: a checkpoint resumes across changes in these
+_RUN_ONLY = ("out", "threads", "eval_rows", "bracket_sites", "checkpoint_every", "compile", "device")
+
+
+def _checkpoint(partial: Path, step: int, recipe: ReferenceRecipe, model, opt) -> None:
+    """Weights (safetensors) and optimizer state (tensors only), written to a temp dir and renamed into place."""
+    tmp = partial.with_name(partial.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "step.json").write_text(json.dumps({"step": step, "recipe": asdict(recipe)}))
+    shutil.rmtree(partial, ignore_errors=True)
+    tmp.rename(partial)
+
+
+def _resume(partial: Path, recipe: ReferenceRecipe, model, opt, log) -> int:
+    """The step to start from: a checkpoint of the same recipe in OUT/partial is loaded, else 0."""
+    tmp = partial.with_name(partial.name + ".tmp")
+    if not (partial / "step.json").exists() and (tmp / "step.json").exists():
+        tmp.rename(partial)  # killed between removing the old checkpoint and renaming the new one into place
+    if not (partial / "step.json").exists():
+        return 0
+    saved = json.loads((partial / "step.json").read_text())
+    now = asdict(recipe)
+    diff = sorted(k for k in now if k not in _RUN_ONLY and saved["recipe"].get(k) != now[k])
+    if diff:
+        raise ValueError(f"{partial} holds a checkpoint of a different recipe (it differs in {', '.join(diff)}); "
+                         f"rerun with the same flags to resume, or delete {partial} to start over")
+    from safetensors.torch import load_file
+
+    missing, unexpected = model.load_state_dict(load_file(partial / "model.safetensors"), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding, so not stored
+        raise ValueError(f"{partial}/model.safetensors does not match the model: missing {missing}, "
+                         f"unexpected {unexpected}; delete {partial} to start over")
+    model.tie_weights()
+    # weights_only: tensors and plain containers only, never arbitrary objects
+    opt.load_state_dict(torch.load(partial / "optimizer.pt", weights_only=True, map_location="cpu"))
+    step = saved["step"]
+    log(f"resuming from the checkpoint at step {step} in {partial}")
+    return step
+
+
 def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), log=print) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -107,10 +158,12 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         torch.set_num_threads(recipe.threads)
     t0 = time.time()
 
-    if recipe.init_from:
+    resuming = (out / "partial" / "step.json").exists()
+    if recipe.init_from or resuming:
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(recipe.init_from)
+        # a resumed run keeps the tokenizer its checkpoint was trained with
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out if resuming else recipe.init_from)
     else:
         tokenizer = train_tokenizer(recipe, spec)
     tokenizer.save_pretrained(out)
@@ -124,23 +177,36 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
                         eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     model = (GPT2LMHeadModel.from_pretrained(recipe.init_from, dtype=torch.float32) if recipe.init_from
              else GPT2LMHeadModel(config))
+    device = torch.device("cuda" if recipe.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if recipe.device == "auto" else recipe.device)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
-    gen = np.random.default_rng(recipe.seed)
+    partial = out / "partial"
+    start = _resume(partial, recipe, model, opt, log)
+    use_bf16 = recipe.precision == "bfloat16"
+
+    def loss_fn(tokens):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = model(tokens).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    step_loss = torch.compile(loss_fn) if recipe.compile else loss_fn
     body = recipe.n_ctx - 1
     t_train = time.time()
-    model.train()
     ema = None
-    for step in range(recipe.steps):
-        # random windows of the train stream, each behind a BOS, as packed rows are at inference
-        starts = gen.integers(0, len(data) - body, size=recipe.batch_rows)
+    for step in range(start, recipe.steps):
+        model.train()
+        # random windows of the train stream, each behind a BOS, as packed rows are at inference; the generator is
+        # seeded by (seed, step) so a resumed run draws exactly the rows the uninterrupted run would have
+        starts = np.random.default_rng([recipe.seed, step]).integers(0, len(data) - body, size=recipe.batch_rows)
         windows = np.stack([data[s:s + body] for s in starts])
         tokens = torch.from_numpy(np.concatenate([np.full((recipe.batch_rows, 1), bos), windows], 1)).long()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
-        loss = model(tokens, labels=tokens).loss
+        loss = step_loss(tokens.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,21 +214,26 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 100 == 0 or step == recipe.steps - 1:
             el = time.time() - t_train
-            tps = (step + 1) * recipe.batch_rows * recipe.n_ctx / el
+            tps = (step + 1 - start) * recipe.batch_rows * recipe.n_ctx / el
             log(f"step {step:6d}/{recipe.steps}  loss {ema:.4f}  lr {_lr_at(step, recipe):.2e}  "
                 f"{tps:,.0f} tok/s  {el / 60:.1f} min")
-        if step and step % 1000 == 0:
-            model.save_pretrained(out / "partial")
+        if recipe.checkpoint_every and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
+            model.eval()
+            with torch.no_grad():
+                ind = quality.induction_losses(model, tokenizer, seq_len=min(64, (recipe.n_ctx - 1) // 2))
+            log(f"step {step + 1}: induction first copy {ind['first_copy_loss']:.2f}, "
+                f"second copy {ind['second_copy_loss']:.2f}")
+            _checkpoint(partial, step + 1, recipe, model, opt)
     train_seconds = time.time() - t_train
 
     dtype = getattr(torch, recipe.save_dtype)
-    model.to(dtype).save_pretrained(out)  # model.safetensors + config.json
+    model.to("cpu", dtype).save_pretrained(out)  # model.safetensors + config.json
     model = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     log("evaluating the saved weights on the validation split ...")
     bpb = quality.bits_per_byte(model, tokenizer, spec, "validation", recipe.n_ctx, max_rows=recipe.eval_rows)
     sites = quality.bracket_sites(tokenizer, spec, "validation", recipe.n_ctx, max_sites=recipe.bracket_sites)
     brackets = quality.bracket_closing_accuracy(model, tokenizer, sites)
-    induction = quality.induction_losses(model, tokenizer)
+    induction = quality.induction_losses(model, tokenizer, seq_len=min(64, (recipe.n_ctx - 1) // 2))
     report = {
         "recipe": asdict(recipe),
         "phases": earlier + [asdict(recipe)],
@@ -181,11 +252,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     }
     (out / "quality.json").write_text(json.dumps(report, indent=2))
     (out / "MODEL_CARD.md").write_text(model_card(report))
-    partial = out / "partial"
-    if partial.exists():
-        for f in partial.iterdir():
-            f.unlink()
-        partial.rmdir()
+    shutil.rmtree(partial, ignore_errors=True)
     log(json.dumps({k: report[k] for k in ("validation", "bracket_closing", "induction")}, indent=1))
     return report
 
@@ -221,7 +288,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS; {'bf16 autocast with float32 master weights' if rc.get('precision', 'float32') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
