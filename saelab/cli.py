@@ -89,8 +89,12 @@ def add_reference(sub) -> None:
     t.add_argument("--init-from", default="", help="continue from this model directory (weights + tokenizer)")
     t.add_argument("--decay", default=d.decay, choices=["cosine", "linear"], help="lr decay shape (cosine)")
     t.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights (float16)")
-    t.add_argument("--precision", default=d.precision, choices=["bfloat16", "float32"],
-                   help="bfloat16: autocast with float32 master weights (default); float32: plain")
+    t.add_argument("--precision", default=d.precision, choices=["auto", "bfloat16", "float32"],
+                   help="bfloat16: autocast with float32 master weights; auto (default): bfloat16 where the "
+                        "hardware has it (CUDA, AMX/AVX512-BF16 CPUs), else float32")
+    t.add_argument("--repeat-frac", type=float, default=d.repeat_frac,
+                   help="fraction of rows that repeat their opening span, to teach in-context copying "
+                        f"(default {d.repeat_frac})")
     t.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip torch.compile (it costs ~30 s up front and makes each step ~1.6x faster on CPU)")
     t.add_argument("--device", default=d.device, help="auto (cuda when available, default), cpu or cuda")
@@ -106,7 +110,7 @@ def run_reference(args) -> int:
                              warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
                              init_from=args.init_from, decay=args.decay, save_dtype=args.save_dtype,
                              precision=args.precision, compile=args.compile, device=args.device,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, repeat_frac=args.repeat_frac)
     report = train_reference(recipe, CorpusSpec(args.dataset))
     print(json.dumps(report["validation"], indent=1))
     return 0

@@ -7,14 +7,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from saelab.data.corpus import CorpusSpec
-from saelab.models.train_reference import ReferenceRecipe, _lr_at, train_reference
-
-pytestmark = pytest.mark.slow
+from saelab.models.train_reference import ReferenceRecipe, _batch, _lr_at, train_reference
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def tiny_corpus(tmp_path_factory):
 
 def tiny(out, **kw):
     return ReferenceRecipe(out=str(out), vocab_size=384, n_layer=2, n_embd=32, n_head=2, n_ctx=32, batch_rows=4,
-                           steps=12, warmup_steps=2, checkpoint_every=4, precision="float32", compile=False,
+                           steps=12, warmup_steps=2, checkpoint_every=4, precision="float32", compile=False, repeat_frac=0.25,
                            save_dtype="float32", bracket_sites=50, eval_rows=64, **kw)
 
 
@@ -46,6 +45,30 @@ def test_lr_schedule():
     assert _lr_at(10, c) == pytest.approx(1.0) and _lr_at(100, c) == pytest.approx(0.1)
 
 
+def test_batch_rows_repeat_their_opening_span():
+    data = np.arange(10_000, dtype=np.int32)  # consecutive ids, so every restart of the text is visible
+    r = ReferenceRecipe(out="", n_ctx=64, batch_rows=200, repeat_frac=0.25)
+    rows = _batch(data, r, step=7, bos=-1).numpy()
+    assert rows.shape == (200, 64) and (rows[:, 0] == -1).all()
+    n_repeating = 0
+    for row in rows[:, 1:]:
+        jumps = np.flatnonzero(np.diff(row) != 1)
+        if len(jumps) == 0:
+            continue  # a plain window
+        n_repeating += 1
+        (j,) = jumps  # one restart, after h tokens: the row is row[:h], row[:h] again, then its continuation
+        h = j + 1
+        assert 8 <= h <= 31
+        np.testing.assert_array_equal(row[h:2 * h], row[:h])
+        np.testing.assert_array_equal(row[h:], np.arange(row[0], row[0] + 63 - h))
+    assert 30 <= n_repeating <= 70  # 25 % of 200
+    np.testing.assert_array_equal(rows, _batch(data, r, step=7, bos=-1).numpy())  # seeded by (seed, step)
+    assert not np.array_equal(rows, _batch(data, r, step=8, bos=-1).numpy())
+    plain = _batch(data, ReferenceRecipe(out="", n_ctx=64, batch_rows=200), step=7, bos=-1).numpy()
+    assert (np.diff(plain[:, 1:], axis=1) == 1).all()
+
+
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_corpus, tmp_path):
     whole = train_reference(tiny(tmp_path / "whole"), tiny_corpus, log=lambda *_: None)
 
@@ -78,6 +101,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_corpus, tmp_path):
     assert f"{whole['validation']['bits_per_byte']:.4f}" in (out / "MODEL_CARD.md").read_text()
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_recipe_is_refused(tiny_corpus, tmp_path):
     def kill_at_step_8(msg):
         if msg.startswith("step 8:"):

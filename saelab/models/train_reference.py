@@ -51,9 +51,14 @@ class ReferenceRecipe:
     init_from: str = ""
     decay: str = "linear"  # linear to zero beats cosine to 10 % at equal steps (and made the shipped model)
     # Mixed precision: bf16 autocast with float32 master weights, and torch.compile of the forward + loss: together
-    # 2.9x the plain float32 step on 2 CPU cores with AMX (3.7k -> 10.7k tok/s); "float32" / False turn them off.
-    precision: str = "bfloat16"
+    # 2.9x the plain float32 step on 2 CPU cores with AMX (3.7k -> 10.7k tok/s). Without native bf16 (AVX-512
+    # only) bf16 is emulated and 6x slower than float32, so "auto" takes bf16 only where the hardware has it.
+    precision: str = "auto"
     compile: bool = True
+    # Fraction of rows whose text restarts after its first h tokens (h uniform in [8, rows/2]): the row is a span
+    # of real code, then the same span again, then its natural continuation. Repeats are what teach a model to
+    # copy from context (induction); the corpus alone has too few of them for a model trained on ~20M tokens.
+    repeat_frac: float = 0.0
     device: str = "auto"  # "auto": cuda when available, else cpu
     checkpoint_every: int = 500  # steps between resumable checkpoints in OUT/partial (and induction probes)
 
@@ -62,8 +67,10 @@ class ReferenceRecipe:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.decay not in ("cosine", "linear"):
             raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
-        if self.precision not in ("bfloat16", "float32"):
-            raise ValueError(f"precision must be bfloat16 or float32, got {self.precision!r}")
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"precision must be auto, bfloat16 or float32, got {self.precision!r}")
+        if not 0.0 <= self.repeat_frac <= 1.0:
+            raise ValueError(f"repeat_frac must be in [0, 1], got {self.repeat_frac}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
 
@@ -80,6 +87,34 @@ def train_tokenizer(recipe: ReferenceRecipe, spec: CorpusSpec):
     tok.train_from_iterator((d.text for d in iter_documents(spec, "train")), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, unk_token=EOT,
                                    model_max_length=recipe.n_ctx)
+
+
+def _native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _batch(data: np.ndarray, recipe: ReferenceRecipe, step: int, bos: int) -> torch.Tensor:
+    """The rows of one step: random windows of the train stream, each behind a BOS, as packed rows are at
+    inference, with `repeat_frac` of them repeating their opening span. The generator is seeded by (seed, step)
+    so a resumed run draws exactly the rows the uninterrupted run would have."""
+    body = recipe.n_ctx - 1
+    rng = np.random.default_rng([recipe.seed, step])
+    starts = rng.integers(0, len(data) - body, size=recipe.batch_rows)
+    repeat = rng.random(recipe.batch_rows) < recipe.repeat_frac
+    spans = rng.integers(8, body // 2 + 1, size=recipe.batch_rows)
+    rows = [np.concatenate([data[s:s + h], data[s:s + body - h]]) if r else data[s:s + body]
+            for s, r, h in zip(starts, repeat, spans)]
+    return torch.from_numpy(np.concatenate([np.full((recipe.batch_rows, 1), bos), np.stack(rows)], 1)).long()
+
+
+# the fields an older recipe.json lacks, at the values its run used
+_LEGACY = {"precision": "float32", "compile": False, "checkpoint_every": 0, "repeat_frac": 0.0, "device": "auto"}
 
 
 def _token_array(tokenizer, spec: CorpusSpec, split: str) -> np.ndarray:
@@ -153,6 +188,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         earlier = prev_report.get("phases") or []
         if not earlier and (prev / "recipe.json").exists():
             earlier = [json.loads((prev / "recipe.json").read_text())]
+        earlier = [{**_LEGACY, **p} for p in earlier]
     torch.manual_seed(recipe.seed)
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
@@ -186,7 +222,9 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
                              {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95))
     partial = out / "partial"
     start = _resume(partial, recipe, model, opt, log)
-    use_bf16 = recipe.precision == "bfloat16"
+    use_bf16 = recipe.precision == "bfloat16" or (recipe.precision == "auto" and _native_bf16(device))
+    log(f"precision: {'bf16 autocast, float32 master weights' if use_bf16 else 'float32'}"
+        f"{', torch.compile' if recipe.compile else ''} on {device}")
 
     def loss_fn(tokens):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -194,16 +232,11 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
     step_loss = torch.compile(loss_fn) if recipe.compile else loss_fn
-    body = recipe.n_ctx - 1
     t_train = time.time()
     ema = None
     for step in range(start, recipe.steps):
         model.train()
-        # random windows of the train stream, each behind a BOS, as packed rows are at inference; the generator is
-        # seeded by (seed, step) so a resumed run draws exactly the rows the uninterrupted run would have
-        starts = np.random.default_rng([recipe.seed, step]).integers(0, len(data) - body, size=recipe.batch_rows)
-        windows = np.stack([data[s:s + body] for s in starts])
-        tokens = torch.from_numpy(np.concatenate([np.full((recipe.batch_rows, 1), bos), windows], 1)).long()
+        tokens = _batch(data, recipe, step, bos)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
         loss = step_loss(tokens.to(device))
@@ -237,6 +270,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     report = {
         "recipe": asdict(recipe),
         "phases": earlier + [asdict(recipe)],
+        "precision_used": "bfloat16" if use_bf16 else "float32",
         "corpus": spec.to_dict(),
         "n_params": sum(p.numel() for p in model.parameters()),
         "train_tokens": recipe.steps * recipe.batch_rows * recipe.n_ctx,
@@ -288,7 +322,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS; {'bf16 autocast with float32 master weights' if rc.get('precision', 'float32') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f", {rc['repeat_frac'] * 100:.0f} % of rows (last phase) repeating their first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing" if rc.get('repeat_frac') else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
