@@ -95,6 +95,9 @@ def add_reference(sub) -> None:
     t.add_argument("--repeat-frac", type=float, default=d.repeat_frac,
                    help="fraction of rows that repeat their opening span, to teach in-context copying "
                         f"(default {d.repeat_frac})")
+    t.add_argument("--random-repeat-frac", type=float, default=d.random_repeat_frac,
+                   help="fraction of rows that open with a repeated random token sequence (the synthetic "
+                        f"induction task; default {d.random_repeat_frac})")
     t.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip torch.compile (it costs ~30 s up front and makes each step ~1.6x faster on CPU)")
     t.add_argument("--device", default=d.device, help="auto (cuda when available, default), cpu or cuda")
@@ -110,7 +113,8 @@ def run_reference(args) -> int:
                              warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
                              init_from=args.init_from, decay=args.decay, save_dtype=args.save_dtype,
                              precision=args.precision, compile=args.compile, device=args.device,
-                             checkpoint_every=args.checkpoint_every, repeat_frac=args.repeat_frac)
+                             checkpoint_every=args.checkpoint_every, repeat_frac=args.repeat_frac,
+                             random_repeat_frac=args.random_repeat_frac)
     report = train_reference(recipe, CorpusSpec(args.dataset))
     print(json.dumps(report["validation"], indent=1))
     return 0

@@ -64,8 +64,23 @@ def test_batch_rows_repeat_their_opening_span():
     assert 30 <= n_repeating <= 70  # 25 % of 200
     np.testing.assert_array_equal(rows, _batch(data, r, step=7, bos=-1).numpy())  # seeded by (seed, step)
     assert not np.array_equal(rows, _batch(data, r, step=8, bos=-1).numpy())
-    plain = _batch(data, ReferenceRecipe(out="", n_ctx=64, batch_rows=200), step=7, bos=-1).numpy()
-    assert (np.diff(plain[:, 1:], axis=1) == 1).all()
+    plain = _batch(data, ReferenceRecipe(out="", n_ctx=64, batch_rows=200, repeat_frac=0.0), step=7, bos=-1)
+    assert (np.diff(plain[:, 1:].numpy(), axis=1) == 1).all()
+
+
+def test_batch_rows_open_with_a_repeated_random_sequence():
+    data = np.arange(1000, 11_000, dtype=np.int32)  # ids >= 1000, so the random ones (< 1000) stand out
+    r = ReferenceRecipe(out="", n_ctx=64, batch_rows=400, repeat_frac=0.25, random_repeat_frac=0.25)
+    rows = _batch(data, r, step=3, bos=5, vocab_size=1000).numpy()[:, 1:]
+    natural = _batch(data, replace(r, random_repeat_frac=0.0), step=3, bos=5, vocab_size=1000).numpy()[:, 1:]
+    synthetic = rows[:, 0] < 1000
+    assert 60 <= synthetic.sum() <= 140  # 25 % of 400
+    np.testing.assert_array_equal(rows[~synthetic], natural[~synthetic])  # the other rows are untouched
+    for row, nat in zip(rows[synthetic], natural[synthetic]):
+        h = int(np.argmax(row >= 1000)) // 2  # the random part is 2h tokens: h and their repeat
+        assert 8 <= h <= 31 and (row[:2 * h] < 1000).all() and (row[:2 * h] != 5).all()
+        np.testing.assert_array_equal(row[:h], row[h:2 * h])
+        np.testing.assert_array_equal(row[2 * h:], nat[:63 - 2 * h])  # then the row's natural text
 
 
 @pytest.mark.slow

@@ -44,7 +44,7 @@ class ReferenceRecipe:
     save_dtype: str = "float16"  # halves the shipped size; quality is measured on the saved weights
     eval_rows: int | None = None  # None: the whole validation split
     bracket_sites: int = 2000
-    # Two-phase training (how the shipped model was made, see MODEL_CARD.md): `schedule_steps` > steps stops a
+    # Training in phases (how the shipped model was made, see MODEL_CARD.md): `schedule_steps` > steps stops a
     # longer cosine schedule early; `init_from` continues from a model directory (its weights and tokenizer)
     # with a fresh optimizer; `decay="linear"` decays linearly from lr to 0 (a cool-down).
     schedule_steps: int = 0  # 0: the schedule spans `steps`
@@ -58,7 +58,12 @@ class ReferenceRecipe:
     # Fraction of rows whose text restarts after its first h tokens (h uniform in [8, rows/2]): the row is a span
     # of real code, then the same span again, then its natural continuation. Repeats are what teach a model to
     # copy from context (induction); the corpus alone has too few of them for a model trained on ~20M tokens.
-    repeat_frac: float = 0.0
+    repeat_frac: float = 0.25
+    # Fraction of rows that open with a sequence of uniformly random tokens (8 to rows/2 of them) and its exact
+    # repeat, then natural text: the classic synthetic induction task. It makes copying work for any token, rare
+    # ones too, where natural repeats teach it mostly for common tokens. Note the card's induction probe is this
+    # task's distribution (other random draws), so with this on, the probe measures a trained skill.
+    random_repeat_frac: float = 0.0
     device: str = "auto"  # "auto": cuda when available, else cpu
     checkpoint_every: int = 500  # steps between resumable checkpoints in OUT/partial (and induction probes)
 
@@ -69,8 +74,9 @@ class ReferenceRecipe:
             raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
         if self.precision not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"precision must be auto, bfloat16 or float32, got {self.precision!r}")
-        if not 0.0 <= self.repeat_frac <= 1.0:
-            raise ValueError(f"repeat_frac must be in [0, 1], got {self.repeat_frac}")
+        for name in ("repeat_frac", "random_repeat_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.save_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
 
@@ -99,9 +105,10 @@ def _native_bf16(device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def _batch(data: np.ndarray, recipe: ReferenceRecipe, step: int, bos: int) -> torch.Tensor:
+def _batch(data: np.ndarray, recipe: ReferenceRecipe, step: int, bos: int, vocab_size: int = 0) -> torch.Tensor:
     """The rows of one step: random windows of the train stream, each behind a BOS, as packed rows are at
-    inference, with `repeat_frac` of them repeating their opening span. The generator is seeded by (seed, step)
+    inference, with `repeat_frac` of them repeating their opening span and `random_repeat_frac` opening with a
+    repeated random sequence (tokens in [0, vocab_size) other than BOS). The generator is seeded by (seed, step)
     so a resumed run draws exactly the rows the uninterrupted run would have."""
     body = recipe.n_ctx - 1
     rng = np.random.default_rng([recipe.seed, step])
@@ -110,11 +117,18 @@ def _batch(data: np.ndarray, recipe: ReferenceRecipe, step: int, bos: int) -> to
     spans = rng.integers(8, body // 2 + 1, size=recipe.batch_rows)
     rows = [np.concatenate([data[s:s + h], data[s:s + body - h]]) if r else data[s:s + body]
             for s, r, h in zip(starts, repeat, spans)]
+    if recipe.random_repeat_frac:  # drawn after the above, so those rows do not depend on this option
+        for i in np.flatnonzero(rng.random(recipe.batch_rows) < recipe.random_repeat_frac):
+            h = int(rng.integers(8, body // 2 + 1))
+            seq = rng.integers(0, vocab_size - 1, size=h)
+            seq = seq + (seq >= bos)  # every id but BOS
+            rows[i] = np.concatenate([seq, seq, rows[i][:body - 2 * h]]).astype(rows[i].dtype)
     return torch.from_numpy(np.concatenate([np.full((recipe.batch_rows, 1), bos), np.stack(rows)], 1)).long()
 
 
 # the fields an older recipe.json lacks, at the values its run used
-_LEGACY = {"precision": "float32", "compile": False, "checkpoint_every": 0, "repeat_frac": 0.0, "device": "auto"}
+_LEGACY = {"precision": "float32", "compile": False, "checkpoint_every": 0, "repeat_frac": 0.0,
+           "random_repeat_frac": 0.0, "device": "auto"}
 
 
 def _token_array(tokenizer, spec: CorpusSpec, split: str) -> np.ndarray:
@@ -236,7 +250,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     ema = None
     for step in range(start, recipe.steps):
         model.train()
-        tokens = _batch(data, recipe, step, bos)
+        tokens = _batch(data, recipe, step, bos, len(tokenizer))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
         loss = step_loss(tokens.to(device))
@@ -322,7 +336,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f", {rc['repeat_frac'] * 100:.0f} % of rows (last phase) repeating their first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing" if rc.get('repeat_frac') else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f"; in the last phase {rc['repeat_frac'] * 100:.0f} % of rows repeat their first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing" if rc.get('repeat_frac') else ''}{f" and {rc['random_repeat_frac'] * 100:.0f} % open with a random token sequence of that length and its repeat (the synthetic induction task, so the induction numbers below are in its distribution)" if rc.get('random_repeat_frac') else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
