@@ -62,17 +62,21 @@ def test_bridge_logits_match_transformers(reference_model, reference_tokenizer, 
         ours = m(tokens)
         theirs = hf_reference(attn_implementation)(tokens).logits
     assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape
-    # measured ~1e-6: the bridge runs the same HF modules (eager attention) on the same float32-upcast weights
-    assert (ours - theirs).abs().max().item() < 1e-4
+    # the bridge runs the same HF modules on the same float32-upcast weights; what is left is float32 rounding,
+    # which on logits of magnitude up to ~20 reaches ~3e-4 (each float32 path vs float64: see the next test)
+    assert (ours - theirs).abs().max().item() < 1e-3
 
 
 def test_bridge_matches_float64(reference_model, reference_tokenizer):
-    """Both float32 paths sit within float32 rounding of a float64 computation on the same stored weights."""
+    """The bridge's float32 logits are as close to a float64 computation on the same stored weights as plain
+    transformers' float32 logits are: it adds no error of its own."""
     m = reference_model
-    tokens = random_tokens(2, 64, m.cfg.d_vocab, reference_tokenizer.bos_token_id, seed=1)
+    tokens = random_tokens(2, 256, m.cfg.d_vocab, reference_tokenizer.bos_token_id, seed=1)
     with torch.no_grad():
         exact = hf_reference("eager", torch.float64)(tokens).logits
-        assert (m(tokens).double() - exact).abs().max().item() < 1e-4
+        ours = (m(tokens).double() - exact).abs().max().item()
+        theirs = (hf_reference("eager")(tokens).logits.double() - exact).abs().max().item()
+    assert ours < 1e-3 and ours <= 2 * theirs, (ours, theirs)
 
 
 def test_hook_names_list_canonical_and_alias_names(reference_model):
@@ -210,14 +214,6 @@ def test_bracket_closing_on_a_sample(card, reference_model, reference_tokenizer,
     assert r["accuracy"] > r["majority_baseline"], r
 
 
-# The shipped model (10.2M training tokens on 2 CPU cores) misses two of issue 2's bars; these tests state the
-# bars and are expected to fail until a longer recipe run replaces the weights (strict: an XPASS then fails, so
-# the marker must be removed with the better model).
-MISSES_BAR = pytest.mark.xfail(strict=True, reason="issue 2: the shipped reference model misses this bar; "
-                                                   "retraining with a longer recipe run is pending")
-
-
-@MISSES_BAR
 def test_card_bits_per_byte_meets_the_bar(card):
     assert card["validation"]["bits_per_byte"] <= 1.35, card["validation"]
 
@@ -226,7 +222,6 @@ def test_card_bracket_closing_meets_the_bar(card):
     assert card["bracket_closing"]["accuracy"] >= 0.85, card["bracket_closing"]
 
 
-@MISSES_BAR
 def test_induction_second_copy_is_far_easier(card, reference_model, reference_tokenizer, record_property):
     r = quality.induction_losses(reference_model, reference_tokenizer, seq_len=64, n_seqs=16)
     record_property("induction", r)

@@ -308,9 +308,18 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
 def recipe_command(rc: dict) -> str:
     """The `saelab reference train` command line that reproduces one phase."""
     d = asdict(ReferenceRecipe(out=""))
+    skip = ("out", "eval_rows", "bracket_sites", "checkpoint_every", "device", "compile")
     flags = [f"--{k.replace('_', '-')} {v}" for k, v in rc.items()
-             if k not in ("out", "eval_rows", "bracket_sites") and v != d[k] and v not in (None, "")]
+             if k not in skip and v != d[k] and v not in (None, "")]
+    if not rc.get("compile", True):
+        flags.append("--no-compile")
     return " ".join(["saelab reference train --out", rc["out"], *flags])
+
+
+def _row_mix(p: dict) -> str:
+    mix = [f"{p[k] * 100:.0f} % {name} rows" for k, name in (("repeat_frac", "repeat"),
+                                                             ("random_repeat_frac", "random-repeat")) if p.get(k)]
+    return f", {', '.join(mix)}" if mix else ""
 
 
 def model_card(r: dict) -> str:
@@ -336,7 +345,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f"; in the last phase {rc['repeat_frac'] * 100:.0f} % of rows repeat their first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing" if rc.get('repeat_frac') else ''}{f" and {rc['random_repeat_frac'] * 100:.0f} % open with a random token sequence of that length and its repeat (the synthetic induction task, so the induction numbers below are in its distribution)" if rc.get('random_repeat_frac') else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps" for p in phases)} |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS; a *repeat* row repeats its first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing, a *random-repeat* row opens with a random token sequence of that length and its repeat (the synthetic induction task: with it, the induction numbers below are in its distribution); last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps{_row_mix(p)}" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
