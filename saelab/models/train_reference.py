@@ -208,7 +208,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         torch.set_num_threads(recipe.threads)
     t0 = time.time()
 
-    resuming = (out / "partial" / "step.json").exists()
+    resuming = any((out / name / "step.json").exists() for name in ("partial", "partial.tmp"))
     if recipe.init_from or resuming:
         from transformers import PreTrainedTokenizerFast
 
