@@ -98,11 +98,8 @@ def train_tokenizer(recipe: ReferenceRecipe, spec: CorpusSpec):
 def _native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    # torch's own CPU feature checks (ATen's cpuinfo), not /proc/cpuinfo: they work on every OS
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _batch(data: np.ndarray, recipe: ReferenceRecipe, step: int, bos: int, vocab_size: int = 0) -> torch.Tensor:
@@ -246,10 +243,11 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
     step_loss = torch.compile(loss_fn) if recipe.compile else loss_fn
+    probe_len = min(64, (recipe.n_ctx - 1) // 2)  # the induction probe's two copies fit in one context
     t_train = time.time()
     ema = None
+    model.train()
     for step in range(start, recipe.steps):
-        model.train()
         tokens = _batch(data, recipe, step, bos, len(tokenizer))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, recipe)
@@ -267,10 +265,11 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         if recipe.checkpoint_every and (step + 1) % recipe.checkpoint_every == 0 and step + 1 < recipe.steps:
             model.eval()
             with torch.no_grad():
-                ind = quality.induction_losses(model, tokenizer, seq_len=min(64, (recipe.n_ctx - 1) // 2))
+                ind = quality.induction_losses(model, tokenizer, seq_len=probe_len)
             log(f"step {step + 1}: induction first copy {ind['first_copy_loss']:.2f}, "
                 f"second copy {ind['second_copy_loss']:.2f}")
             _checkpoint(partial, step + 1, recipe, model, opt)
+            model.train()
     train_seconds = time.time() - t_train
 
     dtype = getattr(torch, recipe.save_dtype)
@@ -280,7 +279,7 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
     bpb = quality.bits_per_byte(model, tokenizer, spec, "validation", recipe.n_ctx, max_rows=recipe.eval_rows)
     sites = quality.bracket_sites(tokenizer, spec, "validation", recipe.n_ctx, max_sites=recipe.bracket_sites)
     brackets = quality.bracket_closing_accuracy(model, tokenizer, sites)
-    induction = quality.induction_losses(model, tokenizer, seq_len=min(64, (recipe.n_ctx - 1) // 2))
+    induction = quality.induction_losses(model, tokenizer, seq_len=probe_len)
     report = {
         "recipe": asdict(recipe),
         "phases": earlier + [asdict(recipe)],
@@ -291,7 +290,8 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
         "train_split_tokens": int(len(data)),
         "train_seconds": train_seconds,
         "total_seconds": time.time() - t0,
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": (f"cuda: {torch.cuda.get_device_name(device)}" if device.type == "cuda" else
+                   f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "validation": bpb,
@@ -345,7 +345,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | parameters | {r['n_params']:,} |
 | tokenizer | byte-level BPE, {rc['vocab_size']} tokens, `<|endoftext|>` is BOS and EOS; trained on the train split |
 | data | the train split of the standard-library corpus (Python {r['python']}, `.py` files, site-packages excluded, split by sha256 of the relative path, {r['corpus']['validation_per_mille'] / 10:.1f} % validation): {r['train_split_tokens']:,} tokens |
-| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS; a *repeat* row repeats its first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing, a *random-repeat* row opens with a random token sequence of that length and its repeat (the synthetic induction task: with it, the induction numbers below are in its distribution); last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps{_row_mix(p)}" for p in phases)} |
+| training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f"; a *repeat* row repeats its first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing, a *random-repeat* row opens with a random token sequence of that length and its repeat (the synthetic induction task: with it, the induction numbers below are in its distribution)" if any(_row_mix(p) for p in phases) else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps{_row_mix(p)}" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
 | weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
