@@ -12,6 +12,10 @@ def __getattr__(name):  # lazy, so `import saelab` stays cheap (TransformerLens 
         from saelab import models
 
         return getattr(models, name)
+    if name == "load_sae":  # saelab and SAELens folders
+        from saelab.sae.saelens import load_sae
+
+        return load_sae
     if name == "CorpusSpec":
         from saelab.data import CorpusSpec
 

@@ -30,13 +30,29 @@ def add_info(sub) -> None:
     p.add_argument("--context-size", type=int, default=128, help="tokens per row (default 128)")
 
 
+def _model_spec(args):
+    """The --model/--device/--model-dtype flags, checked before anything is loaded."""
+    from saelab.config import ModelSpec
+
+    return ModelSpec(name=args.model, device=args.device, dtype=args.model_dtype)
+
+
 def run_info(args) -> int:
-    from saelab.data.corpus import CorpusSpec
+    from saelab.config import check
+    from saelab.data.corpus import CorpusSpec, check_source
+    from saelab.errors import DataError
     from saelab.models import load_model, quality
     from saelab.models.loading import hook_names
 
-    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    spec = _model_spec(args)
+    check(args.rows > 0, "--rows", f"must be > 0, got {args.rows}")
+    check(args.context_size >= 2, "--context-size", f"must be >= 2, got {args.context_size}")
+    corpus = CorpusSpec(args.dataset)
+    check_source(corpus, "validation")
+    model = load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype)
     cfg = model.cfg
+    check(args.context_size <= cfg.n_ctx, "--context-size",
+          f"must be <= the model's context ({cfg.n_ctx}), got {args.context_size}")
     names = hook_names(model)
     resid = [h for h in names if h.endswith(("hook_resid_pre", "hook_resid_post", "hook_resid_mid"))]
     print(f"model      {args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.d_vocab}, "
@@ -44,8 +60,11 @@ def run_info(args) -> int:
     print(f"hooks      {len(names)} in all; residual stream: {', '.join(resid[:6])}{' …' if len(resid) > 6 else ''}")
     print(f"           middle residual stream: blocks.{cfg.n_layers // 2}.hook_resid_pre "
           f"(= blocks.{cfg.n_layers // 2 - 1}.hook_resid_post)")
-    r = quality.bits_per_byte(model, model.tokenizer, CorpusSpec(args.dataset), "validation",
+    r = quality.bits_per_byte(model, model.tokenizer, corpus, "validation",
                               context_size=args.context_size, max_rows=args.rows)
+    if not r["tokens"]:
+        raise DataError(f"dataset {args.dataset!r}: its validation split holds less than one row of "
+                        f"{args.context_size} tokens", hint="use a larger dataset or a smaller --context-size")
     print(f"held-out   {r['nats_per_token']:.4f} nats/token, {r['bits_per_byte']:.4f} bits/byte "
           f"over {r['tokens']:,} tokens of the validation split")
     return 0
@@ -62,7 +81,8 @@ def run_hooks(args) -> int:
     from saelab.models import load_model
     from saelab.models.loading import hook_names
 
-    for name in hook_names(load_model(args.model, device=args.device, dtype=args.model_dtype)):
+    spec = _model_spec(args)
+    for name in hook_names(load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype)):
         if args.grep in name:
             print(name)
     return 0
@@ -150,7 +170,8 @@ TRAIN_FLAGS = {  # flag → (config key, type, help)
     "--n-latents": ("sae.n_latents", int, "SAE width (default: 16 × d_in)"),
     "--expansion-factor": ("sae.expansion_factor", int, "width as a multiple of d_in when --n-latents is not given (16)"),
     "--k": ("sae.k", int, "active latents per token (32)"),
-    "--architecture": ("sae.architecture", str, "topk (more to come)"),
+    "--arch": ("sae.architecture", str, "topk (default), batchtopk, matryoshka or gtopk; "
+                                        "`saelab train --arch NAME --help` lists its options"),
     "--normalize": ("sae.normalize", str, "input normalisation: scale (default; folded at save), layer_norm or none"),
     "--k-aux": ("sae.k_aux", int, "AuxK latents (default d_in // 2)"),
     "--aux-coef": ("sae.aux_coef", float, "AuxK loss coefficient (1/32)"),
@@ -179,16 +200,85 @@ def add_train(sub) -> None:
     p.add_argument("--config", help="a YAML/JSON TrainConfig; flags override it")
     _add_model_flags(p, defaults=False)
     _add_table_flags(p, TRAIN_FLAGS)
-    p.add_argument("--multi-topk", action="store_true", default=None, help="add the L(4k)/8 multi-TopK loss")
+    p.add_argument("--architecture", dest="arch", help=argparse.SUPPRESS)  # the older spelling of --arch
     p.add_argument("--resume", action="store_true", default=None, help="continue from the run's last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_arch_option_flags(p)
+
+
+class _ArchHelp(argparse.Action):
+    """--help that, after --arch NAME, describes that architecture and lists only its options."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from saelab.sae.architectures import get_architecture, option_fields, registry
+
+        name = getattr(namespace, "arch", None)
+        if name not in registry():
+            parser.print_help()
+            parser.exit()
+        arch = get_architecture(name)
+        keep = {f"--{f.name.replace('_', '-')}" for f in option_fields(name)}
+        for group in parser._action_groups:
+            if group.title == ARCH_GROUP:
+                drop = [a for a in group._group_actions if not set(a.option_strings) & keep]
+                group._group_actions = [a for a in group._group_actions if a not in drop]
+                parser._actions = [a for a in parser._actions if a not in drop]  # and out of the usage line
+                group.description = f"{arch.name}: {arch.help}" + ("" if keep else " (no options of its own)")
+        parser.print_help()
+        parser.exit()
+
+
+ARCH_GROUP = "architecture options (set with --arch; `--arch NAME --help` shows one architecture's)"
+
+
+def _add_arch_option_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per option of any architecture (shared names, such as threshold_momentum, appear once)."""
+    import dataclasses
+
+    from saelab.sae.architectures import option_fields, registry
+
+    for action in p._actions:
+        if "-h" in action.option_strings:
+            p._remove_action(action)
+            for group in p._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            p._option_string_actions.pop("-h", None)
+            p._option_string_actions.pop("--help", None)
+    p.add_argument("-h", "--help", action=_ArchHelp, help="show this help (after --arch NAME: that architecture's)")
+    group = p.add_argument_group(ARCH_GROUP)
+    seen: dict[str, list[str]] = {}
+    fields: dict[str, dataclasses.Field] = {}
+    for name, arch in registry().items():
+        if not arch.trainable:
+            continue
+        for f in option_fields(name):
+            seen.setdefault(f.name, []).append(name)
+            fields.setdefault(f.name, f)
+    for opt, archs in seen.items():
+        f = fields[opt]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = {"action": argparse.BooleanOptionalAction} if isinstance(default, bool) else {"metavar": opt.upper()}
+        group.add_argument(f"--{opt.replace('_', '-')}", dest=f"archopt_{opt}", default=None,
+                           help=f"[{', '.join(archs)}] {f.metadata.get('help', '')} (default {default})", **kw)
+
+
+def _arch_options(args) -> dict:
+    """The architecture options given as flags, as SAEConfig.options overrides."""
+    return {k[len("archopt_"):]: v for k, v in vars(args).items() if k.startswith("archopt_") and v is not None}
 
 
 def train_config_from_args(args):
     from saelab.config import TrainConfig, load_config
 
     overrides = _table_overrides(args, TRAIN_FLAGS)
-    overrides.update({"sae.multi_topk": args.multi_topk, "resume": args.resume})
+    overrides.update({"resume": args.resume})
+    options = _arch_options(args)
+    if options:
+        overrides["sae.options"] = options
     return load_config(TrainConfig, args.config, overrides)
 
 
@@ -217,6 +307,9 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args) -> int:
+    from saelab.config import check
+
+    check(args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
     return _evaluate(args.run, args.tokens)
 
 
@@ -291,59 +384,187 @@ def run_cache(args) -> int:
     import time
     from pathlib import Path
 
-    from saelab.activations import CacheError, describe, repair_cache, verify_cache, write_cache
+    from saelab.activations import describe, repair_cache, verify_cache, write_cache
     from saelab.activations.format import read_manifest
-    from saelab.activations.writer import cache_bytes
+    from saelab.activations.writer import NONFINITE, cache_bytes
+    from saelab.errors import ConfigError
 
-    try:
-        if args.action in ("verify", "info"):
-            if not args.path:
-                print(f"saelab cache {args.action}: error: give the cache directory: saelab cache {args.action} DIR",
-                      file=sys.stderr)
-                return 2
-            if args.action == "info":
-                print(describe(read_manifest(args.path)))
-                return 0
-            manifest, problems = verify_cache(args.path, checksums=not args.no_checksums)
-            print(describe(manifest))
-            n_files = sum(len(s["files"]) for s in manifest["shards"])
-            if not problems:
-                print(f"OK: {manifest['n_shards']} shards, {n_files} files, "
-                      f"{cache_bytes(Path(args.path), manifest) / 2 ** 20:,.1f} MiB checked"
-                      f"{'' if args.no_checksums else ' (sizes, row counts, SHA-256)'}")
-                return 0
-            for shard, problem in problems:
-                print(f"DAMAGED shard {shard}: {problem}")
-            first_bad = min(s for s, _ in problems)
-            if args.repair:
-                repair_cache(args.path, first_bad)
-                print(f"repaired: the manifest now ends before shard {first_bad}; rerun the `saelab cache` command "
-                      f"that wrote {args.path} to rewrite the dropped shards (identically)")
-                return 0
-            print(f"fix: `saelab cache verify {args.path} --repair` drops shard {first_bad} and the later ones from "
-                  f"the manifest; then rerun the `saelab cache` command that wrote it")
-            return 1
-        cfg = cache_config_from_args(args)
-        t0 = time.perf_counter()
-        before = 0
-        if cfg.out and (Path(cfg.out) / "manifest.json").exists():
-            before = read_manifest(cfg.out)["n_tokens"]
-        path = write_cache(cfg, progress=not args.no_progress)
-        elapsed = time.perf_counter() - t0
-        manifest = read_manifest(path)
-        done = manifest["n_tokens"] - before
-        print(f"wrote {path}: {cache_bytes(path, manifest) / 2 ** 20:,.1f} MiB"
-              + (f", {done:,} new tokens in {elapsed:.1f} s including model loading ({done / elapsed:,.0f} tokens/s)"
-                 if done > 0 else
-                 " (already complete: nothing to do)"))
+    if args.action in ("verify", "info"):
+        if not args.path:
+            raise ConfigError(f"{args.action}: no cache directory given", hint=f"usage: saelab cache {args.action} DIR")
+        if args.action == "info":
+            print(describe(read_manifest(args.path)))
+            return 0
+        manifest, problems = verify_cache(args.path, checksums=not args.no_checksums)
         print(describe(manifest))
-        return 0
-    except CacheError as e:
-        print(f"saelab cache: error: {e}", file=sys.stderr)
-        return 2
+        n_files = sum(len(s["files"]) for s in manifest["shards"])
+        if not problems:
+            print(f"OK: {manifest['n_shards']} shards, {n_files} files, "
+                  f"{cache_bytes(Path(args.path), manifest) / 2 ** 20:,.1f} MiB checked"
+                  f"{'' if args.no_checksums else ' (sizes, row counts, SHA-256)'}")
+            return 0
+        for shard, problem in problems:
+            print(f"DAMAGED shard {shard}: {problem}")
+        first_bad = min(s for s, _ in problems)
+        if args.repair:
+            repair_cache(args.path, first_bad)
+            print(f"repaired: the manifest now ends before shard {first_bad}; rerun the `saelab cache` command "
+                  f"that wrote {args.path} to rewrite the dropped shards (identically)")
+            return 0
+        if all(NONFINITE in problem for _, problem in problems):  # written so: a rewrite would repeat them
+            print("fix: the values were written non-finite (rewriting would repeat them): write a new cache under "
+                  "another --out with --dtype float32 or bfloat16 (float16 overflows above 65504) or --model-dtype "
+                  "float32")
+            return 1
+        print(f"fix: `saelab cache verify {args.path} --repair` drops shard {first_bad} and the later ones from "
+              f"the manifest; then rerun the `saelab cache` command that wrote it")
+        return 1
+    cfg = cache_config_from_args(args)
+    t0 = time.perf_counter()
+    before = 0
+    if cfg.out and (Path(cfg.out) / "manifest.json").exists():
+        before = read_manifest(cfg.out)["n_tokens"]
+    path = write_cache(cfg, progress=not args.no_progress)
+    elapsed = time.perf_counter() - t0
+    manifest = read_manifest(path)
+    done = manifest["n_tokens"] - before
+    print(f"wrote {path}: {cache_bytes(path, manifest) / 2 ** 20:,.1f} MiB"
+          + (f", {done:,} new tokens in {elapsed:.1f} s including model loading ({done / elapsed:,.0f} tokens/s)"
+             if done > 0 else
+             " (already complete: nothing to do)"))
+    print(describe(manifest))
+    return 0
 
 
-COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache"]
+# ---------------------------------------------------------------------------------------------------- dashboard
+def add_dashboard(sub) -> None:
+    p = sub.add_parser(
+        "dashboard", help="build a run's dashboard bundle (every latent's stats, examples, logits, neighbours)",
+        description="One streaming pass of held-out rows (the validation split of the SAE's training corpus by "
+                    "default) through the model, stopped at the SAE's hook, then every latent's statistics, "
+                    "activation histogram, top / interval / random examples, logit lens, decoder and co-activation "
+                    "neighbours, token index, decoder map and the run's evaluator scores, written as a bundle "
+                    "(memory-mapped arrays + Parquet + manifest.json) that `saelab explore` and "
+                    "saelab.dashboard.open() read. Resumable: rerunning continues a killed build.",
+        epilog="examples:\n  saelab dashboard runs/reference-blocks.2.hook_resid_pre-topk-k32\n"
+               "  saelab dashboard runs/x --tokens 200k --out /tmp/x-dash",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
+    p.add_argument("--tokens", type=parse_count, default=1_000_000,
+                   help="held-out tokens to scan (default 1M; fewer if the split is shorter)")
+    p.add_argument("--out", help="bundle directory (default RUN/dashboard)")
+    p.add_argument("--split", default="validation", help="corpus split: validation (default), train or all")
+    p.add_argument("--dataset", help="another corpus: 'stdlib', an HF dataset name or a local path "
+                                     "(default: the run's training corpus)")
+    p.add_argument("--context-size", type=int, help="tokens per row, BOS included (default: the run's, 128)")
+    p.add_argument("--map", default="auto", choices=["auto", "umap", "pca"],
+                   help="decoder map: UMAP when umap-learn is installed (auto), else PCA")
+    p.add_argument("--device", help="cpu, cuda[:N] or auto (default: the run's)")
+    p.add_argument("--force", action="store_true", help="rebuild even if OUT already holds a finished bundle")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_dashboard(args) -> int:
+    from pathlib import Path
+
+    from saelab.dashboard.build import DashboardSettings
+    from saelab.dashboard.run import build_run_bundle, summary
+
+    path = build_run_bundle(Path(args.run), out=args.out, tokens=args.tokens, split=args.split,
+                            dataset=args.dataset, context_size=args.context_size,
+                            settings=DashboardSettings(map_method=args.map), device=args.device,
+                            progress=not args.no_progress, force=args.force)
+    print(summary(path))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- patch
+def add_patch(sub) -> None:
+    p = sub.add_parser(
+        "patch", help="activation patching vs attribution patching, RelP and IG on a contrast task → eval/patching",
+        description="Patch every component (residual stream, attention and MLP output per layer x position, each "
+                    "head; with --sae also every SAE latent and error node) from clean into corrupted prompts, "
+                    "estimate the same effects with attribution patching, RelP and integrated gradients, and report "
+                    "their Pearson r against activation patching per component type, plus a sparse feature "
+                    "circuit's faithfulness/completeness curve. Writes patching-<task>.json and .html (Plotly).",
+        epilog="examples:\n  saelab patch --task bracket\n  saelab patch --task copy --sae runs/x --method all\n"
+               "  saelab patch --task pairs.jsonl --method activation,relp --relp-rules ln,identity",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_flags(p)
+    p.add_argument("--task", default="bracket",
+                   help="bracket (default), copy, quote, ioi (GPT-2-style English models), or a .jsonl file of "
+                        "{clean, corrupted, answer, wrong} pairs")
+    p.add_argument("--pairs", type=int, default=32, help="prompt pairs (default 32)")
+    p.add_argument("--method", default="all",
+                   help="comma list of activation, attribution, relp, ig, or all (default)")
+    p.add_argument("--components", default="resid,attn,mlp,head", help="comma list of resid, attn, mlp, head")
+    p.add_argument("--relp-rules", default="ln,identity,half",
+                   help="RelP rules: comma list of ln, attn, identity, half, or none (default ln,identity,half)")
+    p.add_argument("--ig-steps", type=int, default=10, help="integrated-gradients steps (default 10)")
+    p.add_argument("--sae", action="append", default=[],
+                   help="a run directory or SAE directory to splice in (repeat for several hooks)")
+    p.add_argument("--circuit-method", default="ig", help="estimator that ranks circuit nodes (default ig)")
+    p.add_argument("--max-ap-nodes", type=int, default=2000,
+                   help="SAE nodes patched one by one for the ground truth (a seeded sample when more change)")
+    p.add_argument("--seed", type=int, default=0, help="task sampling seed (0)")
+    p.add_argument("--out", help="output directory (default: RUN/eval/patching of the first --sae run, else "
+                                 "eval/patching)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_patch(args) -> int:
+    from pathlib import Path
+
+    from saelab.errors import ConfigError, SAEFileError
+    from saelab.eval.circuits import check_sae
+    from saelab.eval.patching import KINDS, METHODS
+    from saelab.eval.patching_report import format_report, run_patching, write_report
+    from saelab.eval.relp import RelPRules
+    from saelab.models import load_model
+    from saelab.sae import SparseAutoencoder
+
+    methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
+    kinds = [k.strip() for k in args.components.split(",") if k.strip()]
+    for name, got, allowed in (("method", methods, METHODS), ("components", kinds, KINDS)):
+        bad = [m for m in got if m not in allowed]
+        if bad or not got:
+            raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
+    if args.pairs < 1 or args.ig_steps < 1:
+        raise ConfigError(f"--pairs and --ig-steps must be >= 1, got {args.pairs} and {args.ig_steps}")
+    if args.circuit_method not in ("attribution", "relp", "ig"):
+        raise ConfigError(f"--circuit-method: {args.circuit_method!r}; use attribution, relp or ig")
+    sae_dirs, out = [], args.out
+    for run in args.sae:
+        run = Path(run)
+        sae_dir = run / "sae" if (run / "sae").is_dir() else run
+        if not (sae_dir / "cfg.json").exists():
+            raise SAEFileError(f"{run}: neither a run directory (with sae/) nor an SAE directory (with cfg.json)")
+        sae_dirs.append(sae_dir)
+        out = out or str((run if sae_dir != run else sae_dir) / "eval" / "patching")
+    model = load_model(args.model, device=args.device, dtype=args.model_dtype)
+    saes = [SparseAutoencoder.load(d, device=next(model.parameters()).device) for d in sae_dirs]
+    for sae in saes:
+        check_sae(model, sae)  # another model's SAE: one clear line before any work
+        for p_ in sae.parameters():
+            p_.requires_grad_(False)
+    saes.sort(key=lambda s: _hook_order(model, s.cfg.hook_name))
+    report = run_patching(model, args.task, args.pairs, methods, kinds, RelPRules.parse(args.relp_rules),
+                          args.ig_steps, saes, args.circuit_method, args.seed, progress=not args.no_progress,
+                          max_ap_nodes=args.max_ap_nodes)
+    jpath, hpath = write_report(report, out or "eval/patching")
+    print(format_report(report))
+    print(f"wrote {jpath} and {hpath}")
+    return 0
+
+
+def _hook_order(model, hook: str) -> tuple:
+    from saelab.models.loading import hook_layer
+
+    layer = hook_layer(hook)
+    return (-1 if layer is None else layer, hook)
+
+
+COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache", "dashboard", "patch"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,6 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="saelab",
         description="Train, evaluate and explore sparse autoencoders on language-model activations. "
                     "Every command works offline on the embedded reference model and the standard-library corpus.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback as well (for bug reports); also SAELAB_DEBUG=1")
     sub = parser.add_subparsers(dest="command", required=True)
     mod = sys.modules[__name__]
     for name in COMMANDS:
@@ -358,16 +581,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_label(args) -> str:
+    """'cache verify', 'reference train', 'train': what the user ran, for the first word of an error line."""
+    words = [args.command]
+    if getattr(args, "reference_cmd", None):
+        words.append(args.reference_cmd)
+    if args.command == "cache" and getattr(args, "action", "write") != "write":
+        words.append(args.action)
+    return " ".join(words)
+
+
+def report_error(label: str, error, debug: bool = False) -> None:
+    """The error boundary's output: `saelab <cmd>: error: <message>` and `hint: <hint>` on stderr, one line each
+    (a multi-line message is joined with '; '); with `debug`, the traceback first."""
+    import traceback
+
+    if debug:
+        traceback.print_exception(error)
+    message = "; ".join(line.strip() for line in error.message.splitlines() if line.strip())
+    print(f"saelab {label}: error: {message}", file=sys.stderr)
+    if error.hint:
+        print(f"hint: {' '.join(error.hint.split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from saelab.config import ConfigError
+    """Run one command. A `SaelabError` (a user's mistake) prints one line (+ a hint) and exits 2; any other
+    exception is a bug: its traceback is printed and the exit code is 1. `--debug` / SAELAB_DEBUG=1 print the
+    traceback of a `SaelabError` too."""
+    import os
+    import traceback
+
+    from saelab.errors import SaelabError
 
     args = build_parser().parse_args(argv)
+    label = _command_label(args)
+    debug = args.debug or os.environ.get("SAELAB_DEBUG", "").strip() not in ("", "0")
     try:
         return getattr(sys.modules[__name__], f"run_{args.command}")(args) or 0
-    except (ConfigError, KeyError, FileNotFoundError, ConnectionError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"saelab {args.command}: error: {msg}", file=sys.stderr)
+    except SaelabError as e:
+        report_error(label, e, debug)
         return 2
+    except KeyboardInterrupt:
+        print(f"saelab {label}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 -- not a user error: a bug, shown in full
+        traceback.print_exc()
+        print(f"saelab {label}: internal error (a bug in saelab, not in your input); please report it with the "
+              f"traceback above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ T = TypeVar("T")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and says what is allowed."""
+from saelab.errors import ConfigError  # noqa: E402  (re-exported: `from saelab.config import ConfigError` works)
 
 
 def check(cond: bool, field_name: str, message: str) -> None:
@@ -94,7 +93,9 @@ def _field_types(cls) -> dict[str, Any]:
 def _build(tp: Any, value: Any, path: str) -> Any:
     """Turn plain JSON/YAML values into `tp`, recursing into nested dataclasses."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if dataclasses.is_dataclass(tp) and not dataclasses.is_dataclass(value):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, path)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -103,6 +104,10 @@ def _build(tp: Any, value: Any, path: str) -> Any:
         return _build(args[0], value, path) if len(args) == 1 else value
     if origin is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if origin is list and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{path}: must be a list (or a comma-separated string), got {value!r}")
+    if origin is list and (typing.get_args(tp) or (None,))[0] is str:
+        return [_scalar(str, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple and isinstance(value, list):
         return tuple(value)
     if tp in (bool, int, float, str):
@@ -151,16 +156,53 @@ def to_dict(cfg: Any) -> dict:
 
 
 def read_file(path: str | Path) -> dict:
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """A YAML (.yaml/.yml) or JSON (.json; any other suffix: JSON, else YAML) config file as a dict. Every problem
+    is one `ConfigError` naming the file (and, for a syntax error, the line and column)."""
+    import yaml
 
-        data = yaml.safe_load(text) or {}
+    path = Path(path)
+    hint = "a config file is a YAML or JSON mapping of field names to values (see `saelab <command> --help`)"
+    if not path.exists():
+        raise ConfigError(f"{path}: no such config file", hint=hint)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a config file", hint=hint)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not valid YAML/JSON", hint=hint) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+    def yaml_error(e: yaml.YAMLError, kind: str) -> ConfigError:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', '') or 'syntax error'})" \
+            if mark is not None else f" ({' '.join(str(e).split())})"
+        return ConfigError(f"{path}: not valid {kind}{where}", hint=hint)
+
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise yaml_error(e, "YAML") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            kind = "JSON" if path.suffix == ".json" else "YAML/JSON"
+            bad = ConfigError(f"{path}: not valid {kind} (line {e.lineno}, column {e.colno}: {e.msg})", hint=hint)
+            if path.suffix == ".json":
+                raise bad from None
+            try:  # neither .json nor .yaml: YAML is the other format it may be in
+                data = yaml.safe_load(text)
+            except yaml.YAMLError:
+                raise bad from None
+            if not isinstance(data, dict):
+                raise bad from None
+    if data is None:
+        data = {}  # an empty file: all defaults
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file must hold a mapping of field names to values")
+        raise ConfigError(f"{path}: a config file must hold a mapping of field names to values, got "
+                          f"{type(data).__name__}", hint=hint)
     return data
 
 
@@ -172,8 +214,10 @@ def merge(base: dict, overrides: dict) -> dict:
             continue
         parts = key.split(".")
         node = out
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: must be a mapping of fields, got {node!r}")
         if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
             node[parts[-1]] = merge(node[parts[-1]], value)
         else:
@@ -183,7 +227,12 @@ def merge(base: dict, overrides: dict) -> dict:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
     data = read_file(path) if path else {}
-    return from_dict(cls, merge(data, overrides or {}))
+    try:
+        return from_dict(cls, merge(data, overrides or {}))
+    except ConfigError as e:
+        if path and not e.hint:  # say where the value may have come from
+            e.hint = f"the value comes from {path} or from a flag (flags override the file)"
+        raise
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
@@ -201,15 +250,17 @@ __all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "check", "from_dict", "to_d
            "merge", "read_file", "field"]
 
 
-ARCHITECTURES = ("topk",)  # grows as architecture files land in saelab/sae/
-NORMALIZATIONS = ("none", "scale", "layer_norm")
+NORMALIZATIONS = ("none", "scale", "layer_norm", "constant_norm_rescale")
 
 
 @dataclass
 class SAEConfig:
-    """The SAE itself. `n_latents` 0 means `expansion_factor × d_in`, filled in when d_in is known."""
+    """The SAE itself. `n_latents` 0 means `expansion_factor × d_in`, filled in when d_in is known.
 
-    architecture: str = "topk"
+    Fields here are common to every architecture; what only one architecture has lives in `options`, checked
+    against that architecture's own small options dataclass (`saelab.sae.architectures`)."""
+
+    architecture: str = "topk"  # topk, batchtopk, matryoshka, gtopk (training); jumprelu (inference only)
     d_in: int = 0
     n_latents: int = 0
     expansion_factor: int = 16
@@ -217,20 +268,20 @@ class SAEConfig:
     hook_name: str = ""
     model_name: str = "reference"
     # "scale": one fixed factor so that E||x||² = d_in (from cache statistics), folded into the weights at save;
-    # "layer_norm": per-token (x − μ)/σ as in OpenAI's released SAEs, undone on output; "none".
+    # "layer_norm": per-token (x − μ)/(σ + ln_eps) as in OpenAI's released SAEs, undone on output by x̂·σ + μ;
+    # "constant_norm_rescale": per-token x·√d/||x|| (SAELens), undone on output; "none".
     normalize: str = "scale"
     input_scale: float = 1.0
-    # ReLU after top-k (OpenAI's code) by default; before top-k (dictionary_learning) selects the same non-zero
-    # set and differs only in which index pads when fewer than k pre-activations are positive.
-    relu_before_topk: bool = False
+    ln_eps: float = 1e-5  # layer_norm: σ + ε on the way in only (OpenAI's and SAELens's convention)
+    ln_unbiased: bool = True  # layer_norm: the unbiased σ, as SAELens, so SAELens reproduces our SAEs exactly
     k_aux: int = 0  # 0 means d_in // 2 (sparsify, dictionary_learning); OpenAI used 256, the paper ~512
     aux_coef: float = 1 / 32
-    multi_topk: bool = False  # add L(4k)/8 (Gao et al.) so the SAE stays good at larger k at test time
     dtype: str = "float32"
+    options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
 
     def __post_init__(self):
-        check(self.architecture in ARCHITECTURES, "sae.architecture",
-              f"must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        from saelab.sae.architectures import check_options  # lazy: saelab.sae imports this module
+
         check(self.normalize in NORMALIZATIONS, "sae.normalize", f"must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         check(self.d_in >= 0, "sae.d_in", f"must be >= 0, got {self.d_in}")
         check(self.n_latents >= 0, "sae.n_latents", f"must be >= 0, got {self.n_latents}")
@@ -240,7 +291,9 @@ class SAEConfig:
         check(self.aux_coef >= 0, "sae.aux_coef", f"must be >= 0, got {self.aux_coef}")
         check(self.input_scale > 0 and self.input_scale == self.input_scale, "sae.input_scale",
               f"must be a positive number, got {self.input_scale}")
+        check(self.ln_eps >= 0, "sae.ln_eps", f"must be >= 0, got {self.ln_eps}")
         check(self.dtype in DTYPES, "sae.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+        self.options = check_options(self.architecture, self.options)
         if self.d_in:
             if not self.n_latents:
                 self.n_latents = self.expansion_factor * self.d_in
@@ -296,3 +349,8 @@ class TrainConfig:
         check(self.source != "cache" or bool(self.cache), "cache", "source=cache needs --cache DIR")
         check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas), "adam_betas",
               f"must be two numbers in [0, 1), got {self.adam_betas}")
+        check(self.cache_tokens > 0, "cache_tokens", f"must be > 0, got {self.cache_tokens}")
+        for name in ("dead_tokens", "eval_tokens", "threads", "seed", "lr_warmup_steps"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("log_every", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")

@@ -7,6 +7,12 @@ import os
 import socket
 
 
+def looks_like_path(name: str) -> bool:
+    """A name the user meant as a local path rather than a hub name ('org/name'): it starts with / . or ~, has
+    more than one '/', or a backslash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 @functools.lru_cache(maxsize=1)
 def hub_reachable(timeout: float = 2.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE") == "1":

@@ -33,7 +33,7 @@ def test_defaults_are_valid():
     ({"sae": {"architecture": "relu"}}, "sae.architecture"),
     ({"sae": {"normalize": "zscore"}}, "sae.normalize"),
     ({"sae": {"input_scale": float("nan")}}, "sae.input_scale"),
-    ({"corpus": {"validation_per_mille": 2000}}, "corpus"),
+    ({"corpus": {"validation_per_mille": 2000}}, "corpus.validation_per_mille"),
     # wrong types are named too, instead of failing later with a TypeError deep inside
     ({"tokens": "lots"}, "tokens"),
     ({"sae": {"k": 3.5}}, "sae.k"),
@@ -45,8 +45,6 @@ def test_invalid_value_raises_one_config_error_naming_the_field(data, field):
         from_dict(TrainConfig, data)
     msg = str(info.value)
     assert msg.startswith(f"{field}:"), msg
-    if field == "corpus":
-        assert "validation_per_mille" in msg
 
 
 def test_unknown_keys_are_named():

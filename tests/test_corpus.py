@@ -10,6 +10,7 @@ import pytest
 
 from saelab.data.corpus import CorpusSpec, UndecodableFiles, iter_documents, split_of
 from saelab.data.packing import batched_rows, iter_doc_tokens, iter_packed_rows, pack_rows, special_ids
+from saelab.errors import DataError
 
 
 def keys(spec, split, skipped=None):
@@ -155,9 +156,9 @@ def test_custom_text_field(tmp_path):
 def test_missing_text_field_names_the_fields(tmp_path, fmt):
     writer = write_jsonl if fmt == "jsonl" else write_parquet
     path = writer(tmp_path / f"data.{fmt}", [{"body": "x", "meta": 1}])
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(DataError) as info:
         list(iter_documents(CorpusSpec(source=str(path)), "all"))
-    msg = info.value.args[0]
+    msg = info.value.message
     assert "'text'" in msg and "['body', 'meta']" in msg and str(path) in msg
 
 
@@ -168,8 +169,9 @@ def test_hf_dataset_name_offline_fails_fast(monkeypatch):
     spec = CorpusSpec(source="saelab-tests/no-such-dataset")
     assert spec.kind == "hf"
     t0 = time.time()
-    with pytest.raises(ConnectionError, match=r"no-such-dataset.*stdlib.*local"):
+    with pytest.raises(DataError, match=r"no-such-dataset.*neither a local path nor reachable") as info:
         next(iter_documents(spec, "train"))
+    assert "stdlib" in info.value.hint and "local" in info.value.hint
     assert time.time() - t0 < 10
 
 

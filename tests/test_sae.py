@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saelab.config import SAEConfig
+from saelab.errors import SAEFileError
 from saelab.sae import SparseAutoencoder, SparseCode, geometric_median
 
 
@@ -91,7 +92,7 @@ def test_auxk_zero_without_dead_and_trains_only_dead_latents():
 
 
 def test_multi_topk_adds_a_loss():
-    sae = make_sae(multi_topk=True)
+    sae = make_sae(options={"multi_topk": True})
     out = sae(torch.randn(16, 24))
     assert "multi_topk_fvu" in out.losses
     torch.testing.assert_close(out.losses["loss"], out.losses["fvu"] + out.losses["multi_topk_fvu"] / 8)
@@ -126,7 +127,7 @@ def test_save_load_round_trip_on_raw_activations(tmp_path, normalize):
 
 def test_load_refuses_pickles(tmp_path):
     (tmp_path / "sae.pt").write_bytes(b"not loaded")
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    with pytest.raises(SAEFileError, match="safetensors"):
         SparseAutoencoder.load(tmp_path)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from saelab.errors import ConfigError
 from saelab.models.loading import check_hook_names, hook_layer
 
 GRAD_LOSS = {
@@ -97,7 +98,8 @@ class HookCapture:
             inputs = [caps[h] for h in self.hooks]
             missing = [h for h, t in zip(self.hooks, inputs) if not t.requires_grad]
             if missing:
-                raise RuntimeError(f"hooks {missing} are not on the loss's autograd path; they have no gradient")
+                raise ConfigError(f"hooks {missing} are not on the loss's autograd path; they have no gradient",
+                                  hint="drop --with-grads or cache other hooks")
             got = torch.autograd.grad(loss, inputs, allow_unused=True)
             grads = {h: self._snapshot(torch.zeros_like(caps[h]) if g is None else g) for h, g in zip(self.hooks, got)}
         else:
@@ -108,7 +110,7 @@ class HookCapture:
 
     def _check_fired(self, caps, bad) -> None:
         if bad:
-            raise ValueError(bad[0])
+            raise ConfigError(bad[0])
         silent = [h for h in self.hooks if h not in caps]
         if silent:
             raise RuntimeError(f"hooks {silent} did not fire (stop_at_layer={self.stop}); this is a saelab bug")

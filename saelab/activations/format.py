@@ -32,8 +32,7 @@ STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": n
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CacheError(RuntimeError):
-    """A cache is missing, incomplete, corrupt or does not match what was asked; the message says the fix."""
+from saelab.errors import CacheError  # noqa: E402  (re-exported for `from saelab.activations import CacheError`)
 
 
 def tokens_file(i: int) -> str:
@@ -150,21 +149,26 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     mf = path / MANIFEST
+    make = f"make one with `saelab cache --out {path} ...` (see `saelab cache --help`)"
+    if path.exists() and not path.is_dir():
+        raise CacheError(f"{path}: a file, not an activation cache (a cache is a directory holding {MANIFEST})",
+                         hint=make)
     if not mf.exists():
-        if path.exists() and any(path.iterdir()):
+        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
             raise CacheError(f"{path} has no {MANIFEST}: it is not an activation cache (or its first shard was never "
-                             f"finished); write one with `saelab cache --out {path}`")
-        raise CacheError(f"no activation cache at {path}: write one with `saelab cache --out {path}`")
+                             f"finished)", hint=f"write one with `saelab cache --out {path}`, or use another --out")
+        raise CacheError(f"{path}: no activation cache here (no {MANIFEST})", hint=make)
     try:
         m = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
-        raise CacheError(f"{mf} is not valid JSON ({e}); the cache cannot be trusted: delete {path} and rewrite it") \
-            from None
-    if m.get("format") != FORMAT:
-        raise CacheError(f"{mf} is not a saelab activation-cache manifest (format {m.get('format')!r})")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{mf} is not valid JSON ({e}); the cache cannot be trusted",
+                         hint=f"delete {path} and rewrite it") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise CacheError(f"{mf} is not a saelab activation-cache manifest (format {got!r})")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise CacheError(f"{mf} has schema version {m.get('schema_version')}, this saelab reads version "
-                         f"{SCHEMA_VERSION}: rewrite the cache with this version")
+                         f"{SCHEMA_VERSION}", hint="rewrite the cache with this version of saelab")
     return m
 
 

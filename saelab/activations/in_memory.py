@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from saelab.errors import ConfigError
+
 
 class InMemoryActivations:
     """Shuffled fixed-size batches over the rows of `acts` [N, d], epoch after epoch, reproducible for a seed.
@@ -15,9 +17,9 @@ class InMemoryActivations:
     def __init__(self, acts: torch.Tensor, batch_size: int = 4096, seed: int = 0, grads: torch.Tensor | None = None,
                  shuffle: bool = True, rank: int = 0, world_size: int = 1):
         if acts.dim() != 2:
-            raise ValueError(f"acts must be [N, d], got {tuple(acts.shape)}")
+            raise ConfigError(f"acts must be [N, d], got {tuple(acts.shape)}")
         if batch_size * world_size > acts.shape[0]:
-            raise ValueError(f"a global batch of {batch_size}×{world_size} rows needs more than the {acts.shape[0]} "
+            raise ConfigError(f"a global batch of {batch_size}×{world_size} rows needs more than the {acts.shape[0]} "
                              f"rows given")
         self.acts, self.grads = acts, grads
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle

@@ -35,6 +35,7 @@ from saelab.activations.batch import Batch
 from saelab.activations.format import (STORAGE, CacheError, RunningStats, acts_file, from_storage, grads_file,
                                        pread_into, read_manifest, tokens_file)
 from saelab.activations.writer import check_file, fix_hint, load_stats
+from saelab.errors import ConfigError
 
 DEFAULT_BUFFER_BYTES = 256 * 2 ** 20
 DEFAULT_BLOCK_ROWS = 1024
@@ -94,9 +95,9 @@ class ActivationCache:
             raise CacheError(f"the cache at {self.path} was written without gradients; rewrite it with "
                              f"--with-grads (another --out) to read gradients")
         if batch_size < 1 or block_rows < 1:
-            raise ValueError("batch_size and block_rows must be >= 1")
+            raise ConfigError(f"batch_size and block_rows must be >= 1, got {batch_size} and {block_rows}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+            raise ConfigError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
         if not m["shards"]:
             raise CacheError(f"the cache at {self.path} has no complete shard yet; finish writing it "
                              f"(rerun the `saelab cache` command)")
@@ -146,8 +147,8 @@ class ActivationCache:
                 self._offsets[rel] = offset
         if problems:
             more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-            raise CacheError(f"the cache at {self.path} is damaged: " + "; ".join(problems[:5]) + more + ". "
-                             + fix_hint(self.path))
+            raise CacheError(f"the cache at {self.path} is damaged: " + "; ".join(problems[:5]) + more,
+                             hint=fix_hint(self.path))
 
     def _make_blocks(self) -> None:
         shards = self.manifest["shards"]

@@ -27,6 +27,7 @@ import torch
 from saelab.activations.batch import Batch
 from saelab.activations.capture import HookCapture
 from saelab.data.corpus import CorpusSpec
+from saelab.errors import ConfigError, DataError
 
 
 class ActivationStream:
@@ -37,7 +38,7 @@ class ActivationStream:
                  exclude_bos: bool = True, split: str = "train", device: str | torch.device | None = None,
                  batch_rows: int = 32, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
+            raise ConfigError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
         self.model, self.hook_name = model, hook_name
         self.rank, self.world_size = rank, world_size
         self.corpus = corpus or CorpusSpec()
@@ -95,7 +96,7 @@ class ActivationStream:
         if not seqs:
             self._loaded, self._rows_iter = None, None
             if window == self.rank:
-                raise ValueError(f"the corpus split {self.split!r} of {self.corpus.source!r} has no rows of "
+                raise DataError(f"the corpus split {self.split!r} of {self.corpus.source!r} has no rows of "
                                  f"{self.T} tokens for rank {self.rank} of {self.world_size}")
             return False
         acts, grads, toks, pos = self._compute(np.stack(seqs))
@@ -151,7 +152,7 @@ class ActivationStream:
         mine = self._identity()
         diffs = [f"{k}: cursor {state.get(k)!r}, stream {v!r}" for k, v in mine.items() if state.get(k) != v]
         if state.get("kind") != "ActivationStream" or diffs:
-            raise ValueError("this cursor belongs to a different stream, so the continuation would not be exact: "
+            raise ConfigError("this cursor belongs to a different stream, so the continuation would not be exact: "
                              + ("; ".join(diffs) or f"kind {state.get('kind')!r}"))
         self.epoch, self.window, self.pos = int(state["epoch"]), int(state["window"]), int(state["pos"])
 

@@ -27,9 +27,11 @@ import torch
 from saelab.activations.capture import GRAD_LOSS, HookCapture
 from saelab.activations.format import (FORMAT, MANIFEST, SCHEMA_VERSION, STORAGE, TMP_SUFFIX, CacheError,
                                        RunningStats, acts_file, from_storage, fsync_dir, grads_file, npy_header,
-                                       read_manifest, read_npy_header, sha256_file, stats_file, to_storage,
+                                       read_manifest, read_npy_header, stats_file, to_storage,
                                        tokens_file, write_json_atomic)
 from saelab.config import CacheConfig
+from saelab.data.corpus import check_source
+from saelab.errors import ConfigError, DataError
 
 SHARD_TARGET_BYTES = 64 * 2 ** 20  # per activation file, when shard_rows is 0
 
@@ -42,6 +44,26 @@ def default_out(cfg: CacheConfig, hooks: list[str]) -> str:
     model = Path(cfg.model.name).name or "model"
     more = f"+{len(hooks) - 1}" if len(hooks) > 1 else ""
     return str(Path("cache") / f"{model}-{hooks[0]}{more}")
+
+
+def check_writable(out: Path, error=CacheError) -> None:
+    """`out` is a directory, or can be made: not a file, and its nearest existing ancestor is a writable directory.
+    Raises `error` (a `SaelabError` class) naming it."""
+    if out.exists() and not out.is_dir():
+        raise error(f"--out {out}: a file, not a directory", hint="choose another --out")
+    parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise error(f"--out {out}: cannot be written ({parent} is not a writable directory)",
+                    hint="choose another --out")
+
+
+def check_out_dir(root: Path) -> None:
+    """The output directory can hold a cache: it is a cache already, or absent, or an empty directory, and it can
+    be written. Raises `CacheError` before anything is written."""
+    check_writable(root)
+    if root.is_dir() and not (root / MANIFEST).exists() and any(p.name != ".lock" for p in root.iterdir()):
+        raise CacheError(f"--out {root} exists, is not empty and is not an activation cache",
+                         hint="choose another --out")
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -277,8 +299,8 @@ class _Lock:
             fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.f.close()
-            raise CacheError(f"{root} is being written by another process right now; wait for it, or use another "
-                             f"--out") from None
+            raise CacheError(f"{root} is being written by another process right now",
+                             hint="wait for it, or use another --out") from None
 
     def release(self) -> None:
         fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
@@ -355,15 +377,21 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
         done = _finished_without_model(cfg)
         if done is not None:
             return done
+    if cfg.out:  # the checks that need no model come first, so a bad input costs no model loading
+        check_out_dir(Path(cfg.out))
+    check_source(cfg.corpus, cfg.split)
+    if model is None:
         from saelab.models import load_model
 
         model = load_model(cfg.model.name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
     hooks = list(cfg.hooks) or [default_hook(model)]
     root = Path(cfg.out or default_out(cfg, hooks))
+    check_out_dir(root)
     T = cfg.context_size
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and T > n_ctx:
-        raise CacheError(f"context_size {T} is longer than the model's context ({n_ctx})")
+        raise ConfigError(f"context_size: {T} is longer than the model's context ({n_ctx})",
+                          hint=f"use --context-size {n_ctx} or less")
     first = 1 if cfg.exclude_bos else 0
     K = T - first
     capture = HookCapture(model, hooks, with_grads=cfg.with_grads, kept_from=first)
@@ -372,8 +400,15 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
     spec = build_spec(cfg, model, hooks, d_in, shard_rows)
     target_seqs = math.ceil(cfg.tokens / T)
 
-    if root.exists() and not (root / MANIFEST).exists() and any(p.name != ".lock" for p in root.iterdir()):
-        raise CacheError(f"{root} exists, is not empty and is not an activation cache; choose another --out")
+    first_rows = None
+    if not (root / MANIFEST).exists():  # a new cache: refuse a corpus too short for one row before writing anything
+        first_rows = _packed_rows(cfg, model.tokenizer)
+        row0 = next(first_rows, None)
+        if row0 is None:
+            raise DataError(f"dataset {cfg.corpus.source!r}: its {cfg.split} split holds less than one row of {T} "
+                            f"tokens, so the cache would be empty",
+                            hint="use a larger dataset, another --split or a smaller --context-size")
+        first_rows = itertools.chain([row0], first_rows)
     if (root / MANIFEST).exists():  # finished already? then touch nothing (the cache may be read-only)
         existing = read_manifest(root)
         diffs = spec_differences(existing["spec"], spec)
@@ -388,8 +423,8 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
             manifest = read_manifest(root)
             diffs = spec_differences(manifest["spec"], spec)
             if diffs:
-                raise CacheError(f"the existing cache at {root} was made with a different spec:\n  " + "\n  ".join(diffs)
-                                 + f"\nUse another --out, or delete {root} to rebuild it with these settings.")
+                raise CacheError(f"the existing cache at {root} was made with a different spec: " + "; ".join(diffs),
+                                 hint=f"use another --out, or delete {root} to rebuild it with these settings")
         else:
             manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
                         # a summary for readers that need no more (the authoritative values are in "spec")
@@ -400,7 +435,7 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
         have = sum(s["sequences"] for s in shards)
         if have > target_seqs:
             raise CacheError(f"the cache at {root} already holds {have * T:,} tokens, more than the {target_seqs * T:,} "
-                             f"asked; ask for --tokens {have * T} (or more, to extend it) or use another --out")
+                             f"asked", hint=f"ask for --tokens {have * T} (or more, to extend it) or use another --out")
         if manifest["corpus_exhausted"]:
             target_seqs = have
         if shards and shards[-1]["sequences"] < shard_rows and have < target_seqs:
@@ -410,7 +445,7 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
         totals = {h: load_stats(root, manifest, h) for h in hooks}
         _finish_manifest(root, manifest, target_seqs, hooks, totals)
 
-        rows_iter = _packed_rows(cfg, model.tokenizer)
+        rows_iter = first_rows if first_rows is not None else _packed_rows(cfg, model.tokenizer)
         if have:
             next(itertools.islice(rows_iter, have - 1, have), None)  # skip what is already cached
         bar = None
@@ -580,12 +615,50 @@ def shard_files(manifest: dict, shard: dict, hooks: list[str] | None = None, wit
 
 
 def fix_hint(root: Path) -> str:
-    return (f"fix: run `saelab cache verify {root} --repair` (it drops this shard and the ones after it from the "
+    return (f"run `saelab cache verify {root} --repair` (it drops the damaged shard and the ones after it from the "
             f"manifest), then rerun the `saelab cache` command that made the cache: it rewrites them identically")
 
 
-def check_file(root: Path, rel: str, shape: tuple, dtype: np.dtype, entry: dict | None, checksum: bool) -> tuple[int, str | None]:
-    """(data offset, problem or None) for one shard file."""
+NONFINITE = "NaN or inf"
+
+
+def _finite_rows(a: np.ndarray) -> np.ndarray:
+    """[rows, d] stored values → bool [rows]: every value of the row is finite (bfloat16 as raw bits: a NaN or inf
+    has all 8 exponent bits set)."""
+    if a.dtype == np.uint16:
+        return ((a & 0x7F80) != 0x7F80).all(1)
+    return np.isfinite(a).all(1)
+
+
+def scan_file(path: Path, offset: int, shape: tuple, dtype: np.dtype, finite: bool,
+              chunk_bytes: int = 1 << 22) -> tuple[str, int, int | None]:
+    """One pass over a file: (SHA-256 of the whole file, rows holding NaN/inf, the first such row or None); the
+    rows are checked only with `finite` (for activation and gradient files)."""
+    h = hashlib.sha256()
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
+    chunk = max(1, chunk_bytes // max(row_bytes, 1)) * row_bytes
+    n_bad, first_bad, row = 0, None, 0
+    with open(path, "rb") as f:
+        h.update(f.read(offset))
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+            if finite and len(b) % row_bytes == 0:
+                ok = _finite_rows(np.frombuffer(b, dtype=dtype).reshape(len(b) // row_bytes, -1))
+                if not ok.all():
+                    bad = np.flatnonzero(~ok)
+                    first_bad = row + int(bad[0]) if first_bad is None else first_bad
+                    n_bad += len(bad)
+            row += len(b) // row_bytes
+    return h.hexdigest(), n_bad, first_bad
+
+
+def check_file(root: Path, rel: str, shape: tuple, dtype: np.dtype, entry: dict | None, checksum: bool,
+               finite: bool = False) -> tuple[int, str | None]:
+    """(data offset, problem or None) for one shard file. `finite`: also find rows holding NaN/inf (one pass with
+    the checksum)."""
     path = root / rel
     if not path.exists():
         return 0, f"{rel}: missing"
@@ -601,13 +674,18 @@ def check_file(root: Path, rel: str, shape: tuple, dtype: np.dtype, entry: dict 
         return offset, f"{rel}: {size:,} bytes, expected {want:,} ({'truncated' if size < want else 'trailing bytes'})"
     if entry is not None and entry.get("bytes") not in (None, size):
         return offset, f"{rel}: {size:,} bytes, the manifest recorded {entry['bytes']:,}"
-    if checksum and entry is not None and sha256_file(path) != entry["sha256"]:
-        return offset, f"{rel}: SHA-256 differs from the manifest (corrupted contents)"
+    if checksum or finite:
+        digest, n_bad, first_bad = scan_file(path, offset, tuple(shape), dtype, finite)
+        if checksum and entry is not None and digest != entry["sha256"]:
+            return offset, f"{rel}: SHA-256 differs from the manifest (corrupted contents)"
+        if n_bad:
+            return offset, f"{rel}: row {first_bad} holds {NONFINITE} ({n_bad:,} of {shape[0]:,} rows do)"
     return offset, None
 
 
 def verify_cache(path: str | Path, checksums: bool = True) -> tuple[dict, list[tuple[int, str]]]:
-    """Check every shard file of every hook: presence, npy header, row count, size and (optionally) SHA-256.
+    """Check every shard file of every hook: presence, npy header, row count, size and (optionally, in one pass)
+    SHA-256 and finiteness of every activation and gradient row.
 
     Returns (manifest, [(shard index, problem)]); an empty list means the cache is sound."""
     root = Path(path)
@@ -615,7 +693,9 @@ def verify_cache(path: str | Path, checksums: bool = True) -> tuple[dict, list[t
     problems = []
     for shard in manifest["shards"]:
         for rel, (shape, dtype) in shard_files(manifest, shard).items():
-            _, problem = check_file(root, rel, shape, dtype, shard["files"].get(rel), checksums)
+            values = rel.rsplit("/", 1)[-1].startswith(("acts-", "grads-"))
+            _, problem = check_file(root, rel, shape, dtype, shard["files"].get(rel), checksums,
+                                    finite=checksums and values)
             if problem:
                 problems.append((shard["index"], problem))
     return manifest, problems

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from saelab.errors import ConfigError, DataError
+
 SPLITS = ("train", "validation", "all")
 LOCAL_SUFFIXES = {".txt": "text", ".py": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -42,9 +44,9 @@ class CorpusSpec:
 
     def __post_init__(self):
         if not self.source:
-            raise ValueError("CorpusSpec.source: must be 'stdlib', an HF dataset name or a local path")
+            raise ConfigError("corpus.source: must be 'stdlib', an HF dataset name or a local path")
         if not 0 <= self.validation_per_mille <= 1000:
-            raise ValueError(f"CorpusSpec.validation_per_mille: must be in [0, 1000], got {self.validation_per_mille}")
+            raise ConfigError(f"corpus.validation_per_mille: must be in [0, 1000], got {self.validation_per_mille}")
 
     @property
     def kind(self) -> str:
@@ -127,13 +129,11 @@ def _hf_rows(spec: CorpusSpec, kind: str, data_files: str | None = None, label: 
             ds = datasets.load_dataset(spec.source, spec.hf_config, split=spec.hf_split, streaming=True)
             label = where = spec.source
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"corpus source {spec.source!r}: {e}") from e
+        raise DataError(f"corpus source {spec.source!r}: {e}") from e
     for row in ds:
         if spec.text_field not in row:
-            raise KeyError(
-                f"corpus source {where!r} has no field {spec.text_field!r}; its fields are {sorted(row)}. "
-                f"Pass --text-field with one of them."
-            )
+            raise DataError(f"corpus source {where!r} has no field {spec.text_field!r}; its fields are {sorted(row)}",
+                            hint="pass --text-field with one of them")
         text = row[spec.text_field]
         if text:
             yield Document(_text_key(label, text), text)
@@ -145,17 +145,16 @@ def _fail_fast_if_offline(name: str) -> None:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         return  # let datasets look in its local cache
     if not hub_reachable():
-        raise ConnectionError(
-            f"corpus source {name!r} is neither a local path nor reachable: the Hugging Face hub cannot be "
-            f"reached from this machine. Use the default corpus (--dataset stdlib) or a local directory / "
-            f".jsonl / .parquet file."
-        )
+        raise DataError(f"corpus source {name!r} is neither a local path nor reachable: the Hugging Face hub cannot "
+                        f"be reached from this machine",
+                        hint="use the default corpus (--dataset stdlib) or a local directory / .txt / .jsonl / "
+                             ".parquet file")
 
 
 def iter_documents(spec: CorpusSpec, split: str = "train", skipped: UndecodableFiles | None = None) -> Iterator[Document]:
     """Yield the documents of one split, lazily and in a fixed order."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     policy = skipped if skipped is not None else UndecodableFiles()
 
     def keep(key: str) -> bool:
@@ -182,3 +181,29 @@ def iter_documents(spec: CorpusSpec, split: str = "train", skipped: UndecodableF
                 yield doc
     if policy.skipped and skipped is None:
         warnings.warn(f"skipped {len(policy.skipped)} file(s) that are not valid UTF-8, e.g. {policy.skipped[:3]}")
+
+
+def check_source(spec: CorpusSpec, split: str = "train") -> None:
+    """Fail before any work starts (and before anything is written) when the corpus cannot give text: a local path
+    that does not exist, or a local source with no text in `split`. Remote datasets are checked when opened."""
+    from saelab.hub import looks_like_path
+
+    kind = spec.kind
+    if kind == "stdlib":
+        return
+    if kind == "hf":
+        if looks_like_path(spec.source) or Path(spec.source).suffix in LOCAL_SUFFIXES:
+            raise DataError(f"dataset {spec.source!r}: no such file or directory",
+                            hint="give an existing file or directory (.txt/.py/.md/.jsonl/.json/.parquet), an HF "
+                                 "dataset name, or stdlib")
+        return
+    policy = UndecodableFiles()
+    if next(iter_documents(spec, split, skipped=policy), None) is not None:
+        return
+    hint = "give a file or directory that holds text (.txt/.py/.md/.jsonl/.json/.parquet)"
+    undecodable = f" ({len(policy.skipped)} file(s) are not valid UTF-8)" if policy.skipped else ""
+    if split != "all" and next(iter_documents(spec, "all", skipped=UndecodableFiles()), None) is not None:
+        raise DataError(f"dataset {spec.source!r} has no text in its {split} split{undecodable}",
+                        hint=f"documents are split by a hash of their name ({spec.validation_per_mille / 10:g} % go to "
+                             f"validation), so a corpus of a few documents may have none in one split: add documents")
+    raise DataError(f"dataset {spec.source!r} has no text{undecodable}", hint=hint)

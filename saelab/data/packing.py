@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from saelab.data.corpus import CorpusSpec, Document, iter_documents
+from saelab.errors import ConfigError, ModelError
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -19,7 +20,7 @@ def special_ids(tokenizer) -> tuple[int, int]:
     eos = tokenizer.eos_token_id
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     if bos is None:
-        raise ValueError("tokenizer has neither a BOS nor an EOS token; cannot pack rows")
+        raise ModelError("the model's tokenizer has neither a BOS nor an EOS token, so rows cannot be packed")
     return int(bos), int(eos if eos is not None else bos)
 
 
@@ -51,7 +52,7 @@ def iter_doc_tokens(docs: Iterable[Document], tokenizer, batch_docs: int = 64) -
 def pack_rows(chunks: Iterable[np.ndarray], context_size: int, bos_id: int) -> Iterator[np.ndarray]:
     """Pack a stream of token chunks into rows `[BOS] + (context_size - 1) tokens`."""
     if context_size < 2:
-        raise ValueError(f"context_size must be >= 2, got {context_size}")
+        raise ConfigError(f"context_size: must be >= 2, got {context_size}")
     body = context_size - 1
     pending = np.empty(0, dtype=np.int64)
     for chunk in chunks:

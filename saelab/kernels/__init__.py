@@ -4,6 +4,7 @@ Public API:
 
 * `sparse_decode(indices, values, W_dec)` / `decode(code, W_dec)`: Σ_s values[b, s] · W_dec[indices[b, s]],
   differentiable in values and W_dec (dense dW_dec).
+* `grouped_decode(indices, values, W_dec, groups, n_groups)`: per-(token, group) sums in one pass (Matryoshka).
 * `encoder_values(x, W_enc, b_enc, indices, values)`: the gathered encoder pre-activations with a sparse backward
   to x, W_enc and b_enc.
 * `sparse_transpose_matmul(indices, weights, dense, n)`: the shared core of both weight gradients.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from saelab.kernels.backend import ENV_VAR, backend_for, ops_for, triton_available
-from saelab.kernels.decode import SparseDecode, decode, sparse_decode
+from saelab.kernels.decode import SparseDecode, decode, grouped_decode, sparse_decode
 from saelab.kernels.encoder import EncoderValues, encoder_values
 
 
@@ -35,4 +36,4 @@ def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense:
 
 
 __all__ = ["ENV_VAR", "EncoderValues", "SparseDecode", "backend_for", "decode", "encoder_values", "ops_for",
-           "sparse_decode", "sparse_transpose_matmul", "triton_available"]
+           "grouped_decode", "sparse_decode", "sparse_transpose_matmul", "triton_available"]

@@ -57,3 +57,29 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tens
 def decode(code, W_dec: torch.Tensor) -> torch.Tensor:
     """`sparse_decode` of a `SparseCode`."""
     return sparse_decode(code.indices, code.values, W_dec)
+
+
+def grouped_decode(indices: torch.Tensor, values: torch.Tensor, W_dec: torch.Tensor, groups: torch.Tensor,
+                   n_groups: int) -> torch.Tensor:
+    """out[b, g] = Σ_{s: groups[b, s] = g} values[b, s] · W_dec[indices[b, s]]  ->  [B, n_groups, d].
+
+    One pass over the code for all groups (Matryoshka: a cumulative sum over groups then gives every prefix's
+    reconstruction). `groups` must be non-decreasing along each row (sort each token's latents by index once;
+    padding slots go last with any group). Differentiable in values and W_dec.
+
+    PyTorch path: one `embedding_bag` whose bags are the (token, group) segments. Triton path: the plain sparse
+    decoder on [B·G, K] virtual rows whose values are masked to one group each; its kernels read no row for a zero
+    value, so each decoder row is still read once per slot.
+    """
+    indices = _check(indices, values, W_dec, "grouped_decode")
+    B, K = indices.shape
+    G = int(n_groups)
+    if ops_for(indices, values, W_dec).__name__.endswith("triton_ops"):
+        mask = groups.unsqueeze(1) == torch.arange(G, device=groups.device).view(1, G, 1)  # [B, G, K]
+        v = (values.unsqueeze(1) * mask).reshape(B * G, K)
+        return SparseDecode.apply(indices.unsqueeze(1).expand(B, G, K).reshape(B * G, K), v, W_dec).view(B, G, -1)
+    bag = (torch.arange(B, device=indices.device).unsqueeze(1) * G + groups.long()).reshape(-1)
+    offsets = torch.searchsorted(bag, torch.arange(B * G, device=bag.device))
+    out = torch.nn.functional.embedding_bag(indices.reshape(-1), W_dec, offsets, mode="sum",
+                                            per_sample_weights=values.reshape(-1).to(W_dec.dtype))
+    return out.view(B, G, -1)

@@ -10,8 +10,12 @@ from pathlib import Path
 
 import torch
 
+from saelab.errors import ConfigError, ModelError
+
 REFERENCE = "reference"
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+_MODEL_HINT = ("use the embedded model (--model reference), a hub name such as gpt2, or a local directory holding a "
+               "transformers model (config.json + weights + tokenizer)")
 
 
 def reference_dir() -> Path:
@@ -20,21 +24,22 @@ def reference_dir() -> Path:
 
 def resolve_model_path(name: str) -> str:
     """'reference' → the embedded model's directory; a local path stays; anything else is a hub name."""
+    from saelab.hub import looks_like_path
+
     if name == REFERENCE:
         path = reference_dir()
         if not (path / "model.safetensors").exists():
-            raise FileNotFoundError(
-                f"the embedded reference model is missing from {path}; reinstall saelab or rebuild it with "
-                f"`saelab reference train --out {path}`"
-            )
+            raise ModelError(f"the embedded reference model is missing from {path}",
+                             hint=f"reinstall saelab or rebuild it with `saelab reference train --out {path}`")
         return str(path)
-    if Path(name).expanduser().exists():
-        return str(Path(name).expanduser())
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:  # a path, not 'org/name'
-        raise FileNotFoundError(
-            f"model {name!r}: no such local directory. Use the embedded model (--model reference), a hub name "
-            f"such as gpt2, or a directory holding a transformers model (config.json + weights + tokenizer)."
-        )
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").exists():
+            what = "a file" if not local.is_dir() else "a directory without config.json"
+            raise ModelError(f"model {name!r}: {what}, not a transformers model directory", hint=_MODEL_HINT)
+        return str(local)
+    if looks_like_path(name):  # a path, not 'org/name'
+        raise ModelError(f"model {name!r}: no such local directory", hint=_MODEL_HINT)
     return name
 
 
@@ -49,11 +54,17 @@ def _check_hub(name: str) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # use the local copy, ask nothing of the network
         return
     if not hub_reachable():
-        raise ConnectionError(
-            f"model {name!r} is not a local path and the Hugging Face hub cannot be reached from this machine "
-            f"(no network). Use the embedded model (--model reference) or a local directory holding a "
-            f"transformers model (config.json + weights + tokenizer)."
-        )
+        raise ModelError(f"model {name!r} is not a local path and the Hugging Face hub cannot be reached from this "
+                         f"machine (no network)", hint=_MODEL_HINT)
+
+
+def locate_model(name: str) -> str:
+    """`resolve_model_path`, and for a hub name a `ModelError` at once when the hub is unreachable and nothing is
+    cached: everything about a model that can be checked without loading it."""
+    path = resolve_model_path(name)
+    if not Path(path).exists():
+        _check_hub(path)
+    return path
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -64,7 +75,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     except AttributeError:
         out = None
     if not isinstance(out, torch.dtype):
-        raise ValueError(f"dtype: unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+        raise ConfigError(f"dtype: unknown dtype {dtype!r}; use float32, float16 or bfloat16")
     return out
 
 
@@ -72,12 +83,15 @@ def load_model(name: str = REFERENCE, device: str | torch.device = "cpu", dtype:
     """A `TransformerBridge` for the embedded reference model, a hub name or a local model directory."""
     import logging
 
-    path = resolve_model_path(name)
-    if not Path(path).exists():
-        _check_hub(path)  # before importing TransformerLens (seconds): an offline machine fails at once
+    path = locate_model(name)  # before importing TransformerLens (seconds): an offline machine fails at once
+    torch_dtype = parse_dtype(dtype)
     from transformer_lens.model_bridge import TransformerBridge
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    bridge = TransformerBridge.boot_transformers(path, device=str(device), dtype=parse_dtype(dtype))
+    try:
+        bridge = TransformerBridge.boot_transformers(path, device=str(device), dtype=torch_dtype)
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:  # unreadable files, unsupported architecture
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"model {name!r} cannot be loaded: {first}", hint=_MODEL_HINT) from e
     bridge.eval()
     bridge.saelab_model_id = name  # what the user asked for, recorded in manifests
     return bridge
@@ -108,16 +122,16 @@ def hook_layer(hook_name: str) -> int | None:
 
 
 def check_hook_names(model, hooks: list[str] | str) -> list[str]:
-    """Raise a `KeyError` naming the closest valid hooks for any name the model does not have."""
+    """Raise a `ModelError` naming the closest valid hooks for any name the model does not have."""
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     valid = set(model.hook_dict.keys())
     for h in hooks:
         if h not in valid:
             close = difflib.get_close_matches(h, sorted(valid), n=5, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            mean = f"; did you mean {', '.join(close)}?" if close else ""
             n_layers = getattr(model.cfg, "n_layers", "?")
-            raise KeyError(
-                f"hook {h!r} does not exist in this model ({n_layers} layers){hint} "
-                f"List them all with `saelab hooks --model ...` or saelab.hook_names(model)."
-            )
+            model_id = getattr(model, "saelab_model_id", None)
+            raise ModelError(f"hook {h!r} does not exist in this model ({n_layers} layers){mean}",
+                             hint=f"list them all with `saelab hooks --model {model_id or '...'}` or "
+                                  f"saelab.hook_names(model)")
     return hooks

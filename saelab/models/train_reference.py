@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saelab.data.corpus import CorpusSpec, iter_documents
+from saelab.config import check
+from saelab.errors import ConfigError, ModelError
+from saelab.data.corpus import CorpusSpec, check_source, iter_documents
 from saelab.data.packing import iter_doc_tokens
 
 EOT = "<|endoftext|>"
@@ -68,17 +70,22 @@ class ReferenceRecipe:
     checkpoint_every: int = 500  # steps between resumable checkpoints in OUT/partial (and induction probes)
 
     def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.decay not in ("cosine", "linear"):
-            raise ValueError(f"decay must be cosine or linear, got {self.decay!r}")
-        if self.precision not in ("auto", "bfloat16", "float32"):
-            raise ValueError(f"precision must be auto, bfloat16 or float32, got {self.precision!r}")
+        for name in ("steps", "n_layer", "n_embd", "n_head", "n_ctx", "batch_rows", "checkpoint_every"):
+            check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "threads", "warmup_steps", "schedule_steps"):
+            check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        check(self.vocab_size >= 257, "vocab_size", f"must be >= 257 (256 bytes + {EOT}), got {self.vocab_size}")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.n_embd % self.n_head == 0, "n_embd", f"{self.n_embd} must be divisible by n_head ({self.n_head})")
+        check(self.decay in ("cosine", "linear"), "decay", f"must be cosine or linear, got {self.decay!r}")
+        check(self.precision in ("auto", "bfloat16", "float32"), "precision",
+              f"must be auto, bfloat16 or float32, got {self.precision!r}")
         for name in ("repeat_frac", "random_repeat_frac"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.save_dtype not in ("float16", "float32", "bfloat16"):
-            raise ValueError(f"save_dtype must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+            check(0.0 <= getattr(self, name) <= 1.0, name, f"must be in [0, 1], got {getattr(self, name)}")
+        check(self.save_dtype in ("float16", "float32", "bfloat16"), "save_dtype",
+              f"must be float16, bfloat16 or float32, got {self.save_dtype!r}")
+        check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device",
+              f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
 def train_tokenizer(recipe: ReferenceRecipe, spec: CorpusSpec):
@@ -168,14 +175,14 @@ def _resume(partial: Path, recipe: ReferenceRecipe, model, opt, log) -> int:
     now = asdict(recipe)
     diff = sorted(k for k in now if k not in _RUN_ONLY and saved["recipe"].get(k) != now[k])
     if diff:
-        raise ValueError(f"{partial} holds a checkpoint of a different recipe (it differs in {', '.join(diff)}); "
-                         f"rerun with the same flags to resume, or delete {partial} to start over")
+        raise ConfigError(f"{partial} holds a checkpoint of a different recipe (it differs in {', '.join(diff)}); "
+                          f"rerun with the same flags to resume, or delete {partial} to start over")
     from safetensors.torch import load_file
 
     missing, unexpected = model.load_state_dict(load_file(partial / "model.safetensors"), strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:  # lm_head is tied to the embedding, so not stored
-        raise ValueError(f"{partial}/model.safetensors does not match the model: missing {missing}, "
-                         f"unexpected {unexpected}; delete {partial} to start over")
+        raise ConfigError(f"{partial}/model.safetensors does not match the model: missing {missing}, "
+                          f"unexpected {unexpected}; delete {partial} to start over")
     model.tie_weights()
     # weights_only: tensors and plain containers only, never arbitrary objects
     opt.load_state_dict(torch.load(partial / "optimizer.pt", weights_only=True, map_location="cpu"))
@@ -184,12 +191,27 @@ def _resume(partial: Path, recipe: ReferenceRecipe, model, opt, log) -> int:
     return step
 
 
+def check_inputs(recipe: ReferenceRecipe, spec: CorpusSpec) -> None:
+    """Paths and data, checked before anything is written: --out can be a model directory, --init-from is one,
+    the corpus has text in its train split."""
+    out = Path(recipe.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out: {out} is a file, not a directory", hint="choose another --out")
+    if recipe.init_from:
+        prev = Path(recipe.init_from)
+        if not (prev / "config.json").is_file() or not any(prev.glob("*.safetensors")):
+            raise ModelError(f"init_from: {prev} is not a model directory (config.json + *.safetensors)",
+                             hint="give a directory written by `saelab reference train`")
+    check_source(spec, "train")
+
+
 def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), log=print) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from saelab.models import quality
 
     out = Path(recipe.out)
+    check_inputs(recipe, spec)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     earlier = []  # the phases that made `init_from`, oldest first, so the card can list every command
@@ -274,6 +296,10 @@ def train_reference(recipe: ReferenceRecipe, spec: CorpusSpec = CorpusSpec(), lo
 
     dtype = getattr(torch, recipe.save_dtype)
     model.to("cpu", dtype).save_pretrained(out)  # model.safetensors + config.json
+    # save_dtype is storage only: config.json says float32, so a plain `from_pretrained` computes in float32
+    # (float16 on a CPU is ~9x slower); the stored values upcast exactly
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     model = GPT2LMHeadModel.from_pretrained(out, dtype=torch.float32).eval()
     log("evaluating the saved weights on the validation split ...")
     bpb = quality.bits_per_byte(model, tokenizer, spec, "validation", recipe.n_ctx, max_rows=recipe.eval_rows)
@@ -348,7 +374,7 @@ Trained by the seeded recipe `saelab reference train` (module `saelab.models.tra
 | training | {total_steps:,} steps × {rc['batch_rows']} rows × {rc['n_ctx']} tokens = {total_tokens:,} tokens in all; AdamW (β 0.9/0.95, weight decay {rc['weight_decay']}), gradient clipping 1.0; each row is a random window of the token stream behind a BOS{f"; a *repeat* row repeats its first 8-{(rc['n_ctx'] - 1) // 2} tokens before continuing, a *random-repeat* row opens with a random token sequence of that length and its repeat (the synthetic induction task: with it, the induction numbers below are in its distribution)" if any(_row_mix(p) for p in phases) else ''}; last phase {'bf16 autocast with float32 master weights' if r.get('precision_used') == 'bfloat16' else 'float32'}{', torch.compile' if rc.get('compile') else ''}. Schedules per phase: {'; '.join(f"{p['steps']} steps, lr {p['lr']:.3g}, {p['warmup_steps']} warm-up, {p['decay']} decay over {p.get('schedule_steps') or p['steps']} steps{_row_mix(p)}" for p in phases)} |
 | wall time | last phase {r['train_seconds'] / 60:.1f} min training, {r['total_seconds'] / 60:.1f} min in all |
 | device | {r['device']}, torch {r['torch']} |
-| weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights |
+| weights | `model.safetensors`, stored in {rc['save_dtype']}; all numbers below are measured on these stored weights. `config.json` says `"dtype": "float32"`, so a plain `transformers` `from_pretrained` computes in float32 (float16 on a CPU is several times slower) |
 
 ## Held-out numbers (validation split)
 | measure | value |

@@ -1,19 +1,39 @@
-"""TopK (Gao et al. 2024): keep the k largest pre-activations of each token.
-
-An architecture file says only how latents are selected; `SparseAutoencoder` does the rest (sparse values with
-the encoder's gradient, sparse decode, losses, AuxK).
-"""
+"""TopK (Gao et al. 2024): keep the k largest pre-activations of each token. The default of every seam hook."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from saelab.config import SAEConfig
+from saelab.kernels import sparse_decode
+from saelab.sae.architectures import Architecture, fvu, option, topk_indices
 
 
-def select(pre: torch.Tensor, cfg: SAEConfig, k: int | None = None, grad: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices [B, k] of the selected latents; `pre` is the dense pre-activation [B, n] (no grad)."""
-    k = k or cfg.k
-    if cfg.relu_before_topk:
-        pre = pre.clamp_min(0)
-    return pre.topk(k, dim=-1, sorted=False).indices
+@dataclass
+class TopKOptions:
+    relu_before_topk: bool = option(False, "rank ReLU'd pre-activations (dictionary_learning); the non-zero set is "
+                                           "the same, only which index pads differs when < k are positive")
+    multi_topk: bool = option(False, "add the multi-TopK loss L(4k)/8 (Gao et al.) so the SAE stays good at a "
+                                     "larger k at test time")
+
+
+class TopK(Architecture):
+    name = "topk"
+    help = "TopK (Gao et al. 2024): the k largest pre-activations of each token"
+    Options = TopKOptions
+
+    def select(self, sae, pre, grad, k):
+        return topk_indices(pre.clamp_min(0) if self.opt.relu_before_topk else pre, k), None
+
+    def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
+        x_hat, losses = super().losses(sae, x_norm, x_c, pre, code, grad, dead_mask)
+        if self.opt.multi_topk:
+            code4 = self.code_train(sae, x_c, pre, grad, min(4 * self.cfg.k, self.cfg.n_latents))
+            err4 = x_norm - (sparse_decode(code4.indices, code4.values, sae.W_dec) + sae.b_dec)
+            losses["multi_topk_fvu"] = fvu(err4, sae.loss_normalizer)
+            losses["loss"] = losses["loss"] + losses["multi_topk_fvu"] / 8
+        return x_hat, losses
+
+
+ARCHITECTURE = TopK

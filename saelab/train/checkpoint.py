@@ -57,6 +57,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
             os.fsync(fh.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    fsync_dir(root)  # the rename itself is durable only once the directory entry is on disk
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -78,9 +79,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
                            f"before it, or start afresh without --resume") from e
 
 
-def rng_state() -> torch.Tensor:
-    return torch.get_rng_state()
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def set_rng_state(t: torch.Tensor) -> None:
-    torch.set_rng_state(t.to(torch.uint8))
+def rng_state(device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and the current CUDA device's when training there."""
+    out = {"rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        out["rng_cuda"] = torch.cuda.get_rng_state(torch.device(device))
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> None:
+    torch.set_rng_state(tensors["rng"].to(torch.uint8))
+    if "rng_cuda" in tensors and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng_cuda"].to(torch.uint8).cpu(), torch.device(device))

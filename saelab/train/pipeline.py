@@ -1,47 +1,159 @@
-"""From a `TrainConfig` to a trained SAE: choose the hook, get a batch source (an existing cache, a cache made
-for this run, or a live stream), and run the training loop. What `saelab train` calls."""
+"""From a `TrainConfig` to a trained SAE: check the inputs, choose the hook, get a batch source (an existing cache,
+a cache made for this run, or a live stream), and run the training loop. What `saelab train` calls.
+
+Everything that can be checked without the model is checked in `resolve`, before anything is loaded or written:
+a bad path, a cache that does not hold the hook or whose width, model or corpus disagree with the run, an empty
+dataset, an output directory that cannot hold a run. A run that fails before training starts leaves no folder.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
 from pathlib import Path
 
-from saelab.config import TrainConfig
+from saelab.config import ModelSpec, TrainConfig
+from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
+from saelab.models.loading import locate_model
 from saelab.train.trainer import TrainResult, _world, default_run_name, train
+
+RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "sae", "checkpoints", "cache", "eval"}  # what a run folder holds
 
 
 def default_hook_name(model_name: str) -> str:
     """The middle residual stream: `blocks.{n_layers // 2}.hook_resid_pre`."""
     from transformers import AutoConfig
 
-    from saelab.models.loading import _check_hub, resolve_model_path
-
-    path = resolve_model_path(model_name)
-    if not Path(path).exists():
-        _check_hub(path)
-    hf = AutoConfig.from_pretrained(path)
+    path = locate_model(model_name)
+    try:
+        hf = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model {model_name!r}: its config cannot be read ({str(e).splitlines()[0]})") from e
     n_layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer")
     return f"blocks.{n_layers // 2}.hook_resid_pre"
 
 
-def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the defaults that depend on the model or the cache: hook name, run name, output directory."""
-    import json
+def _take_from_cache(data: dict, key: str, cache_value, default, flag: str, cache: str) -> None:
+    """A run trained from a cache takes `key` (a dotted config key) from the cache, unless the config names
+    another value: that is a contradiction, refused."""
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    if node[leaf] == cache_value:
+        return
+    if node[leaf] != default:
+        raise ConfigError(f"{key}: {node[leaf]!r}, but the cache at {cache} was made with {cache_value!r}",
+                          hint=f"drop {flag} (a run trained from a cache takes it from the cache), or use a cache "
+                               f"made with it")
+    node[leaf] = cache_value
 
+
+def _check_cache(cfg: TrainConfig, data: dict) -> int:
+    """The cache exists, has shards, and agrees with the run: hook, width, model, corpus, context (the last three
+    are taken from the cache when the config leaves them at their defaults). Returns the hook's width."""
+    from saelab.activations.format import read_manifest
+    from saelab.config import SAEConfig, from_dict
+    from saelab.data.corpus import CorpusSpec
+
+    manifest = read_manifest(cfg.cache)
+    spec = manifest["spec"]
+    hooks = spec["hooks"]
+    defaults = TrainConfig()
+    _take_from_cache(data, "model.name", spec["model"]["name"], ModelSpec().name, "--model", cfg.cache)
+    _take_from_cache(data, "model.dtype", spec["model"]["dtype"], ModelSpec().dtype, "--model-dtype", cfg.cache)
+    _take_from_cache(data, "corpus", spec["corpus"], dataclasses.asdict(CorpusSpec()), "--dataset", cfg.cache)
+    _take_from_cache(data, "context_size", spec["context_size"], defaults.context_size, "--context-size", cfg.cache)
+
+    hook = data["hook_name"]
+    if not hook:
+        if len(hooks) == 1:
+            hook = hooks[0]
+        else:
+            middle = default_hook_name(data["model"]["name"])
+            if middle not in hooks:
+                raise CacheError(f"the cache at {cfg.cache} holds {len(hooks)} hooks ({', '.join(hooks)}) and not "
+                                 f"the default {middle}", hint="pass --hook with one of them")
+            hook = middle
+    if hook not in hooks:
+        raise CacheError(f"the cache at {cfg.cache} has no hook {hook!r}; it holds {', '.join(hooks)}",
+                         hint=f"pass --hook with one of them, or write a cache of that hook with "
+                              f"`saelab cache --hooks {hook} --out DIR`")
+    data["hook_name"] = hook
+    d_in = int(spec["d_in"][hook])
+    if cfg.sae.d_in and cfg.sae.d_in != d_in:
+        raise ConfigError(f"sae.d_in: {cfg.sae.d_in}, but {hook} in the cache at {cfg.cache} is {d_in} wide",
+                          hint="drop sae.d_in from the config (it is taken from the activations)")
+    from_dict(SAEConfig, {**data["sae"], "d_in": d_in})  # k <= n_latents and the like, now that the width is known
+    if not manifest["shards"]:
+        raise CacheError(f"the cache at {cfg.cache} has no complete shard yet",
+                         hint="finish writing it: rerun the `saelab cache` command that made it")
+    return d_in
+
+
+def _check_resume_width(run_dir: Path, hook: str, d_in: int, cache: str) -> None:
+    from saelab.train import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(run_dir)
+    if last is None:
+        return
+    sae = json.loads((last / ckpt.STATE_JSON).read_text()).get("sae", {})
+    if sae.get("d_in") not in (None, d_in) or sae.get("hook_name") not in (None, "", hook):
+        raise ConfigError(f"--resume: the checkpoint {last} is an SAE of {sae.get('hook_name')!r} (d_in "
+                          f"{sae.get('d_in')}), the cache at {cache} gives {hook!r} (d_in {d_in})",
+                          hint="resume with the cache the run was trained on, or start a new run with another --out")
+
+
+def _check_out(out: Path) -> None:
+    """A run folder can be made (or continued) at `out`."""
+    from saelab.activations.writer import check_writable
+
+    check_writable(out, ConfigError)
+    entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    if entries and not entries & RUN_ENTRIES:
+        raise ConfigError(f"--out {out} exists, is not empty and is not a run directory",
+                          hint="choose another --out (a new or empty directory, or an earlier run's)")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Check the inputs and fill the defaults that depend on the model or the cache: model (a cache's), hook name,
+    run name, output directory. Raises a `SaelabError` before anything is loaded or written."""
     from saelab.config import from_dict, to_dict
+    from saelab.data.corpus import CorpusSpec, check_source
 
     data = to_dict(cfg)
-    if not cfg.hook_name:
-        if cfg.cache:
-            hooks = json.loads((Path(cfg.cache) / "manifest.json").read_text())["hooks"]
-            data["hook_name"] = hooks[0] if len(hooks) == 1 else default_hook_name(cfg.model.name)
-        else:
+    if cfg.hook_name and cfg.sae.hook_name and cfg.hook_name != cfg.sae.hook_name:
+        raise ConfigError(f"sae.hook_name: {cfg.sae.hook_name!r}, but hook_name is {cfg.hook_name!r}",
+                          hint="give the hook once (--hook)")
+    data["hook_name"] = cfg.hook_name or cfg.sae.hook_name
+    if cfg.source == "stream" and cfg.cache:
+        raise ConfigError(f"source: 'stream', but a cache is given ({cfg.cache})",
+                          hint="drop --cache to stream activations from the model, or --source to read the cache")
+    d_in = None
+    if cfg.cache and cfg.source != "stream":
+        d_in = _check_cache(cfg, data)
+    else:
+        locate_model(cfg.model.name)
+        check_source(cfg.corpus, "train")
+        if not data["hook_name"]:
             data["hook_name"] = default_hook_name(cfg.model.name)
+    if cfg.eval_tokens:  # the final evaluation needs the model and the validation split: fail now, not after training
+        locate_model(data["model"]["name"])
+        try:
+            check_source(from_dict(CorpusSpec, data["corpus"]), "validation")
+        except DataError as e:
+            raise DataError(f"{e.message} (the final evaluation reads it)",
+                            hint=f"--eval-tokens 0 skips the evaluation; {e.hint}") from None
     data["sae"]["hook_name"] = data["hook_name"]
-    data["sae"]["model_name"] = cfg.model.name
+    data["sae"]["model_name"] = data["model"]["name"]
     if not cfg.name:
         data["name"] = default_run_name(from_dict(TrainConfig, data))
     if not cfg.out:
         data["out"] = str(Path("runs") / data["name"])
+    _check_out(Path(data["out"]))
+    if d_in is not None and cfg.resume:
+        _check_resume_width(Path(data["out"]), data["hook_name"], d_in, cfg.cache)
     return from_dict(TrainConfig, data)
 
 
@@ -49,27 +161,37 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1):
     """An `ActivationCache` (given, or written into the run directory and resumed if half-written) or a stream."""
     from saelab.activations import ActivationCache, stream_activations, write_cache
     from saelab.config import CacheConfig
+    from saelab.sae.architectures import get_architecture
 
+    grads = get_architecture(cfg.sae.architecture).needs_grads  # g-SAE: LM-loss gradients ride with the batches
     if cfg.source != "stream":
         cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
         if not cfg.cache and rank == 0:
             write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name], out=str(cache_dir),
-                                    tokens=cfg.cache_tokens, context_size=cfg.context_size))
+                                    tokens=cfg.cache_tokens, context_size=cfg.context_size, with_grads=grads))
         if world > 1:
             import torch.distributed as dist
 
             dist.barrier()
         return ActivationCache(cache_dir, hook_name=cfg.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
-                               rank=rank, world_size=world)
+                               rank=rank, world_size=world, with_grads=grads)
     from saelab.models import load_model
 
     model = load_model(cfg.model.name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
     return stream_activations(model, cfg.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
-                              batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world)
+                              batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                              with_grads=grads)
 
 
 def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     cfg = resolve(cfg)
     rank, world = _world()
-    source = make_source(cfg, rank, world)
+    out = Path(cfg.out)
+    fresh = not out.exists()
+    try:
+        source = make_source(cfg, rank, world)
+    except SaelabError:
+        if fresh and rank == 0:  # refused before training began: leave no half-made run folder behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     return train(cfg, source, run_dir=cfg.out, progress=progress, device=cfg.model.resolved_device())

@@ -72,6 +72,47 @@ class MetricsLog:
             self.fh.close()
 
 
+# fields that may change on --resume without changing what is trained
+RESUME_FREE = {"resume", "out", "name", "threads", "log_every", "checkpoint_every", "keep_checkpoints", "eval_tokens",
+               "model.device", "source", "cache"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not (key.endswith("options")):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(saved: dict, new: dict, where) -> None:
+    """Refuse to resume a run with settings that would change it (tokens, batch size, architecture, k, lr, …)."""
+    from saelab.errors import ConfigError
+
+    a, b = _flatten(saved), _flatten(new)
+    for key in sorted(set(a) | set(b)):
+        if key in RESUME_FREE or key.split(".")[0] in RESUME_FREE:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple)):
+            va, vb = list(va), list(vb)
+        if va != vb:
+            raise ConfigError(f"--resume: {key} was {va!r} in the checkpoint ({where}) but is {vb!r} now",
+                              hint=f"resume with the run's own settings (its config.yaml), or start a new run "
+                                   f"with another --out")
+
+
+def make_optimizer(sae: SparseAutoencoder, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam over the SAE's parameters; the multi-tensor (foreach) step, or the fused kernel on CUDA, instead of
+    one small kernel per parameter and per operation."""
+    fused = sae.W_dec.is_cuda
+    return torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                            fused=fused or None, foreach=None if fused else True)
+
+
 def default_run_name(cfg: TrainConfig) -> str:
     model = Path(cfg.model.name).name.replace("/", "_")
     return f"{model}-{cfg.hook_name or cfg.sae.hook_name}-{cfg.sae.architecture}-k{cfg.sae.k}"
@@ -94,12 +135,10 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
         print(f"no complete checkpoint in {run_dir}/checkpoints; starting from scratch")
     if resume_from is not None:
         tensors, meta = ckpt.load_checkpoint(resume_from)
+        check_resume_config(meta.get("config", {}), to_dict(cfg), resume_from)
         sae_cfg = from_dict(SAEConfig, meta["sae"])
         sae = SparseAutoencoder(sae_cfg, device=device)
-        with torch.no_grad():
-            for name, p in sae.named_parameters():
-                p.copy_(tensors[f"sae.{name}"])
-            sae.loss_normalizer.copy_(tensors["sae.loss_normalizer"])
+        sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
         start_step, tokens_seen = meta["step"], meta["tokens"]
         since_fired = tensors["since_fired"].to(device)
         if hasattr(source, "load_state_dict"):
@@ -132,10 +171,10 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
     base_lr = cfg.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    opt = make_optimizer(sae, base_lr, cfg)
     if resume_from is not None:
         ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
-        ckpt.set_rng_state(tensors["rng"])
+        ckpt.set_rng_state(tensors, device)
     threshold = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size * world, cfg.tokens // 4))
     steps = max(1, cfg.tokens // (cfg.batch_size * world))
     log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from is not None else None, rank == 0)
@@ -157,10 +196,10 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             cursors = gathered
         if rank != 0:
             return
-        tensors = {f"sae.{n}": p.detach() for n, p in sae.named_parameters()}
-        tensors["sae.loss_normalizer"] = sae.loss_normalizer
+        # the SAE's whole state_dict: parameters and buffers (loss normaliser, an architecture's thresholds)
+        tensors = {f"sae.{n}": t.detach() for n, t in sae.state_dict().items()}
         tensors["since_fired"] = since_fired
-        tensors["rng"] = ckpt.rng_state()
+        tensors.update(ckpt.rng_state(device))
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
         tensors.update(opt_tensors)
         meta = {"step": step, "tokens": tokens_seen, "sae": to_dict(sae.cfg), "optimizer": opt_meta,
@@ -172,16 +211,25 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             batch = first if (step == start_step and first is not None) else next(it)
             x = batch.acts.to(device, non_blocking=True)
             grad = batch.grads.to(device) if getattr(batch, "grads", None) is not None else None
+            if grad is None and sae.arch.needs_grads:
+                from saelab.errors import ConfigError
+
+                raise ConfigError(f"architecture {sae.arch.name!r} selects with the LM-loss gradient, but the "
+                                  f"training batches carry none",
+                                  hint="train from a cache written with `saelab cache --with-grads`, or stream "
+                                       "(`--source stream`), which computes them")
             dead_mask = since_fired > threshold
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, steps, cfg, base_lr)
             out = sae(x, grad=grad, dead_mask=dead_mask)
             loss = out.losses["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step}: check the activations for NaN/inf "
-                    f"(`saelab cache verify`), or lower --lr (now {base_lr:.2e}); the last checkpoint is intact, "
-                    f"rerun with --resume")
+                from saelab.errors import TrainingError
+
+                raise TrainingError(
+                    f"loss is {loss.item()} at step {step}",
+                    hint=f"check the activations for NaN/inf (`saelab cache verify`), or lower --lr (now "
+                         f"{base_lr:.2e}); the last checkpoint is intact, rerun with --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
@@ -193,10 +241,11 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             opt.step()
             sae.normalize_decoder_()
+            sae.after_step(out, step)
 
             with torch.no_grad():
                 fired = torch.zeros_like(since_fired, dtype=torch.bool)
-                fired[out.code.indices[out.code.values > 0]] = True
+                fired[out.code.indices[out.code.values != 0]] = True  # active means value != 0
                 if world > 1:
                     f = fired.to(torch.uint8)
                     dist.all_reduce(f, op=dist.ReduceOp.MAX)
@@ -207,7 +256,7 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
 
             for name, value in out.losses.items():
                 accum[name] = accum.get(name, 0.0) + float(value.detach())
-            accum["l0"] = accum.get("l0", 0.0) + float((out.code.values > 0).sum(-1).float().mean())
+            accum["l0"] = accum.get("l0", 0.0) + float(out.code.l0().float().mean())
             n_accum += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == steps:

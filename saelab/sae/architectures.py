@@ -1,0 +1,257 @@
+"""The architecture seam: what an SAE architecture owns, and the one registry of them.
+
+`SparseAutoencoder` holds the parameters (W_enc, b_enc, W_dec, b_dec), the input normalisation and save/load. An
+`Architecture` owns everything that differs between TopK-family SAEs:
+
+* its options: a small dataclass (`Options`), stored in `SAEConfig.options`, listed by `saelab train --arch A --help`;
+* `select(...)`: which latents a token uses in training (TopK: per token; BatchTopK: over the batch; g-SAE: with
+  the LM-loss gradient); `select_inference(...)`: the batch-independent rule (e.g. a learned threshold);
+* `losses(...)`: the training objective (default: FVU + AuxK; Matryoshka adds per-prefix losses);
+* state: buffers it registers on the SAE module (`init_state`), updated by `after_step` (e.g. a threshold EMA), so
+  they are in the SAE's `state_dict()` and in every checkpoint;
+* `saelens_export(...)`: how SAELens should see it (BatchTopK is saved for inference as JumpReLU + `threshold`).
+
+Each architecture is one small file (`topk.py`, `batchtopk.py`, `matryoshka.py`, `gradient_topk.py`,
+`jumprelu.py`) that overrides only what differs from TopK. Architectures receive the SAE as an argument and never
+import it (the SAE imports them).
+
+Conventions: `pre` is the dense pre-activation [B, n] computed without autograd (the step's one dense GEMM);
+`x_c = x̃ − b_dec` the centred normalised input; `grad` the LM-loss gradient at the hook in normalised space, or None.
+A selection is `(indices [B, K], valid [B, K] bool or None)`; padded slots (valid False) get value 0 and no gradient,
+so every kernel consumes variable-k codes as they are. "Active" always means value != 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from saelab.errors import ConfigError
+from saelab.kernels import encoder_values, sparse_decode
+from saelab.sae.code import SparseCode
+
+MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu")  # files that define an architecture
+
+
+def option(default: Any, help: str):
+    """A field of an architecture's options dataclass, with its `--help` text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Architecture:
+    """TopK's behaviour is the default of every hook; a subclass overrides what differs."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    needs_grads: ClassVar[bool] = False  # training asks the data source for LM-loss gradients
+    trainable: ClassVar[bool] = True  # False: inference only (imported SAEs)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.opt = self.Options(**cfg.options)
+
+    # ---------------------------------------------------------------------------------------------- state
+    def init_state(self, sae) -> None:
+        """Register buffers on the SAE module (they travel in its state_dict and in checkpoints)."""
+
+    @torch.no_grad()
+    def after_step(self, sae, out, step: int) -> None:
+        """After each optimizer step (e.g. update a threshold from this step's code)."""
+
+    # ---------------------------------------------------------------------------------------------- selection
+    def select(self, sae, pre: torch.Tensor, grad: torch.Tensor | None, k: int):
+        """Training selection: (indices [B, K], valid or None)."""
+        return topk_indices(pre, k), None
+
+    def select_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None):
+        """Batch-independent selection used by `encode`."""
+        return self.select(sae, pre, grad, self.cfg.k)
+
+    # ---------------------------------------------------------------------------------------------- codes
+    def values(self, pre_selected: torch.Tensor) -> torch.Tensor:
+        """Activation applied to the selected pre-activations (ReLU for the TopK family)."""
+        return pre_selected.relu()
+
+    def code_train(self, sae, x_c: torch.Tensor, pre: torch.Tensor, grad: torch.Tensor | None,
+                   k: int | None = None) -> SparseCode:
+        """Selected latents with values that carry the (sparse) encoder gradient."""
+        idx, valid = self.select(sae, pre, grad, k or self.cfg.k)
+        vals = self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)))
+        return SparseCode(idx, vals if valid is None else vals * valid)
+
+    @torch.no_grad()
+    def code_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None) -> SparseCode:
+        idx, valid = self.select_inference(sae, pre, grad)
+        vals = self.values(pre.gather(1, idx))
+        return SparseCode(idx, vals if valid is None else vals * valid)
+
+    # ---------------------------------------------------------------------------------------------- losses
+    def losses(self, sae, x_norm: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, code: SparseCode,
+               grad: torch.Tensor | None, dead_mask: torch.Tensor | None):
+        """(x̂ in normalised space, losses); losses["loss"] is the total to minimise. Default: FVU + AuxK."""
+        x_hat = sparse_decode(code.indices, code.values, sae.W_dec) + sae.b_dec
+        err = x_norm - x_hat
+        losses = {"fvu": fvu(err, sae.loss_normalizer)}
+        losses["loss"] = losses["fvu"] + self.aux_losses(sae, x_c, pre, err, dead_mask, losses)
+        return x_hat, losses
+
+    def aux_losses(self, sae, x_c, pre, err, dead_mask, losses: dict) -> torch.Tensor | float:
+        """AuxK on the dead latents (adds "auxk" to `losses`); returns what to add to the total."""
+        if dead_mask is None or self.cfg.aux_coef <= 0:
+            return 0.0
+        aux = auxk_loss(sae, x_c, pre, err.detach(), dead_mask, self.cfg.k_aux)
+        if aux is None:
+            return 0.0
+        losses["auxk"] = aux
+        return self.cfg.aux_coef * aux
+
+    # ---------------------------------------------------------------------------------------------- export
+    def saelens_export(self, sae) -> dict:
+        """How SAELens should see this SAE: its architecture name, extra cfg.json keys, extra weight tensors."""
+        return {"architecture": "topk", "cfg": {"k": self.cfg.k}, "tensors": {}}
+
+
+# -------------------------------------------------------------------------------------------------- shared pieces
+def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
+    return pre.topk(k, dim=-1, sorted=False).indices
+
+
+def fvu(err: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE with the SAE's fixed denominator E||x̃ − E x̃||² (a plain mean over tokens)."""
+    return err.pow(2).sum(-1).mean() / normalizer
+
+
+def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor,
+              k_aux: int) -> torch.Tensor | None:
+    """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual.
+
+    Normalised by the residual's variance and scaled by min(n_dead / k_aux, 1) as sparsify does, so the loss does
+    not jump when only a few latents are dead. Only the dead columns are ranked, and the selected values reuse the
+    main step's pre-activations; encoder and decoder gradients are sparse."""
+    dead = dead_mask.nonzero().squeeze(1)
+    n_dead = dead.numel()
+    if n_dead == 0:
+        return None
+    k = min(k_aux, n_dead)
+    local = pre.index_select(1, dead).topk(k, dim=-1, sorted=False).indices
+    idx = dead[local]
+    vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)).relu()
+    e_hat = sparse_decode(idx, vals, sae.W_dec)
+    denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    scale = min(n_dead / k_aux, 1.0)
+    return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
+
+
+def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat (row, col) pairs → padded `(indices [n_rows, K], valid [n_rows, K])`, K = the most pairs in one row,
+    each row's columns in ascending order; no Python loop."""
+    order = torch.argsort(rows * (cols.max() + 1 if cols.numel() else 1) + cols)
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=n_rows)
+    K = max(1, int(counts.max())) if rows.numel() else 1
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=rows.device) - start[rows]
+    indices = torch.zeros(n_rows, K, dtype=torch.long, device=rows.device)
+    valid = torch.zeros(n_rows, K, dtype=torch.bool, device=rows.device)
+    indices[rows, slot] = cols
+    valid[rows, slot] = True
+    return indices, valid
+
+
+def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK: the k·B largest entries of the whole [B, n] matrix, packed per token (columns ascending).
+
+    Exact without ranking all B·n entries: each token's top-2k are candidates, the cut-off t is the (k·B)-th
+    largest candidate, and a token whose every candidate is ≥ t (it may hold more above t) contributes its whole
+    row to a second, exact cut-off; every other token's entries ≥ t are all among its candidates.
+
+    Under torch.distributed "the batch" is the global one, as if one process held every rank's rows: each rank
+    gathers its ≤ k·B·world largest values, all ranks agree on the global cut-off and keep their entries above it
+    (the same set as one process, ties aside)."""
+    B, n = pre.shape
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    want = k * B * world
+    m = min(n, 2 * k * world)
+    cand = pre.topk(m, dim=-1, sorted=False)
+    cut = _global_cut(cand.values.reshape(-1), want, world)
+    full = cand.values.min(1).values >= cut if m < n else torch.zeros(B, dtype=torch.bool, device=pre.device)
+    if bool(full.any()):  # some tokens may hold more entries above the cut than their candidates
+        pool = torch.cat([cand.values[~full].reshape(-1), pre[full].reshape(-1)])
+        cut = _global_cut(pool, want, world)
+    keep = cand.values >= cut
+    keep[full] = False
+    rows = torch.arange(B, device=pre.device).unsqueeze(1).expand(B, m)[keep]
+    cols = cand.indices[keep]
+    if bool(full.any()):
+        fr, fc = (pre[full] >= cut).nonzero(as_tuple=True)
+        rows = torch.cat([rows, full.nonzero().squeeze(1)[fr]])
+        cols = torch.cat([cols, fc])
+    return pack_rows(rows, cols, B)
+
+
+def _global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
+    """The want-th largest of `values` (of every rank's values under torch.distributed)."""
+    local = values.topk(min(want, values.numel()), sorted=False).values
+    if world > 1:
+        sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([local.numel()], device=values.device))
+        top = int(max(s.item() for s in sizes))
+        padded = torch.full((top,), float("-inf"), dtype=local.dtype, device=local.device)
+        padded[:local.numel()] = local
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        local = torch.cat(parts)
+    return local.topk(min(want, local.numel()), sorted=False).values.min()
+
+
+def threshold_indices(pre: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """JumpReLU-style inference: every latent whose pre-activation exceeds its threshold (scalar or [n])."""
+    rows, cols = (pre > threshold).nonzero(as_tuple=True)
+    return pack_rows(rows, cols, pre.shape[0])
+
+
+# -------------------------------------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Architecture]] = {}
+
+
+def registry() -> dict[str, type[Architecture]]:
+    """name → Architecture class, for every architecture file (imported on first use)."""
+    if not _REGISTRY:
+        for mod in MODULES:
+            arch = importlib.import_module(f"saelab.sae.{mod}").ARCHITECTURE
+            _REGISTRY[arch.name] = arch
+    return _REGISTRY
+
+
+def get_architecture(name: str) -> type[Architecture]:
+    reg = registry()
+    if name not in reg:
+        raise ConfigError(f"sae.architecture: unknown architecture {name!r}; choose one of {sorted(reg)}")
+    return reg[name]
+
+
+def check_options(name: str, options: dict | None) -> dict:
+    """Validate an architecture's options (unknown keys and wrong types name the field); returns them complete,
+    defaults filled in, as a plain dict."""
+    from saelab.config import from_dict
+
+    arch = get_architecture(name)
+    opts = from_dict(arch.Options, dict(options or {}), path=f"sae.options[{name}]")
+    return dataclasses.asdict(opts)
+
+
+def option_fields(name: str) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(get_architecture(name).Options))

@@ -1,0 +1,341 @@
+"""SAELens interop both ways, checked against SAELens itself.
+
+SAELens → saelab: tests/fixtures/saelens/<name>/ are folders written by SAELens 6.54.12 (make_fixtures.py, run in a
+separate venv) with SAELens's own reconstruction and feature activations for a batch of inputs; the loader must
+reproduce them, with every convention SAELens has and saelab does not folded in. saelab → SAELens: the slow test
+loads our folders in SAELens (in its venv, skipped when absent) and compares x̂; the fast tests check the layout.
+Broken folders raise `SAEFileError` naming the file that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import saelab
+from saelab.config import SAEConfig
+from saelab.errors import SAEFileError
+from saelab.sae import SparseAutoencoder
+from saelab.sae.saelens import SAELENS_FORMAT, load_sae, save_sae
+
+FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
+NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "cfg.json").exists())
+SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", "/tmp/saelens-venv/bin/python"))
+
+
+def expected(name):
+    e = json.loads((FIXTURES / name / "expected.json").read_text())
+    x, x_hat = torch.tensor(e["x"]), torch.tensor(e["x_hat"])
+    a = e["acts"]
+    return x, x_hat, (a["rows"], a["cols"], torch.tensor(a["values"]))
+
+
+def dense_acts(rows_cols_values, shape):
+    rows, cols, values = rows_cols_values
+    out = torch.zeros(shape)
+    out[rows, cols] = values
+    return out
+
+
+def rel_err(a, b):
+    return float((a - b).detach().norm() / b.norm())
+
+
+# ------------------------------------------------------------------------------------------ SAELens → saelab
+def test_fixtures_cover_every_convention():
+    assert {"topk", "topk_rescale", "topk_trained", "topk_no_b_dec_input", "topk_constant_norm_rescale",
+            "topk_layer_norm", "topk_all_conventions", "jumprelu", "standard", "batchtopk"} <= set(NAMES)
+    cfg = json.loads((FIXTURES / "batchtopk" / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu"  # SAELens saves BatchTopK for inference as JumpReLU
+    assert cfg["metadata"]["training_architecture"] == "batchtopk"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loader_reproduces_saelens(name):
+    x, x_hat_ref, acts = expected(name)
+    sae = load_sae(FIXTURES / name)
+    code = sae.encode(x)
+    z_ref = dense_acts(acts, (x.shape[0], sae.n_latents))
+    z = code.to_dense(sae.n_latents)
+    assert torch.equal(z != 0, z_ref != 0), "a different set of active latents than SAELens"
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+    x_hat = sae.decode(code).detach()
+    assert rel_err(x_hat, x_hat_ref) < 1e-5
+    assert float((x_hat - x_hat_ref).abs().max()) < 1e-4
+    assert sae.cfg.hook_name == "blocks.3.hook_resid_pre" and sae.cfg.model_name == "gpt2"
+
+
+@pytest.mark.parametrize("name, naive_error", [("topk_rescale", 0.1), ("topk_no_b_dec_input", 0.1),
+                                               ("topk_constant_norm_rescale", 0.1), ("topk_layer_norm", 0.01)])
+def test_conventions_matter(name, naive_error):
+    """Reading the weights as plain saelab TopK (what the loader did before) is far off: the fixtures catch it."""
+    x, x_hat_ref, _ = expected(name)
+    cfg = json.loads((FIXTURES / name / "cfg.json").read_text())
+    w = load_file(str(FIXTURES / name / "sae_weights.safetensors"))
+    naive = SparseAutoencoder(SAEConfig(d_in=cfg["d_in"], n_latents=cfg["d_sae"], k=cfg["k"],
+                                        normalize="layer_norm" if name == "topk_layer_norm" else "none"))
+    with torch.no_grad():
+        for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(naive, n).copy_(w[n])
+    assert rel_err(naive.decode(naive.encode(x)), x_hat_ref) > naive_error
+    assert rel_err(load_sae(FIXTURES / name).decode(load_sae(FIXTURES / name).encode(x)), x_hat_ref) < 1e-5
+
+
+def test_standard_and_jumprelu_load_as_thresholds():
+    relu = load_sae(FIXTURES / "standard")
+    assert relu.cfg.architecture == "jumprelu" and torch.equal(relu.threshold, torch.zeros(relu.n_latents))
+    jump = load_sae(FIXTURES / "jumprelu")
+    assert (jump.threshold < 0).any(), "the fixture has negative thresholds (SAELens's ReLU zeroes those values)"
+    bt = load_sae(FIXTURES / "batchtopk")
+    assert bt.cfg.k == 4  # the trained k, from SAELens's training metadata
+
+
+def test_pre_6_layout_loads_the_same(tmp_path):
+    """SAELens < 6 wrote a flat cfg.json (hook_point, activation_fn_str, activation_fn_kwargs)."""
+    shutil.copytree(FIXTURES / "topk", tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "cfg.json").read_text())
+    meta = cfg.pop("metadata")
+    old = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": "torch.float32", "device": "cpu",
+           "apply_b_dec_to_input": True, "normalize_activations": None, "activation_fn_str": "topk",
+           "activation_fn_kwargs": {"k": cfg["k"]}, "hook_point": meta["hook_name"], "model_name": meta["model_name"],
+           "context_size": 128, "sae_lens_training_version": "3.0.0"}
+    (tmp_path / "old" / "cfg.json").write_text(json.dumps(old))
+    x, x_hat_ref, _ = expected("topk")
+    sae = load_sae(tmp_path / "old")
+    assert sae.cfg.architecture == "topk" and sae.cfg.k == cfg["k"] and sae.cfg.hook_name == meta["hook_name"]
+    assert rel_err(sae.decode(sae.encode(x)), x_hat_ref) < 1e-5
+
+
+def test_notebook_api_loads_saelens_folders():
+    assert saelab.load_sae is load_sae
+    x, x_hat_ref, _ = expected("topk")
+    sae = saelab.load_sae(str(FIXTURES / "topk"))
+    assert rel_err(sae.decode(sae.encode(x)), x_hat_ref) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ saelab → SAELens
+def make(arch="topk", normalize="scale", seed=0, d=24, n=96, k=5, **kw):
+    torch.manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(architecture=arch, d_in=d, n_latents=n, k=k, normalize=normalize,
+                                      hook_name="blocks.1.hook_resid_pre", model_name="reference", **kw))
+    sae.reset_parameters(seed=seed)
+    x = torch.randn(256, d) * 3 + 1
+    sae.init_from_data_(x)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.1)
+        if hasattr(sae, "threshold"):  # a learned threshold (BatchTopK, Matryoshka): mean L0 ≈ k, between two
+            pre = sae.preacts(sae.normalize_input(x)[0]).flatten().sort().values  # values, not at a tie
+            i = pre.numel() - x.shape[0] * k
+            sae.threshold.fill_(float(pre[i - 1] + pre[i]) / 2)
+    return sae, x
+
+
+OURS = [("topk", "scale"), ("topk", "none"), ("topk", "layer_norm"), ("topk", "constant_norm_rescale"),
+        ("batchtopk", "scale"), ("matryoshka", "scale"), ("gtopk", "scale")]
+
+
+@pytest.mark.parametrize("arch, normalize", OURS)
+def test_round_trip(tmp_path, arch, normalize):
+    sae, x = make(arch, normalize)
+    before = sae.decode(sae.encode(x))
+    save_sae(sae, tmp_path / "sae")
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.architecture == arch and loaded.cfg.options == sae.cfg.options
+    after = loaded.decode(loaded.encode(x))
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    assert torch.equal(loaded.encode(x).to_dense(96) != 0, sae.encode(x).to_dense(96) != 0)
+    # the loaded SAE works on raw activations, so its FVU denominator is in raw units: the same FVU
+    s = sae.cfg.input_scale if normalize == "scale" else 1.0
+    torch.testing.assert_close(loaded.loss_normalizer, sae.loss_normalizer / s ** 2)
+    if loaded.arch.trainable:
+        torch.testing.assert_close(loaded(x).losses["fvu"], sae(x).losses["fvu"], rtol=1e-4, atol=1e-6)
+    assert not list((tmp_path / "sae").glob(".*tmp"))  # no temporary file left
+
+
+def test_folder_saved_before_the_architecture_seam_loads(tmp_path):
+    """saelab.json format 1 (saelab 0.1.0's runs): TopK's flags top-level, layer norm biased, no options."""
+    sae, x = make("topk", "layer_norm", options={"multi_topk": True})
+    save_sae(sae, tmp_path / "sae")
+    info = json.loads((tmp_path / "sae" / "saelab.json").read_text())
+    old = {k: v for k, v in info["sae"].items() if k not in ("options", "ln_eps", "ln_unbiased")}
+    old.update(relu_before_topk=False, multi_topk=True)
+    (tmp_path / "sae" / "saelab.json").write_text(json.dumps({"format": 1, "sae": old}))
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.cfg.options == {"relu_before_topk": False, "multi_topk": True}
+    assert (loaded.cfg.ln_unbiased, loaded.cfg.ln_eps) == (False, 1e-5)
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), atol=1e-4, rtol=1e-4)
+
+
+def test_cfg_json_has_what_saelens_reads(tmp_path):
+    sae, _ = make("batchtopk")
+    save_sae(sae, tmp_path / "sae", extra={"train_config": {"context_size": 64, "corpus": {"source": "stdlib"}}})
+    cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
+    # SAE.load_from_disk: a 6.x version keeps `metadata` as it is (else it is rebuilt from top-level keys)
+    assert cfg["architecture"] == "jumprelu" and cfg["d_in"] == 24 and cfg["d_sae"] == 96
+    assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
+    meta = cfg["metadata"]
+    assert int(meta["sae_lens_version"].split(".")[0]) >= 6 and meta["sae_lens_version"] == SAELENS_FORMAT
+    # ActivationsStore.from_sae needs hook_name, context_size and prepend_bos; it also reads hook_head_index and
+    # seqpos_slice; the training runner records dataset_path, model_class_name, model_from_pretrained_kwargs
+    assert meta["hook_name"] == "blocks.1.hook_resid_pre" and meta["model_name"] == "reference"
+    assert meta["context_size"] == 64 and meta["prepend_bos"] is True and meta["dataset_path"] == "stdlib"
+    for key in ("hook_head_index", "seqpos_slice", "model_class_name", "model_from_pretrained_kwargs",
+                "exclude_special_tokens", "sae_lens_training_version"):
+        assert key in meta
+    weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
+    assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}  # exactly JumpReLUSAE's state
+    assert weights["W_enc"].shape == (24, 96) and weights["threshold"].shape == (96,)
+
+
+# ------------------------------------------------------------------------------------------ broken folders
+@pytest.fixture
+def folder(tmp_path):
+    sae, _ = make("topk", "scale")
+    return save_sae(sae, tmp_path / "sae")
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        target = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    path.write_text(json.dumps(data))
+
+
+def test_truncated_weights(folder):
+    w = folder / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(SAEFileError, match="sae_weights.safetensors: not a readable safetensors file") as e:
+        load_sae(folder)
+    assert "truncated" in e.value.hint
+
+
+@pytest.mark.parametrize("name", ["cfg.json", "saelab.json"])
+def test_json_that_is_not_json(folder, name):
+    (folder / name).write_text('{"d_in": 24, "d_sae": ')
+    with pytest.raises(SAEFileError, match=rf"{name}: not valid JSON \(line 1"):
+        load_sae(folder)
+
+
+def test_missing_cfg_json_and_missing_weights(folder):
+    (folder / "cfg.json").unlink()
+    with pytest.raises(SAEFileError, match="cfg.json: missing"):
+        load_sae(folder)
+    (folder / "sae_weights.safetensors").unlink()
+    (folder / "sae.pt").write_bytes(b"never unpickled")
+    with pytest.raises(SAEFileError, match="no sae_weights.safetensors") as e:
+        load_sae(folder)
+    assert "pickle" in e.value.hint
+
+
+@pytest.mark.parametrize("key, value, field", [("d_sae", 128, "d_sae"), ("k", 7, "k"),
+                                               ("architecture", "jumprelu", "architecture"),
+                                               ("normalize_activations", "layer_norm", "normalize_activations"),
+                                               ("metadata.hook_name", "blocks.0.hook_resid_pre", "hook_name")])
+def test_cfg_json_disagreeing_with_saelab_json(folder, key, value, field):
+    edit_json(folder / "cfg.json", **{key: value})
+    with pytest.raises(SAEFileError, match=rf"cfg.json and saelab.json disagree: .*{field}"):
+        load_sae(folder)
+
+
+def test_both_configs_disagreeing_with_the_weights(folder, tmp_path):
+    other, _ = make("topk", "scale", d=32)
+    save_sae(other, tmp_path / "other")
+    shutil.copy(tmp_path / "other" / "sae_weights.safetensors", folder / "sae_weights.safetensors")
+    with pytest.raises(SAEFileError, match=r"sae_weights.safetensors: W_enc is \(32, 96\) but the config says "
+                                           r"\(24, 96\)"):
+        load_sae(folder)
+
+
+def test_saelens_cfg_disagreeing_with_its_weights(tmp_path):
+    shutil.copytree(FIXTURES / "topk", tmp_path / "s")
+    edit_json(tmp_path / "s" / "cfg.json", d_sae=32)
+    with pytest.raises(SAEFileError, match=r"sae_weights.safetensors: W_enc is \(16, 64\) but the config says"):
+        load_sae(tmp_path / "s")
+
+
+@pytest.mark.parametrize("tensor, value", [("W_dec", float("nan")), ("b_enc", float("inf"))])
+def test_non_finite_weights(folder, tensor, value):
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    w[tensor][3] = value
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SAEFileError, match=rf"sae_weights.safetensors: {tensor} has \d+ non-finite"):
+        load_sae(folder)
+
+
+def test_unexpected_or_missing_tensor(folder):
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    save_file({**w, "threshold": torch.zeros(96)}, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SAEFileError, match=r"unexpected \['threshold'\]"):
+        load_sae(folder)
+    del w["b_dec"]
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SAEFileError, match=r"missing \['b_dec'\]"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("architecture", "gated", "architecture 'gated' cannot be loaded"),
+    ("architecture", "matching_pursuit", "architecture 'matching_pursuit' cannot be loaded"),
+    ("normalize_activations", "expected_average_only_in", "never folded"),
+    ("normalize_activations", "covariance_whitening", "never folded"),
+    ("k", 65, r"integer k in \[1, d_sae=64\], got 65"),
+])
+def test_refuses_what_it_cannot_reproduce(tmp_path, key, value, message):
+    shutil.copytree(FIXTURES / "topk", tmp_path / "s")
+    edit_json(tmp_path / "s" / "cfg.json", **{key: value})
+    with pytest.raises(SAEFileError, match=message):
+        load_sae(tmp_path / "s")
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(SAEFileError, match="no such folder"):
+        load_sae(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------ SAELens itself
+@pytest.mark.slow
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason=f"no SAELens venv at {SAELENS_PYTHON} (see "
+                                                         f"tests/fixtures/saelens/make_fixtures.py; SAELENS_PYTHON)")
+def test_saelens_loads_our_folders(tmp_path):
+    """SAELens's `SAE.load_from_disk` loads each of our folders, keeps our metadata, reproduces x̂ and the
+    feature activations, and `ActivationsStore.from_sae` builds a store from the folder's metadata."""
+    cases = OURS + [("jumprelu", None)]
+    ours = {}
+    for i, (arch, normalize) in enumerate(cases):
+        if arch == "jumprelu":  # an imported SAELens JumpReLU SAE, re-saved by saelab
+            sae, x = load_sae(FIXTURES / "jumprelu"), expected("jumprelu")[0]
+        else:
+            sae, x = make(arch, normalize, seed=i, ln_unbiased=normalize == "layer_norm")
+            x = x[:64]
+        name = f"{arch}-{normalize}"
+        save_sae(sae, tmp_path / name, extra={"train_config": {"context_size": 32, "corpus": {"source": "stdlib"}}})
+        code = sae.encode(x)
+        ours[name] = (x, sae.decode(code).detach(), code.to_dense(sae.n_latents))
+        (tmp_path / name / "x.json").write_text(json.dumps(x.tolist()))
+    script = FIXTURES / "check_in_saelens.py"
+    proc = subprocess.run([str(SAELENS_PYTHON), str(script), str(tmp_path), *ours], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "saelens_report.json").read_text())
+    for name, (x, x_hat, z) in ours.items():
+        r = report[name]
+        diff = float((torch.tensor(r["x_hat"]) - x_hat.detach()).abs().max())
+        print(f"{name}: SAELens {r['class']}, max |x_hat diff| {diff:.2e}")
+        assert diff < 1e-5 * max(1.0, float(x_hat.abs().max())), name
+        assert torch.equal(torch.tensor(r["acts"]) != 0, z != 0), name
+        hook = json.loads((tmp_path / name / "cfg.json").read_text())["metadata"]["hook_name"]
+        assert r["metadata"]["hook_name"] == hook and r["metadata"]["context_size"] == 32, name
+        assert r["metadata"]["saelab_version"] == saelab.__version__  # our metadata survives SAELens's loader
+        assert r["store"]["hook_name"] == hook and r["store"]["context_size"] == 32 and r["store"]["prepend_bos"]
+        assert r["store"]["activations_shape"][-1] == x.shape[1], name
