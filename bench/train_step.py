@@ -1,5 +1,7 @@
 """Whole TopK training step: tokens/s and peak memory, saelab (sparse kernels) vs a plain PyTorch loop (dense
-decoder), with a breakdown of where saelab's step goes (encoder GEMM, top-k, sparse decode, sparse backward, Adam).
+decoder), with a breakdown of where saelab's step goes (encoder GEMM, top-k, sparse decode, sparse backward, Adam);
+the AuxK overhead (10 % of latents dead vs none); and each architecture's step against the one it builds on, in the
+same run: BatchTopK / TopK, Matryoshka (5 prefixes) / BatchTopK, g-SAE (cached gradients) / TopK.
 
     python bench/train_step.py                 # shapes a and b of research/peer_numbers.md, 2 threads
     python bench/train_step.py --quick         # shape a only, fewer repeats
@@ -46,7 +48,7 @@ def _time(fn, device, steps, repeats, warmup=3):
 
 
 def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, device: str, threads: int,
-                steps: int, repeats: int) -> dict:
+                steps: int, repeats: int, arch: str = "topk", options: dict | None = None) -> dict:
     import torch
 
     from saelab.config import SAEConfig
@@ -58,16 +60,22 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
     x = torch.randn(B, d, device=device)
     dead = torch.zeros(n, dtype=torch.bool, device=device)
     dead[torch.randperm(n)[: int(dead_frac * n)]] = True
-    out: dict = {"variant": variant, "d": d, "n": n, "k": k, "B": B, "dead_frac": dead_frac}
+    out: dict = {"variant": variant, "arch": arch, "options": options or {}, "d": d, "n": n, "k": k, "B": B,
+                 "dead_frac": dead_frac}
 
     if variant == "saelab":
-        sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none"), device=device)
+        from saelab.config import TrainConfig
+        from saelab.train.trainer import make_optimizer
+
+        sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none", architecture=arch,
+                                          options=options or {}), device=device)
         sae.init_from_data_(x)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-4, eps=6.25e-10)
+        opt = make_optimizer(sae, 1e-4, TrainConfig())  # the trainer's optimizer (foreach / fused Adam)
         mask = dead if dead_frac > 0 else None
+        grad = torch.randn(B, d, device=device) if sae.arch.needs_grads else None  # as read from a cache
 
         def step():
-            loss = sae(x, dead_mask=mask).losses["loss"]
+            loss = sae(x, grad=grad, dead_mask=mask).losses["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             sae.remove_parallel_grad_()
@@ -150,6 +158,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="shape a only, 5 steps × 2 repeats")
+    p.add_argument("--no-archs", action="store_true", help="TopK only (skip the architecture comparison)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -161,9 +170,14 @@ def main(argv=None) -> int:
     rows = []
     for shape in args.shapes.split(","):
         d, n = SHAPES[shape]
-        for variant, dead in (("plain_dense", 0.0), ("saelab", 0.0), ("plain_dense", 0.1), ("saelab", 0.1)):
+        variants = [("plain_dense", 0.0, "topk", {}), ("saelab", 0.0, "topk", {}), ("plain_dense", 0.1, "topk", {}),
+                    ("saelab", 0.1, "topk", {})]
+        if not args.no_archs:
+            variants += [("saelab", 0.0, "batchtopk", {}), ("saelab", 0.0, "matryoshka", {}),
+                         ("saelab", 0.0, "gtopk", {}), ("saelab", 0.0, "gtopk", {"candidates": 4})]
+        for variant, dead, arch, options in variants:
             spec = dict(variant=variant, d=d, n=n, k=args.k, B=args.batch, dead_frac=dead, device=args.device,
-                        threads=args.threads, steps=args.steps, repeats=args.repeats)
+                        threads=args.threads, steps=args.steps, repeats=args.repeats, arch=arch, options=options)
             res = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)], capture_output=True, text=True)
             if res.returncode:
                 print(res.stderr, file=sys.stderr)
@@ -171,25 +185,41 @@ def main(argv=None) -> int:
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["shape"] = shape
             rows.append(row)
-            print(f"shape {shape} {variant:11s} dead {dead:.0%}: {row['tokens_per_s']:9,.0f} tok/s  "
+            print(f"shape {shape} {variant:11s} {arch:10s} {json.dumps(options) if options else '':18s} "
+                  f"dead {dead:.0%}: {row['tokens_per_s']:9,.0f} tok/s  "
                   f"peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
     print()
     print(f"{'shape':5} {'dead':>5} {'plain dense tok/s':>18} {'saelab tok/s':>13} {'speed-up':>9} {'GEMM share':>11}")
     for shape in args.shapes.split(","):
         for dead in (0.0, 0.1):
             base = next(r for r in rows if r["shape"] == shape and r["variant"] == "plain_dense" and r["dead_frac"] == dead)
-            ours = next(r for r in rows if r["shape"] == shape and r["variant"] == "saelab" and r["dead_frac"] == dead)
+            ours = next(r for r in rows if r["shape"] == shape and r["variant"] == "saelab" and r["dead_frac"] == dead
+                        and r["arch"] == "topk")
             print(f"{shape:5} {dead:5.0%} {base['tokens_per_s']:18,.0f} {ours['tokens_per_s']:13,.0f} "
                   f"{ours['tokens_per_s'] / base['tokens_per_s']:8.2f}× {ours['encoder_gemm_fraction']:10.0%}")
+    ratios = {}
+    for shape in args.shapes.split(","):
+        def step_s(arch, dead=0.0, **opts):
+            return next(r["step_s"] for r in rows if r["shape"] == shape and r["variant"] == "saelab"
+                        and r["arch"] == arch and r["dead_frac"] == dead and r["options"] == opts)
+        ratios[shape] = {"auxk_10pct_dead / topk": step_s("topk", 0.1) / step_s("topk")}
+        if not args.no_archs:
+            ratios[shape].update({
+                "batchtopk / topk": step_s("batchtopk") / step_s("topk"),
+                "matryoshka(5 prefixes) / batchtopk": step_s("matryoshka") / step_s("batchtopk"),
+                "gtopk(exact) / topk": step_s("gtopk") / step_s("topk"),
+                "gtopk(candidates=4) / topk": step_s("gtopk", candidates=4) / step_s("topk")})
+        print("step-time ratios, shape " + shape + ": " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios[shape].items()))
     for r in rows:
-        if r["variant"] == "saelab":
+        if r["variant"] == "saelab" and r["arch"] == "topk":
             parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["breakdown_s"].items())
             print(f"breakdown shape {r['shape']} dead {r['dead_frac']:.0%}: step {r['step_s'] * 1e3:.1f} ms = {parts}")
     import torch
 
     result = {"bench": "train_step", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
-              "threads": args.threads, "torch": torch.__version__, "k": args.k, "batch": args.batch, "rows": rows}
+              "threads": args.threads, "torch": torch.__version__, "k": args.k, "batch": args.batch, "ratios": ratios,
+              "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_step-{args.device.split(':')[0]}.json"

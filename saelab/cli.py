@@ -303,14 +303,41 @@ def add_eval(sub) -> None:
                                    "and dense latents, CE and KL with the SAE spliced in, loss recovered (zero and "
                                    "mean ablation), ΔCE. Writes RUN/eval/core.json.")
     p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
-    p.add_argument("--tokens", type=parse_count, default=65_536, help="held-out tokens (default 64k)")
+    p.add_argument("--tokens", type=parse_count, default=None,
+                   help="held-out tokens (default 64k; probing: 80k of labelled code)")
+    p.add_argument("--suite", default="core", choices=["core", "probing", "steering"],
+                   help="core (default): RUN/eval/core.json; probing: k-sparse probes on the reference code tasks "
+                        "(or --data) vs neuron, random-rotation and dense baselines → RUN/eval/probing.json; "
+                        "steering: input and output scores of every latent → RUN/eval/steering_scores.parquet")
+    p.add_argument("--selection", default="mean_diff", choices=["mean_diff", "f_stat"],
+                   help="probing: how the k latents are chosen (default mean_diff)")
+    p.add_argument("--data", default=None,
+                   help="probing: your labelled data instead of the code tasks: a .jsonl/.csv file or an HF dataset "
+                        "with a text and a label column (sequence level)")
+    p.add_argument("--text-field", default="text", help="probing --data: the text column (text)")
+    p.add_argument("--label-field", default="label", help="probing --data: the label column (label)")
+    p.add_argument("--pooling", default="mean", choices=["mean", "last"],
+                   help="probing --data: pool token activations by mean (default) or take the last token")
 
 
 def run_eval(args) -> int:
+    from pathlib import Path
+
     from saelab.config import check
 
-    check(args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
-    return _evaluate(args.run, args.tokens)
+    check(args.tokens is None or args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
+    if args.suite == "core":
+        return _evaluate(args.run, args.tokens or 65_536)
+    from saelab.eval.run import probe_run, score_run
+
+    if args.suite == "probing":
+        path, text = probe_run(Path(args.run), args.tokens or 80_000, args.selection, args.data, args.text_field,
+                               args.label_field, args.pooling)
+    else:
+        path, text = score_run(Path(args.run), args.tokens or 65_536)
+    print(text)
+    print(f"wrote {path}")
+    return 0
 
 
 def _evaluate(run, tokens: int) -> int:
@@ -564,7 +591,168 @@ def _hook_order(model, hook: str) -> tuple:
     return (-1 if layer is None else layer, hook)
 
 
-COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache", "dashboard", "patch"]
+# ---------------------------------------------------------------------------------------------------- explore
+def add_explore(sub) -> None:
+    p = sub.add_parser(
+        "explore", help="open the feature explorer (Streamlit + Plotly) on dashboard bundles",
+        description="Start the local feature explorer: overview, a page per latent, finder, prompt view, steering "
+                    "and compare, reading the bundles `saelab dashboard` wrote. Offline; bound to 127.0.0.1 unless "
+                    "--host says otherwise. Every view is a deep link (the URL holds its state).",
+        epilog="examples:\n  saelab explore                      every bundle under runs/\n"
+               "  saelab explore runs/a runs/b        two runs (compare them on the Compare page)\n"
+               "  saelab explore runs/a/dashboard --port 8600",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="*", help="run folders, dashboard bundles or folders of runs (default: runs/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--open", action="store_true", help="open a browser tab as well")
+
+
+def explorer_script():
+    """app/explore.py of the source checkout this saelab runs from (the app is not part of the wheel)."""
+    from pathlib import Path
+
+    from saelab.errors import ConfigError
+
+    script = Path(__file__).resolve().parent.parent / "app" / "explore.py"
+    if not script.exists():
+        raise ConfigError(f"the explorer app is not next to this saelab (no {script})",
+                          hint="install saelab from a source checkout: git clone …; pip install -e .")
+    return script
+
+
+def run_explore(args) -> int:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from saelab.config import check
+    from saelab.errors import DataError
+
+    check(0 < args.port < 65536, "--port", f"must be in 1..65535, got {args.port}")
+    paths = args.paths or ["runs"]
+    for p in paths:
+        if not Path(p).exists():
+            raise DataError(f"{p} does not exist", hint="pass a run folder with a bundle (build one with "
+                                                        "`saelab dashboard RUN`) or a bundle folder")
+    env = {**os.environ, "SAELAB_EXPLORE": json.dumps([str(Path(p).resolve()) for p in paths])}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(explorer_script()), "--server.address", args.host,
+           "--server.port", str(args.port), "--server.headless", str(not args.open).lower(),
+           "--browser.gatherUsageStats", "false", "--client.showErrorDetails", "none",
+           "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+    print(f"explorer   http://{args.host}:{args.port}  ({', '.join(paths)}; Ctrl+C stops it)", flush=True)
+    if hasattr(os, "execve"):  # become the server: a signal to this process (Ctrl+C, terminate) reaches it
+        os.execve(sys.executable, cmd, env)
+    return subprocess.call(cmd, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------- steer
+def add_steer(sub) -> None:
+    p = sub.add_parser(
+        "steer", help="steer generation with SAE latents: steered vs unsteered text, or a strength sweep",
+        description="Add α × (the latent's max activation) × its decoder direction at the SAE's hook on every "
+                    "position while generating, and print the steered and unsteered continuations of --prompt. "
+                    "--sweep measures concept success (generated tokens among the latent's top logit-lens tokens) "
+                    "and fluency (the unsteered model's loss on the steered text) over a strength grid and writes "
+                    "RUN/eval/steer_sweep_<latents>.json and .html.",
+        epilog="examples:\n  saelab steer runs/NAME --latent 123 --alpha 4 --prompt 'def '\n"
+               "  saelab steer runs/NAME --latent 123 --latent 7 --alpha 2 --prompt 'import '\n"
+               "  saelab steer runs/NAME --latent 123 --sweep",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run directory (with sae/) or an SAE directory")
+    p.add_argument("--latent", type=int, action="append", required=True,
+                   help="latent index; repeat to steer several at once")
+    p.add_argument("--alpha", type=float, action="append", default=None,
+                   help="strength relative to the latent's max activation (default 4); one, or one per --latent; "
+                        "with --sweep, several give the grid (default grid 0, 0.5, 1, 2, 4, 8)")
+    p.add_argument("--prompt", default="", help="text to continue (default: a newline; --sweep: 8 neutral code "
+                                                "prefixes)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (30)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (0.7)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    p.add_argument("--mode", default="add", choices=["add", "clamp"],
+                   help="add (default): add α·max·d_f; clamp: set the latent to α·max, SAE error term kept")
+    p.add_argument("--sweep", action="store_true", help="concept success and fluency over a strength grid")
+
+
+def run_steer(args) -> int:
+    from pathlib import Path
+
+    from saelab.config import check
+    from saelab.eval.run import steer_run
+
+    check(args.max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {args.max_new_tokens}")
+    check(args.temperature >= 0, "--temperature", f"must be >= 0, got {args.temperature}")
+    prompt = args.prompt if (args.prompt or args.sweep) else "\n"
+    paths, text = steer_run(Path(args.run), args.latent, args.alpha or [4.0], prompt, args.max_new_tokens,
+                            args.temperature, args.seed, args.sweep, args.mode)
+    print(text)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- bench
+def add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="benchmarks with known answers: `bench synthetic` trains every architecture on planted features",
+        description="synthetic: activations built from planted unit features with a hierarchy (the MP-SAE paper's "
+                    "toy tree: parents that always fire with their mutually exclusive children); trains each "
+                    "architecture on the same rows and batches and scores it against the truth: decoder recovery "
+                    "(mean max cosine, fraction ≥ 0.9), absorption (mean cosine of child latents with the true "
+                    "parent), code F1, dead latents, FVU. Writes OUT/synthetic.json and OUT/synthetic.html.",
+        epilog="example:\n  saelab bench synthetic --steps 1500 --out runs/bench-synthetic",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["synthetic"], help="the benchmark")
+    p.add_argument("--archs", default="topk,batchtopk,matryoshka,mp,mutual,feature_choice",
+                   help="comma list of architectures (default: all trainable ones but gtopk, which needs LM gradients)")
+    p.add_argument("--k", type=int, default=2, help="k (MP: steps) of every SAE (2)")
+    p.add_argument("--steps", type=int, default=1500, help="training steps per SAE (1500)")
+    p.add_argument("--batch", type=int, default=200, help="batch size (200, the paper's)")
+    p.add_argument("--corr", type=float, default=0.0, help="intra-level correlation ε of the features (0)")
+    p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to the activations (0)")
+    p.add_argument("--seed", type=int, default=0, help="data and training seed (0)")
+    p.add_argument("--out", default="runs/bench-synthetic", help="output folder (runs/bench-synthetic)")
+
+
+def run_bench(args) -> int:
+    import json
+    from pathlib import Path
+
+    from saelab.config import check
+    from saelab.sae import ARCHITECTURES
+    from saelab.synthetic.generator import TreeSpec
+    from saelab.synthetic.runner import BenchSpec, figure, run_benchmark
+
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    for a in archs:
+        check(a in ARCHITECTURES and ARCHITECTURES[a].trainable and not ARCHITECTURES[a].needs_grads, "--archs",
+              f"{a!r} is not an architecture this benchmark can train; choose from "
+              f"{sorted(n for n, c in ARCHITECTURES.items() if c.trainable and not c.needs_grads)}")
+    check(args.k >= 1, "--k", f"must be >= 1, got {args.k}")
+    check(args.steps >= 1, "--steps", f"must be >= 1, got {args.steps}")
+    check(args.batch >= 1, "--batch", f"must be >= 1, got {args.batch}")
+    check(0 <= args.corr < 1, "--corr", f"must be in [0, 1), got {args.corr}")
+    check(args.noise >= 0, "--noise", f"must be >= 0, got {args.noise}")
+    out = Path(args.out)
+    spec = BenchSpec(tree=TreeSpec(corr=args.corr, noise=args.noise), k=args.k, steps=args.steps, batch=args.batch,
+                     seed=args.seed)
+    rows = run_benchmark(spec, archs, out / "runs")
+    cols = ["absorption", "recovered", "mean_max_cos", "code_f1", "dead", "l0", "fvu"]
+    print(f"{'arch':15}" + "".join(f"{c:>13}" for c in cols))
+    for r in rows:
+        print(f"{r['arch']:15}" + "".join(f"{r[c]:13.4f}" for c in cols))
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "synthetic.json.tmp"
+    tmp.write_text(json.dumps({"spec": {"k": args.k, "steps": args.steps, "batch": args.batch, "corr": args.corr,
+                                        "noise": args.noise, "seed": args.seed}, "rows": rows}, indent=2))
+    tmp.replace(out / "synthetic.json")
+    figure(rows).write_html(str(out / "synthetic.html"))
+    print(f"wrote {out / 'synthetic.json'} and {out / 'synthetic.html'}")
+    return 0
+
+
+COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache", "dashboard", "patch", "explore", "steer", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -135,7 +135,10 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, path: str = "") -> T:
-    """Build a config dataclass from a dict; unknown keys are an error naming the key."""
+    """Build a config dataclass from a dict; unknown keys are an error naming the key. A class may rename older
+    keys first with a `_migrate(dict) -> dict` static method (configs saved by earlier saelab versions)."""
+    if hasattr(cls, "_migrate") and isinstance(data, dict):
+        data = cls._migrate(dict(data))
     types = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -278,6 +281,16 @@ class SAEConfig:
     aux_coef: float = 1 / 32
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
+
+    @staticmethod
+    def _migrate(data: dict) -> dict:
+        """Before the architecture seam, TopK's own flags were top-level fields; they now live in `options`."""
+        for key in ("multi_topk", "relu_before_topk"):
+            if key in data:
+                value = data.pop(key)
+                if data.get("architecture", "topk") in ("topk", "gtopk"):
+                    data["options"] = {key: value, **(data.get("options") or {})}
+        return data
 
     def __post_init__(self):
         from saelab.sae.architectures import check_options  # lazy: saelab.sae imports this module

@@ -92,8 +92,9 @@ class ActivationCache:
         if hook_name not in hooks:
             raise CacheError(f"the cache at {self.path} has no hook {hook_name!r}; it holds {', '.join(hooks)}")
         if with_grads and not spec["with_grads"]:
-            raise CacheError(f"the cache at {self.path} was written without gradients; rewrite it with "
-                             f"--with-grads (another --out) to read gradients")
+            raise CacheError(f"the cache at {self.path} was written without gradients, which this run needs",
+                             hint="write one with `saelab cache ... --with-grads` (another --out) and train from it, "
+                                  "or stream with --source stream")
         if batch_size < 1 or block_rows < 1:
             raise ConfigError(f"batch_size and block_rows must be >= 1, got {batch_size} and {block_rows}")
         if not 0 <= rank < world_size:

@@ -53,6 +53,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from saelab.eval.splice import (as_rows, batches, capture, corpus_rows, default_special_ids, model_device,
+                                prediction_mask, replace_rows, run_with_replacement, sae_reconstruct, special_mask)
+
 if TYPE_CHECKING:  # only the `indices` / `values` of a code are read here
     from saelab.sae.code import SparseCode
 
@@ -277,24 +280,38 @@ class DownstreamStats:
     def begin(self, logits_clean: torch.Tensor, tokens: torch.Tensor, pred_mask: torch.Tensor) -> None:
         m = pred_mask.to(logits_clean.device)
         target = tokens[:, 1:].unsqueeze(-1).to(logits_clean.device)
-        lp = torch.log_softmax(logits_clean[:, :-1].float(), -1)
+        z = logits_clean[:, :-1].float()
+        lse = _rowwise(z, _logsumexp)
+        p = torch.stack([(z[i] - lse[i].unsqueeze(-1)).exp_() for i in range(z.shape[0])])
         self.n += int(m.sum())
-        self.ce["clean"] += float((-lp.gather(-1, target).squeeze(-1))[m].double().sum())
-        self._batch = (lp, lp.exp(), target, m)
+        self._batch = (z, p, p.sum(-1), target, m)
+        # KL(p_c ‖ p) = H(p_c, p) − H(p_c, p_c), with H(p_c, p) = logsumexp(z)·Σp_c − p_c·z: one dot product per
+        # variant and no [B, L, V] temporaries; identical logits give exactly 0
+        self._self_cross, _ = self._terms("clean", z)
+
+    def _terms(self, kind: str, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adds the batch's CE of `kind`; returns the cross-entropy H(p_c, p) [B, L-1] and logsumexp of z.
+        Row by row so that each row's [L-1, V] block is reused from cache (twice as fast on a CPU)."""
+        _, p_clean, p_sum, target, m = self._batch
+        lse = _rowwise(z, _logsumexp)
+        dot = torch.stack([(p_clean[i].unsqueeze(1) @ z[i].unsqueeze(2)).reshape(-1) for i in range(z.shape[0])])
+        self.ce[kind] += float((lse - z.gather(-1, target).squeeze(-1))[m].double().sum())
+        return lse * p_sum - dot, lse
 
     def add(self, kind: str, logits: torch.Tensor) -> None:
         if self._batch is None:
             raise RuntimeError("DownstreamStats.add before begin")
-        lp_clean, p_clean, target, m = self._batch
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
-        self.ce[kind] += float((-lp.gather(-1, target).squeeze(-1))[m].double().sum())
-        kl = (p_clean * (lp_clean - lp)).sum(-1)
+        z_clean, p_clean, _, _, m = self._batch
+        z = logits[:, :-1].float()
+        cross, lse = self._terms(kind, z)
+        kl = cross - self._self_cross
         if not bool(torch.isfinite(kl[m]).all()):  # -inf logits (masked vocab entries): 0 · log 0 = 0
-            kl = torch.where(p_clean > 0, p_clean * (lp_clean - lp), 0.0).sum(-1)
+            lp_clean = z_clean - z_clean.logsumexp(-1, keepdim=True)
+            kl = torch.where(p_clean > 0, p_clean * (lp_clean - (z - lse.unsqueeze(-1))), 0.0).sum(-1)
         self.kl[kind] += float(kl[m].double().sum())
 
     def end(self) -> None:
-        self._batch = None
+        self._batch = self._self_cross = None
 
     def compute(self) -> dict[str, Any]:
         n = self.n
@@ -391,149 +408,20 @@ class CoreMetrics:
         return cls(**{k: (math.nan if v is None else v) for k, v in d.items() if k in names})
 
 
-# ================================================================================================ model plumbing
-def default_special_ids(model) -> list[int]:
-    """The tokenizer's BOS, EOS and PAD ids (those that exist)."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return []
-    ids = {getattr(tok, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return sorted(int(i) for i in ids if i is not None)
-
-
-def special_mask(tokens: torch.Tensor, special_token_ids: Iterable[int] = (),
-                 first_position: bool = True) -> torch.Tensor:
-    """Bool [B, L], True at special positions: position 0 (if `first_position`) and any id in `special_token_ids`."""
-    ids = torch.as_tensor(sorted(set(int(i) for i in special_token_ids)), dtype=tokens.dtype, device=tokens.device)
-    mask = torch.isin(tokens, ids) if ids.numel() else torch.zeros_like(tokens, dtype=torch.bool)
-    if first_position and tokens.shape[1]:
-        mask[:, 0] = True
-    return mask
-
-
-def prediction_mask(special: torch.Tensor) -> torch.Tensor:
-    """Bool [B, L-1]: the prediction at t (of token t+1) counts when neither t nor t+1 is special."""
-    return ~special[:, :-1] & ~special[:, 1:]
-
-
-def _stop_layer(model, hook_name: str) -> int | None:
-    from saelab.models.loading import hook_layer
-
-    layer = hook_layer(hook_name)
-    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
-    if layer is None or n_layers is None or layer + 1 >= n_layers:
-        return None
-    return layer + 1
-
-
-def _device(model) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    if dev is not None:
-        return torch.device(dev)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
-def _capture(model, tokens: torch.Tensor, hook_name: str, stop_at_layer: int | None):
-    """(output, activation at the hook) of one forward; `stop_at_layer` truncates it."""
-    box: dict[str, torch.Tensor] = {}
-
-    def grab(act, hook):
-        box["x"] = act
-        return act
-
-    kw = {} if stop_at_layer is None else {"stop_at_layer": stop_at_layer}
-    out = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, grab)], **kw)
-    if "x" not in box:
-        raise RuntimeError(f"hook {hook_name!r} did not fire in the forward pass")
-    return out, box["x"]
-
-
-def _run_patched(model, tokens: torch.Tensor, hook_name: str, replacement: torch.Tensor) -> torch.Tensor:
-    def patch(act, hook):
-        if act.shape != replacement.shape:
-            raise RuntimeError(f"hook {hook_name!r}: activation {tuple(act.shape)} != replacement "
-                               f"{tuple(replacement.shape)}")
-        return replacement.to(act.dtype)
-
-    return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, patch)])
-
-
-def _replace(act: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Copy of act [B, L, ...] with the flattened rows at `keep` [B, L] set to `values` ([n, d] or [d])."""
-    B, L = act.shape[:2]
-    flat = act.reshape(B, L, -1).clone()
-    flat[keep] = values.to(flat.dtype)
-    return flat.reshape(act.shape)
-
-
-def _sae_apply(sae, x: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
-    code = sae.encode(x)
-    return code, sae.decode(code)
-
-
-# ================================================================================================ rows
-def _as_rows(rows, n_tokens: int | None = None) -> torch.Tensor:
-    """Stack rows given as a [N, L] tensor/array or an iterable of [B, L] / [L] tensors/arrays; with `n_tokens`,
-    only the first ceil(n_tokens / L) rows are read (an unbounded iterable is fine)."""
-    if isinstance(rows, (torch.Tensor, np.ndarray)):
-        rows = [rows]
-    out: list[torch.Tensor] = []
-    have, max_rows = 0, None
-    for r in rows:
-        t = (r if isinstance(r, torch.Tensor) else torch.as_tensor(np.asarray(r))).long()
-        if t.dim() == 1:
-            t = t.unsqueeze(0)
-        if t.dim() != 2:
-            raise ValueError(f"rows must be [B, L] token ids, got shape {tuple(t.shape)}")
-        if n_tokens is not None and max_rows is None:
-            max_rows = max(1, math.ceil(n_tokens / max(1, t.shape[1])))
-        if max_rows is not None:
-            t = t[: max_rows - have]
-        out.append(t.cpu())
-        have += t.shape[0]
-        if max_rows is not None and have >= max_rows:
-            break
-    if have == 0:
-        raise ValueError("no rows of tokens to evaluate on")
-    widths = {t.shape[1] for t in out}
-    if len(widths) != 1:
-        raise ValueError(f"all rows must have the same length, got {sorted(widths)}")
-    return torch.cat(out)
-
-
-def _corpus_rows(model, corpus, split: str, context_size: int, max_rows: int) -> torch.Tensor:
-    from saelab.data.packing import iter_packed_rows
-
-    if getattr(model, "tokenizer", None) is None:
-        raise ValueError("the model has no tokenizer; pass `rows` of token ids instead")
-    got = []
-    for row in iter_packed_rows(corpus, model.tokenizer, context_size, split=split):
-        got.append(row)
-        if len(got) >= max_rows:
-            break
-    if not got:
-        raise ValueError(f"corpus {corpus!r} split {split!r} gave no rows of {context_size} tokens")
-    return torch.as_tensor(np.stack(got)).long()
-
-
 # ================================================================================================ entry points
+# The splice/capture plumbing (rows, special masks, hooked forwards) lives in `saelab.eval.splice`, shared with
+# probing, steering and patching; `special_mask`, `prediction_mask` and `default_special_ids` stay importable here.
 @torch.no_grad()
 def hook_activation_mean(model, rows, hook_name: str, special_token_ids: Iterable[int] | None = None,
                          exclude_special: bool = True, batch_rows: int = 16) -> torch.Tensor:
     """Float64 mean [d] of the (flattened) hook activation over the non-special positions of `rows` — the
     mean-ablation value `evaluate_core` uses when it is not given one."""
-    rows = _as_rows(rows)
+    rows = as_rows(rows)
     specials = default_special_ids(model) if special_token_ids is None else list(special_token_ids)
     total, count = None, 0
-    dev, stop = _device(model), _stop_layer(model, hook_name)
-    for i in range(0, rows.shape[0], batch_rows):
-        tok = rows[i:i + batch_rows].to(dev)
-        keep = ~special_mask(tok, specials) if exclude_special else torch.ones_like(tok, dtype=torch.bool)
-        _, act = _capture(model, tok, hook_name, stop)
-        x = act.reshape(*tok.shape, -1)[keep].double()
+    for _, tok, spec in batches(rows, batch_rows, model_device(model), specials, exclude_special):
+        _, acts = capture(model, tok, hook_name)
+        x = acts[hook_name].reshape(*tok.shape, -1)[~spec].double()
         total = x.sum(0) if total is None else total + x.sum(0)
         count += x.shape[0]
     if not count:
@@ -546,7 +434,8 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
                   context_size: int = 128, batch_rows: int = 16, dense_threshold: float = 0.1,
                   exclude_special: bool = True, n_ce_tokens: int | None = None,
                   special_token_ids: Sequence[int] | None = None, mean_activation: torch.Tensor | None = None,
-                  hook_name: str | None = None, progress: bool = False) -> CoreMetrics:
+                  hook_name: str | None = None, progress: bool = False,
+                  keep_bytes: int = 512 * 2 ** 20) -> CoreMetrics:
     """Core metrics of `sae` at its hook (`sae.cfg.hook_name`, or `hook_name`) on held-out text.
 
     rows: token ids — a [N, L] tensor/array or an iterable of [B, L] batches (packed rows, BOS first); default:
@@ -559,9 +448,15 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         gathers the reconstruction metrics.
     special_token_ids: ids excluded wherever they occur (default: tokenizer BOS/EOS/PAD); position 0 of every row
         is always excluded. `exclude_special=False` counts every position.
+    keep_bytes: the first pass keeps each batch's reconstruction x̂ for the CE pass (instead of encoding again)
+        while they fit in this many bytes.
 
     The SAE protocol: `sae.encode(x [N, d]) -> SparseCode`, `sae.decode(code) -> [N, d]` (raw activation space),
     `sae.n_latents`, `sae.cfg.hook_name`. Exact definitions are in this module's docstring.
+
+    Cost: a pass of forwards truncated after the hook (reconstruction metrics and the mean), then per batch of
+    CE rows four full forwards (clean, SAE, zero, mean); the SAE is not run again on rows whose activation and
+    x̂ the first pass kept (`keep_bytes`).
     """
     from saelab.data.corpus import CorpusSpec
 
@@ -573,39 +468,41 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
     if rows is None:
         if n_tokens is None:
             raise ValueError("n_tokens=None (all rows) needs explicit rows; a corpus can be unbounded")
-        rows = _corpus_rows(model, corpus if corpus is not None else CorpusSpec(), split, context_size,
-                            max(1, math.ceil(n_tokens / context_size)))
+        rows = corpus_rows(model, corpus if corpus is not None else CorpusSpec(), split, context_size,
+                           max(1, math.ceil(n_tokens / context_size)))
     else:
-        rows = _as_rows(rows, n_tokens)
+        rows = as_rows(rows, n_tokens)
     n_rows, L = rows.shape
     if L < 2:
         raise ValueError(f"rows must have at least 2 positions, got {L}")
     ce_rows = n_rows if n_ce_tokens is None else min(n_rows, math.ceil(n_ce_tokens / L))
     specials = default_special_ids(model) if special_token_ids is None else sorted(int(i) for i in special_token_ids)
-    dev, stop = _device(model), _stop_layer(model, hook)
-    n_lat = getattr(sae, "n_latents", None)
-    recon = ReconstructionStats(n_lat, dense_threshold)
+    dev = model_device(model)
+    recon = ReconstructionStats(getattr(sae, "n_latents", None), dense_threshold)
     down = DownstreamStats()
 
-    def batches(n):
-        for i in range(0, n, batch_rows):
-            tok = rows[i:min(i + batch_rows, n)].to(dev)
-            spec = special_mask(tok, specials) if exclude_special else torch.zeros_like(tok, dtype=torch.bool)
-            yield i, tok, spec
+    def batches_of(start, stop):
+        """Batches of rows[start:stop], split at ce_rows so both passes cut the CE rows alike."""
+        for lo, hi in ((start, min(stop, ce_rows)), (max(start, ce_rows), stop)):
+            yield from batches(rows, batch_rows, dev, specials, exclude_special, start=lo, stop=hi)
 
     bar = _progress(progress, n_rows + ce_rows if (mean_activation is None and ce_rows) else n_rows)
+    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # first row of a batch → (activation, x̂)
 
-    def act_pass(start_row: int):
-        """Truncated forwards over rows[start_row:]: reconstruction stats (and the activation mean)."""
-        total, count = None, 0
-        for i, tok, spec in batches(n_rows):
-            if i < start_row:
-                continue
-            keep = ~spec
-            _, act = _capture(model, tok, hook, stop)
-            x = act.reshape(*tok.shape, -1)[keep]
-            code, x_hat = _sae_apply(sae, x)
+    def act_pass(start_row: int, keep_for_ce: bool):
+        """Truncated forwards over rows[start_row:]: reconstruction stats (and the activation mean); keeps each
+        CE batch's activation and x̂ for the CE pass while they fit in keep_bytes."""
+        total, count, held = None, 0, 0
+        for i, tok, spec in batches_of(start_row, n_rows):
+            _, acts = capture(model, tok, hook)
+            act = acts[hook]
+            x = act.reshape(*tok.shape, -1)[~spec]
+            code, x_hat = sae_reconstruct(sae, x)
             recon.update(x, x_hat, code)
+            size = act.numel() * act.element_size() + x_hat.numel() * x_hat.element_size()
+            if keep_for_ce and i < ce_rows and held + size <= keep_bytes:
+                kept[i] = (act, x_hat)
+                held += size
             xd = x.double().sum(0)
             total = xd if total is None else total + xd
             count += x.shape[0]
@@ -615,7 +512,7 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
     recon_done = False
     mean = None
     if ce_rows and mean_activation is None:
-        mean = act_pass(0)
+        mean = act_pass(0, keep_for_ce=True)
         recon_done = True
         if mean is None:
             raise ValueError("no non-special positions in the evaluation rows")
@@ -623,21 +520,26 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         mean = torch.as_tensor(mean_activation).reshape(-1)
 
     if ce_rows:
-        for i, tok, spec in batches(ce_rows):
+        for i, tok, spec in batches_of(0, ce_rows):
             keep = ~spec
-            logits_clean, act = _capture(model, tok, hook, None)
-            x = act.reshape(*tok.shape, -1)[keep]
-            code, x_hat = _sae_apply(sae, x)
-            if not recon_done:
-                recon.update(x, x_hat, code)
+            if i in kept:
+                act, x_hat = kept.pop(i)
+                logits_clean = model(tok)  # act is bitwise the activation of this forward
+            else:
+                logits_clean, acts = capture(model, tok, hook, stop_at_layer=None)
+                act = acts[hook]
+                x = act.reshape(*tok.shape, -1)[keep]
+                code, x_hat = sae_reconstruct(sae, x)
+                if not recon_done:
+                    recon.update(x, x_hat, code)
             down.begin(logits_clean, tok, prediction_mask(spec))
             del logits_clean
             for kind, value in (("sae", x_hat), ("zero", torch.zeros(())), ("mean", mean)):
-                down.add(kind, _run_patched(model, tok, hook, _replace(act, keep, value.to(act.device))))
+                down.add(kind, run_with_replacement(model, tok, hook, replace_rows(act, keep, value.to(act.device))))
             down.end()
             bar(tok.shape[0])
     if not recon_done and ce_rows < n_rows:
-        act_pass(ce_rows)
+        act_pass(ce_rows, keep_for_ce=False)
     bar(None)
 
     r = recon.compute()
@@ -685,6 +587,17 @@ def format_core(m: CoreMetrics) -> str:
 # ================================================================================================ helpers
 def _div(a: float, b: float) -> float:
     return a / b if b != 0 else math.nan
+
+
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    m = z.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # a row of -inf stays -inf, +inf stays +inf
+    return (z - m).exp_().sum(-1).log_() + m.squeeze(-1)
+
+
+def _rowwise(z: torch.Tensor, fn) -> torch.Tensor:
+    """fn applied to each z[i] (a block that fits in cache), stacked."""
+    return torch.stack([fn(z[i]) for i in range(z.shape[0])])
 
 
 def _pad(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`saelab eval RUN`: core metrics of a trained SAE on held-out text, written to RUN/eval/core.json."""
+"""`saelab eval RUN`: core metrics (RUN/eval/core.json), sparse probing (probing.json) and steering scores
+(steering_scores.parquet) of a trained SAE on held-out text."""
 
 from __future__ import annotations
 
@@ -6,12 +7,12 @@ import json
 from pathlib import Path
 
 
-def evaluate_run(run: Path, tokens: int = 65_536) -> tuple[Path, str]:
-    """Score the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained on."""
+def load_run(run: Path):
+    """(SAE, model, TrainConfig, output directory RUN/eval) of a run directory or a bare SAE directory, with the
+    model and corpus it was trained on."""
     from saelab.config import TrainConfig, load_config
     from saelab.data.corpus import check_source
     from saelab.errors import SAEFileError
-    from saelab.eval.core import evaluate_core, format_core
     from saelab.models import check_hook_names, load_model
     from saelab.sae import SparseAutoencoder
 
@@ -29,9 +30,166 @@ def evaluate_run(run: Path, tokens: int = 65_536) -> tuple[Path, str]:
     model_name = sae.cfg.model_name or cfg.model.name
     model = load_model(model_name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
     check_hook_names(model, sae.cfg.hook_name)  # an SAE of another model: one clear line, not a failed forward
+    return sae, model, cfg, out_dir
+
+
+def evaluate_run(run: Path, tokens: int = 65_536) -> tuple[Path, str]:
+    """Score the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained on."""
+    from saelab.eval.core import evaluate_core, format_core
+
+    sae, model, cfg, out_dir = load_run(run)
     metrics = evaluate_core(model, sae, corpus=cfg.corpus, split="validation", n_tokens=tokens,
                             context_size=cfg.context_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "core.json"
     path.write_text(json.dumps(metrics.to_dict(), indent=2))
     return path, format_core(metrics)
+
+
+def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
+              text_field: str = "text", label_field: str = "label", pooling: str = "mean",
+              progress: bool = True) -> tuple[Path, str]:
+    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data),
+    written to RUN/eval/probing.json."""
+    from saelab.eval.probing import (format_probing, gather_sequence_data, load_labelled, probe_tasks,
+                                     reference_data)
+
+    sae, model, cfg, out_dir = load_run(run)
+    if data:
+        rows = load_labelled(data, text_field, label_field)
+        pd = gather_sequence_data(model, sae, sae.cfg.hook_name, rows, name=Path(data).stem or "user",
+                                  pooling=pooling, context_size=cfg.context_size)
+    else:
+        pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
+                            progress=progress)
+    result = probe_tasks(pd, sae, selection=selection, progress=progress)
+    return _write_json(out_dir / "probing.json", result.to_dict()), format_probing(result)
+
+
+def score_run(run: Path, tokens: int = 65_536, progress: bool = True) -> tuple[Path, str]:
+    """Input and output scores of every latent of a run's SAE → RUN/eval/steering_scores.parquet (+ .json)."""
+    import numpy as np
+
+    from saelab.eval.steering import score_latents, write_scores
+
+    sae, model, cfg, out_dir = load_run(run)
+    scores, _ = score_latents(model, sae, n_tokens=tokens, context_size=cfg.context_size, corpus=cfg.corpus,
+                              progress=progress)
+    path = write_scores(scores, out_dir, model.tokenizer)
+    o, i = scores.output_score, scores.input_score
+    text = (f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
+            f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} latents "
+            f"with < 10 examples)")
+    return path, text
+
+
+def _write_json(path: Path, obj) -> Path:
+    """Write JSON atomically (a temporary file renamed over the target): nothing half-written is left."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, max_new_tokens: int = 30,
+              temperature: float = 0.7, seed: int = 0, sweep: bool = False, mode: str = "add",
+              tokens: int = 16_384) -> tuple[list[Path], str]:
+    """`saelab steer`: steered vs unsteered generations of a prompt (several latents at once, amounts α × each
+    latent's max activation), or with sweep=True concept success and fluency over a strength grid per latent,
+    written to RUN/eval/steer_sweep_<latents>.json and .html (Plotly)."""
+    import os
+
+    import torch
+
+    from saelab.errors import ConfigError
+    from saelab.eval.splice import check_sae_fits
+    from saelab.eval.steering import (ALPHAS, Steer, generate, lens_tokens, prompt_tokens, steer_directions,
+                                      steering_success)
+
+    sae, model, cfg, out_dir = load_run(run)
+    check_sae_fits(model, sae)
+    n = sae.cfg.n_latents
+    for f in latents:
+        if not 0 <= f < n:
+            raise ConfigError(f"latent {f} is out of range: the SAE has {n} latents (0..{n - 1})")
+    tok = prompt_tokens(model, prompt)
+    if tok.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise ConfigError(f"the prompt is {tok.shape[1]} tokens with BOS; with {max_new_tokens} new tokens that "
+                          f"exceeds the model's context ({model.cfg.n_ctx})", hint="shorten --prompt")
+    max_act = _max_activations(out_dir, model, sae, cfg, tokens)
+    lat = torch.as_tensor(latents)
+    if not sweep:
+        if len(alphas) not in (1, len(latents)):
+            raise ConfigError(f"give one --alpha, or one per latent ({len(latents)}); got {len(alphas)}")
+        al = torch.as_tensor(alphas * len(latents) if len(alphas) == 1 else alphas, dtype=torch.float32)
+        amounts = al * torch.as_tensor(max_act, dtype=torch.float32)[lat]
+        direction = steer_directions(sae, lat, amounts).sum(0, keepdim=True)
+        if mode == "clamp":
+            if len(latents) != 1:
+                raise ConfigError("--mode clamp steers one latent at a time", hint="give a single --latent")
+            steered = generate(model, tok, max_new_tokens, temperature, seed,
+                               clamp=(sae, lat[:1], amounts[:1], 0))
+        else:
+            steered = generate(model, tok, max_new_tokens, temperature, seed,
+                               steer=Steer(sae.cfg.hook_name, direction))
+        plain = generate(model, tok, max_new_tokens, temperature, seed)
+        P = tok.shape[1]
+        dec = model.tokenizer.decode
+        lines = [f"prompt: {prompt!r}   latents {latents}, α {al.tolist()} × max activation "
+                 f"{[round(float(max_act[f]), 3) for f in latents]} ({mode}, all positions; seed {seed}, "
+                 f"temperature {temperature})",
+                 "--- unsteered ---", dec(plain[0, P:].tolist()), "--- steered ---", dec(steered[0, P:].tolist())]
+        return [], "\n".join(lines)
+    grid = sorted(set(alphas)) if len(alphas) > 1 else list(ALPHAS)
+    lens = lens_tokens(model, sae)
+    kw = {"prompts": [prompt]} if prompt else {}  # no prompt: the neutral code prefixes STEER_PROMPTS
+    res = steering_success(model, sae, latents, grid, max_act, lens, max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, **kw)
+    res["lens_tokens"] = {str(f): [model.tokenizer.decode([t]) for t in lens[f][:10].tolist()] for f in latents}
+    name = "steer_sweep_" + "_".join(str(f) for f in latents)
+    path = _write_json(out_dir / f"{name}.json", res)
+    html = out_dir / f"{name}.html"
+    _sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
+    os.replace(html.with_suffix(".html.tmp"), html)
+    lines = [f"{'latent':>7} {'alpha':>6} {'success@' + str(res['k']):>11} {'rate':>6} {'fluency (nats)':>15}"]
+    for i, f in enumerate(latents):
+        for j, a in enumerate(grid):
+            lines.append(f"{f:>7} {a:>6g} {res['success'][i][j]:>11.2f} {res['rate'][i][j]:>6.3f} "
+                         f"{res['fluency_nats'][i][j]:>15.3f}")
+    return [path, html], "\n".join(lines)
+
+
+def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
+    """Each latent's max activation: from RUN/eval/steering_scores.parquet if it is there, else a corpus sweep."""
+    import math
+
+    import pandas as pd
+
+    from saelab.eval.splice import corpus_rows
+    from saelab.eval.steering import activation_sweep
+
+    scores = out_dir / "steering_scores.parquet"
+    if scores.exists():
+        df = pd.read_parquet(scores, columns=["latent", "max_activation"])
+        if len(df) == sae.cfg.n_latents:
+            return df.sort_values("latent")["max_activation"].to_numpy()
+    rows = corpus_rows(model, cfg.corpus, "validation", cfg.context_size, max(1, math.ceil(tokens / cfg.context_size)))
+    return activation_sweep(model, sae, rows).max_activation
+
+
+def _sweep_figure(res: dict):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"concept success@{res['k']} (target tokens per "
+                                                        f"generation)", "fluency: unsteered model's nats/token"))
+    for i, f in enumerate(res["latents"]):
+        fig.add_trace(go.Scatter(x=res["alphas"], y=res["success"][i], name=f"latent {f}", legendgroup=str(f)),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=res["alphas"], y=res["fluency_nats"][i], name=f"latent {f}",
+                                 legendgroup=str(f), showlegend=False), row=1, col=2)
+    fig.update_xaxes(title_text="α (× the latent's max activation)")
+    return fig

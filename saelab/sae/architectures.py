@@ -30,12 +30,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
 from saelab.sae.code import SparseCode
 
-MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu")  # files that define an architecture
+# files that define an architecture (`ARCHITECTURE`, or a tuple `ARCHITECTURES` for a file with several)
+MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice")
 
 
 def option(default: Any, help: str):
@@ -57,6 +59,9 @@ class Architecture:
     help: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     needs_grads: ClassVar[bool] = False  # training asks the data source for LM-loss gradients
+    # False: the SAE skips the dense pre-activation GEMM and passes pre=None (the architecture computes its own
+    # code from x_c, e.g. matching pursuit, whose encoder is the decoder)
+    needs_preacts: ClassVar[bool] = True
     trainable: ClassVar[bool] = True  # False: inference only (imported SAEs)
 
     def __init__(self, cfg):
@@ -93,7 +98,8 @@ class Architecture:
         return SparseCode(idx, vals if valid is None else vals * valid)
 
     @torch.no_grad()
-    def code_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None) -> SparseCode:
+    def code_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None,
+                       x_c: torch.Tensor | None = None) -> SparseCode:
         idx, valid = self.select_inference(sae, pre, grad)
         vals = self.values(pre.gather(1, idx))
         return SparseCode(idx, vals if valid is None else vals * valid)
@@ -134,22 +140,36 @@ def fvu(err: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
     return err.pow(2).sum(-1).mean() / normalizer
 
 
+AUXK_DENSE_RATIO = 16  # AuxK runs densely over the dead columns while n_dead ≤ this × k_aux
+
+
 def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor,
               k_aux: int) -> torch.Tensor | None:
     """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual.
 
     Normalised by the residual's variance and scaled by min(n_dead / k_aux, 1) as sparsify does, so the loss does
-    not jump when only a few latents are dead. Only the dead columns are ranked, and the selected values reuse the
-    main step's pre-activations; encoder and decoder gradients are sparse."""
+    not jump when only a few latents are dead. Only the dead columns are ranked (the main step's pre-activations).
+    With few dead latents (the usual case) the auxiliary encoder and decoder run as small dense GEMMs over the
+    dead columns, B·n_dead·d each, which BLAS does several times faster than the sparse kernels do the same
+    B·k_aux·d work (k_aux = d/2 is large); with many dead the sparse kernels run instead. Same loss, same gradients.
+    """
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = dead.numel()
     if n_dead == 0:
         return None
     k = min(k_aux, n_dead)
-    local = pre.index_select(1, dead).topk(k, dim=-1, sorted=False).indices
-    idx = dead[local]
-    vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)).relu()
-    e_hat = sparse_decode(idx, vals, sae.W_dec)
+    sub = pre.index_select(1, dead)
+    local = sub.topk(k, dim=-1, sorted=False).indices
+    if n_dead <= AUXK_DENSE_RATIO * k_aux:
+        keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, local, True)
+        # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
+        w_rows = F.embedding(dead, sae.W_enc.T)
+        z = (torch.addmm(F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), x_c, w_rows.T) * keep).relu()
+        e_hat = z @ F.embedding(dead, sae.W_dec)
+    else:
+        idx = dead[local]
+        vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)).relu()
+        e_hat = sparse_decode(idx, vals, sae.W_dec)
     denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
@@ -188,7 +208,10 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     cand = pre.topk(m, dim=-1, sorted=False)
     cut = _global_cut(cand.values.reshape(-1), want, world)
     full = cand.values.min(1).values >= cut if m < n else torch.zeros(B, dtype=torch.bool, device=pre.device)
-    if bool(full.any()):  # some tokens may hold more entries above the cut than their candidates
+    again = full.any().to(torch.uint8)
+    if world > 1:  # every rank must take part in the second cut if any rank needs it
+        dist.all_reduce(again, op=dist.ReduceOp.MAX)
+    if bool(again):  # some tokens may hold more entries above the cut than their candidates
         pool = torch.cat([cand.values[~full].reshape(-1), pre[full].reshape(-1)])
         cut = _global_cut(pool, want, world)
     keep = cand.values >= cut
@@ -231,8 +254,9 @@ def registry() -> dict[str, type[Architecture]]:
     """name → Architecture class, for every architecture file (imported on first use)."""
     if not _REGISTRY:
         for mod in MODULES:
-            arch = importlib.import_module(f"saelab.sae.{mod}").ARCHITECTURE
-            _REGISTRY[arch.name] = arch
+            module = importlib.import_module(f"saelab.sae.{mod}")
+            for arch in getattr(module, "ARCHITECTURES", None) or (module.ARCHITECTURE,):
+                _REGISTRY[arch.name] = arch
     return _REGISTRY
 
 

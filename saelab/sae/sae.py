@@ -154,8 +154,8 @@ class SparseAutoencoder(nn.Module):
         """Sparse code of raw activations x [B, d_in] by the architecture's inference rule (no autograd).
         `grad` (the LM-loss gradient at the hook, [B, d_in]) is used only by gradient-aware architectures."""
         x_norm, norm = self.normalize_input(self._check_input(x))
-        pre = self.preacts(x_norm)
-        code = self.arch.code_inference(self, pre, self.grad_to_normalized(grad, norm))
+        pre = self.preacts(x_norm) if self.arch.needs_preacts else None
+        code = self.arch.code_inference(self, pre, self.grad_to_normalized(grad, norm), x_c=x_norm - self.b_dec)
         code.norm = norm
         return code
 
@@ -180,7 +180,7 @@ class SparseAutoencoder(nn.Module):
         x_norm, norm = self.normalize_input(self._check_input(x))
         x_c = x_norm - self.b_dec  # b_dec gets gradient through the encoder too
         with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc) if self.arch.needs_preacts else None
         g = self.grad_to_normalized(grad, norm)
         code = self.arch.code_train(self, x_c, pre, g)
         x_hat_norm, losses = self.arch.losses(self, x_norm, x_c, pre, code, g, dead_mask)

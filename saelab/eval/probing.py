@@ -1,0 +1,414 @@
+"""k-sparse probing: how well do k SAE latents, chosen per task, predict a binary property of the input?
+
+Method (Gurnee et al. 2023 as SAEBench applies it, evals notes §1.3 and §2):
+    for each binary task, on a class-balanced TRAIN set:
+        rank features by |mean_pos − mean_neg| ("mean_diff", default) or by the ANOVA F-statistic ("f_stat")
+        for k in KS = (1, 2, 5, 10, 20): fit an L2 logistic regression (scikit-learn, C=1) on the top-k features
+    report on a class-balanced TEST set (other files than train): accuracy, F1 and AUROC.
+The same k-sparse probe runs in the same pass on three other bases of the same activations:
+    neurons   the raw activation dimensions of the hook
+    rotation  the activations in a random orthonormal basis (x @ Q, Q from the QR of a seeded Gaussian matrix):
+              if the SAE beats this, it is the SAE's basis and not sparsity alone that helps
+    dense     all activation dimensions (no selection): the ceiling
+Features are standardised with the train set's mean and std before every fit (a monotone per-feature map: it
+does not change which features are chosen, only helps the solver converge).
+
+Data. Reference tasks (`saelab.data.labels.TASKS`): per-token labels of Python source from the corpus split the
+SAE did NOT train on ("validation"), files split into probe-train / probe-test by a hash of their path. User
+tasks: sequence-level (text, label) rows from a JSONL/CSV file or an HF dataset, pooled per sequence by the mean
+over non-special tokens (SAE latents: encode each token, then pool, as SAEBench does) or the last token; a
+multi-class label gives one one-vs-rest task per class. Activations are gathered once and reused by every task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from saelab.errors import ConfigError, DataError
+from saelab.eval.splice import capture, default_special_ids, model_device, special_mask
+
+KS = (1, 2, 5, 10, 20)
+SELECTIONS = ("mean_diff", "f_stat")
+BASES = ("sae", "neurons", "rotation")
+
+
+# ================================================================================================ data
+@dataclass
+class ProbeData:
+    """Activations gathered once for all tasks.
+
+    x [N, d] float32: the hook activation of each example (a token, or a pooled sequence).
+    z [N, n_latents] (optional, torch sparse-free dense only for pooled data) or None: pooled SAE latents; for
+        token data the SAE is applied lazily to the rows a task uses (see `sae_features`).
+    labels {task: int8 [N]}: 1 / 0, or −1 where the example has no label for that task.
+    is_test [N] bool: held-out examples (whole files or sequences).
+    """
+
+    x: torch.Tensor
+    labels: dict[str, np.ndarray]
+    is_test: np.ndarray
+    z: torch.Tensor | None = None
+    kind: str = "token"
+
+
+def _is_test_key(key: str, test_frac: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(("probe:" + key).encode()).digest()[:8], "big")
+    return h % 10_000 < test_frac * 10_000
+
+
+def _rows_of(ids: np.ndarray, context_size: int, bos: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """[BOS] + chunks of context_size − 1 ids, the last padded with `pad`; and which positions hold ids."""
+    body = context_size - 1
+    n = max(1, math.ceil(len(ids) / body))
+    rows = np.full((n, context_size), pad, dtype=np.int64)
+    real = np.zeros((n, context_size), dtype=bool)
+    rows[:, 0] = bos
+    for r in range(n):
+        chunk = ids[r * body:(r + 1) * body]
+        rows[r, 1:1 + len(chunk)] = chunk
+        real[r, 1:1 + len(chunk)] = True
+    return rows, real
+
+
+@torch.no_grad()
+def hook_rows(model, hook: str, rows: np.ndarray, keep: np.ndarray, batch_rows: int = 32,
+              progress: bool = False) -> torch.Tensor:
+    """Activations [n, d] at the True positions of keep [R, L] of token rows [R, L] (truncated forwards)."""
+    dev = model_device(model)
+    out = []
+    it = range(0, len(rows), batch_rows)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="activations", unit="batch")
+    for i in it:
+        tok = torch.as_tensor(rows[i:i + batch_rows], device=dev)
+        _, acts = capture(model, tok, hook)
+        a = acts[hook]
+        out.append(a.reshape(*tok.shape, -1)[torch.as_tensor(keep[i:i + batch_rows], device=dev)].float().cpu())
+    return torch.cat(out)
+
+
+def gather_token_data(model, hook: str, texts, context_size: int = 128, test_frac: float = 0.3,
+                      batch_rows: int = 32, progress: bool = False) -> ProbeData:
+    """Token-level data from `LabelledText`s (saelab.data.labels): one example per BPE token, files split into
+    train/test by a hash of their key (with too few files for that: the last test_frac of each file is test)."""
+    from saelab.data.labels import TASKS
+    from saelab.data.packing import special_ids
+
+    if not texts:
+        raise DataError("no labelled texts to probe on", hint="check the corpus split")
+    bos, eos = special_ids(model.tokenizer)
+    all_rows, all_real, lab, test = [], [], [], []
+    for t in texts:
+        rows, real = _rows_of(t.ids, context_size, bos, eos)
+        all_rows.append(rows)
+        all_real.append(real)
+        lab.append(t.labels)
+        test.append(np.full(len(t.ids), _is_test_key(t.key, test_frac)))
+    test_arr = np.concatenate(test)
+    if test_arr.all() or not test_arr.any():  # too few files for a split by file: the last 30 % of each file
+        test_arr = np.concatenate([np.arange(len(t.ids)) >= (1 - test_frac) * len(t.ids) for t in texts])
+    x = hook_rows(model, hook, np.concatenate(all_rows), np.concatenate(all_real), batch_rows, progress)
+    y = np.concatenate(lab)
+    return ProbeData(x=x, labels={task: y[:, j].astype(np.int8) for j, task in enumerate(TASKS)}, is_test=test_arr)
+
+
+def reference_data(model, hook: str, corpus=None, max_tokens: int = 80_000, context_size: int = 128,
+                   test_frac: float = 0.3, progress: bool = False) -> ProbeData:
+    """The reference code tasks on the corpus's validation split (held out from SAE training)."""
+    from saelab.data.corpus import CorpusSpec
+    from saelab.data.labels import label_corpus
+
+    texts = label_corpus(corpus if corpus is not None else CorpusSpec(), model.tokenizer, "validation", max_tokens)
+    return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress)
+
+
+def load_labelled(source: str, text_field: str = "text", label_field: str = "label", split: str = "train",
+                  max_rows: int | None = 4000) -> list[tuple[str, str]]:
+    """(text, label) rows from a .jsonl/.json/.csv file or an HF dataset name."""
+    p = Path(source).expanduser()
+    rows: list[dict] = []
+    if p.exists():
+        if p.suffix in (".jsonl", ".json"):
+            for i, line in enumerate(p.read_text().splitlines()):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}: line {i + 1} is not JSON ({e.msg})") from None
+        elif p.suffix == ".csv":
+            import csv
+
+            with open(p, newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            raise DataError(f"{p}: unknown labelled-data format {p.suffix!r}", hint="use .jsonl or .csv")
+    else:
+        from saelab.hub import hub_reachable
+
+        if not hub_reachable():
+            raise DataError(f"labelled data {source!r}: no such file, and the Hugging Face hub is unreachable",
+                            hint="give a local .jsonl/.csv file with text and label columns")
+        import datasets
+
+        rows = list(datasets.load_dataset(source, split=split).select(range(max_rows or 10 ** 9)))
+    out = []
+    for i, r in enumerate(rows[:max_rows] if max_rows else rows):
+        if text_field not in r or label_field not in r:
+            raise DataError(f"{source}: row {i} lacks the field {text_field!r} or {label_field!r} "
+                            f"(it has {sorted(r)})", hint="set --text-field / --label-field")
+        out.append((str(r[text_field]), str(r[label_field])))
+    if not out:
+        raise DataError(f"{source}: no labelled rows")
+    return out
+
+
+@torch.no_grad()
+def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]], name: str = "user",
+                         pooling: str = "mean", context_size: int = 128, test_frac: float = 0.3,
+                         batch_rows: int = 16) -> ProbeData:
+    """Sequence-level data: each text is truncated to context_size tokens (BOS first) and pooled ("mean" over
+    non-special tokens, or "last"); SAE latents are encoded per token and then pooled. Binary labels give one
+    task `name`; more classes give one-vs-rest tasks `name:class`."""
+    from saelab.data.packing import special_ids
+
+    if pooling not in ("mean", "last"):
+        raise ConfigError(f"pooling must be 'mean' or 'last', got {pooling!r}")
+    bos, eos = special_ids(model.tokenizer)
+    specials = default_special_ids(model)
+    dev = model_device(model)
+    xs, zs = [], []
+    for i in range(0, len(rows), batch_rows):
+        chunk = rows[i:i + batch_rows]
+        ids = [[bos] + model.tokenizer(t, add_special_tokens=False)["input_ids"][:context_size - 1] for t, _ in chunk]
+        L = max(len(r) for r in ids)
+        tok = torch.full((len(ids), L), eos, dtype=torch.long)
+        valid = torch.zeros(len(ids), L, dtype=torch.bool)
+        for j, r in enumerate(ids):
+            tok[j, :len(r)] = torch.as_tensor(r)
+            valid[j, :len(r)] = True
+        keep = valid & ~special_mask(tok, specials)
+        for j, r in enumerate(ids):  # a text of only special tokens: keep its last position
+            if not keep[j].any():
+                keep[j, len(r) - 1] = True
+        if pooling == "last":
+            last = keep.long().cumsum(1).argmax(1)
+            keep = torch.zeros_like(keep)
+            keep[torch.arange(len(ids)), last] = True
+        _, acts = capture(model, tok.to(dev), hook)
+        a = acts[hook].reshape(len(ids), L, -1).float().cpu()
+        w = keep.float() / keep.sum(1, keepdim=True)
+        xs.append(torch.einsum("bl,bld->bd", w, a))
+        flat = a[keep]
+        dense = sae.encode(flat).to_dense(sae.cfg.n_latents).float()
+        seq = torch.repeat_interleave(torch.arange(len(ids)), keep.sum(1))
+        z = torch.zeros(len(ids), sae.cfg.n_latents).index_add_(0, seq, dense) / keep.sum(1, keepdim=True)
+        zs.append(z)
+    labels = np.array([lab for _, lab in rows])
+    classes = sorted(set(labels.tolist()))
+    if len(classes) < 2:
+        raise DataError(f"labelled data has a single label {classes}; probing needs two classes or more")
+    tasks = {name: (labels == classes[-1]).astype(np.int8)} if len(classes) == 2 else \
+        {f"{name}:{c}": (labels == c).astype(np.int8) for c in classes}
+    is_test = np.array([_is_test_key(f"{i}:{t}", test_frac) for i, (t, _) in enumerate(rows)])
+    return ProbeData(x=torch.cat(xs), labels=tasks, is_test=is_test, z=torch.cat(zs), kind="sequence")
+
+
+# ================================================================================================ probing
+def balanced_indices(y: np.ndarray, pool: np.ndarray, n_per_class: int, rng: np.random.Generator) -> np.ndarray:
+    """Equal numbers of positives and negatives (at most n_per_class each) drawn from the indices in `pool`."""
+    pos = pool[y[pool] == 1]
+    neg = pool[y[pool] == 0]
+    n = min(len(pos), len(neg), n_per_class)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
+
+
+def rank_features(X: np.ndarray, y: np.ndarray, selection: str = "mean_diff") -> np.ndarray:
+    """Feature indices, best first, by |mean_pos − mean_neg| or by the ANOVA F-statistic (ties: lower index)."""
+    if selection == "mean_diff":
+        score = np.abs(X[y == 1].mean(0) - X[y == 0].mean(0))
+    elif selection == "f_stat":
+        from sklearn.feature_selection import f_classif
+
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score, _ = f_classif(X, y)
+        score = np.nan_to_num(score, nan=0.0, posinf=np.finfo(np.float64).max)
+    else:
+        raise ConfigError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    return np.argsort(-score, kind="stable")
+
+
+def fit_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, C: float = 1.0
+              ) -> dict[str, float]:
+    """L2 logistic regression (scikit-learn, C) on standardised features; test accuracy, F1 and AUROC."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = Xtr.mean(0), Xtr.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    # Newton steps are exact and fast for the few features of a sparse probe; L-BFGS for the dense one
+    solver = "newton-cholesky" if Xtr.shape[1] <= 32 else "lbfgs"
+    clf = LogisticRegression(C=C, max_iter=1000, solver=solver)
+    clf.fit((Xtr - mu) / sd, ytr)
+    return binary_metrics(yte, clf.decision_function((Xte - mu) / sd))
+
+
+def binary_metrics(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """Accuracy and F1 of (score > 0), and AUROC of score (Mann–Whitney U with tied ranks averaged)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(y).astype(bool)
+    pred = score > 0
+    tp, fp, fn = int((pred & y).sum()), int((pred & ~y).sum()), int((~pred & y).sum())
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    auroc = math.nan
+    if n_pos and n_neg:
+        auroc = (rankdata(score)[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return {"accuracy": float((pred == y).mean()), "f1": 2 * tp / (2 * tp + fp + fn) if tp else 0.0,
+            "auroc": float(auroc)}
+
+
+def random_rotation(d: int, seed: int = 0) -> torch.Tensor:
+    """A uniformly random d×d orthogonal matrix (QR of a Gaussian, signs fixed)."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+@dataclass
+class ProbingResult:
+    hook_name: str
+    n_latents: int
+    selection: str
+    ks: list[int]
+    tasks: dict[str, Any] = field(default_factory=dict)
+    mean: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        from saelab.eval.core import _json_clean
+
+        return _json_clean({"hook_name": self.hook_name, "n_latents": self.n_latents, "selection": self.selection,
+                            "ks": self.ks, "bases": list(BASES) + ["dense"], "tasks": self.tasks,
+                            "mean": self.mean})
+
+
+def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    """Dense SAE latents [n, n_latents] (float32) of activations x [n, d]."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            xb = x[i:i + batch].to(sae.W_dec.device)
+            out.append(sae.encode(xb).to_dense(sae.cfg.n_latents).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def probe_tasks(data: ProbeData, sae, ks: Sequence[int] = KS, selection: str = "mean_diff",
+                n_train: int = 2000, n_test: int = 500, seed: int = 0, rotation_seed: int = 0,
+                hook_name: str = "", progress: bool = False) -> ProbingResult:
+    """Run every task of `data`: k-sparse probes on SAE latents, neurons and a random rotation, and a dense probe.
+
+    n_train / n_test: examples per class (balanced), at most; a task with fewer than 5 of either class in train
+    or test is reported as skipped.
+    """
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"ks must be positive integers, got {ks}")
+    if selection not in SELECTIONS:
+        raise ConfigError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # the fits are small: BLAS threads only add overhead (and contend on a busy CPU)
+        return _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress)
+
+
+def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress):
+    rng = np.random.default_rng(seed)
+    X_all = data.x.numpy()
+    Q = random_rotation(X_all.shape[1], rotation_seed).numpy()
+    train_pool = np.flatnonzero(~data.is_test)
+    test_pool = np.flatnonzero(data.is_test)
+    result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks)
+    items = list(data.labels.items())
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="probing", unit="task")
+    for task, y in items:
+        tr = balanced_indices(y, train_pool, n_train, rng)
+        te = balanced_indices(y, test_pool, n_test, rng)
+        if len(tr) < 10 or len(te) < 10:
+            result.tasks[task] = {"skipped": f"too few examples of a class (train {len(tr)}, test {len(te)})"}
+            continue
+        ytr, yte = y[tr].astype(int), y[te].astype(int)
+        feats = {"neurons": (X_all[tr], X_all[te]), "rotation": (X_all[tr] @ Q, X_all[te] @ Q)}
+        if data.z is not None:
+            feats["sae"] = (data.z[tr].numpy(), data.z[te].numpy())
+        else:
+            feats["sae"] = (sae_features(sae, data.x[tr]), sae_features(sae, data.x[te]))
+        entry: dict[str, Any] = {"n_train": int(len(tr)), "n_test": int(len(te)),
+                                 "positive_rate": float(y[y >= 0].mean()), "k": {}}
+        order = {b: rank_features(f[0], ytr, selection)[:max(ks)] for b, f in feats.items()}
+        for k in ks:
+            row = {}
+            for b in BASES:
+                Xtr, Xte = feats[b]
+                idx = order[b][:k]
+                row[b] = fit_probe(Xtr[:, idx], ytr, Xte[:, idx], yte)
+                row[b]["features"] = [int(i) for i in idx]  # latent ids (sae) / dimensions (neurons, rotation)
+            entry["k"][str(k)] = row
+        entry["dense"] = fit_probe(X_all[tr], ytr, X_all[te], yte)
+        result.tasks[task] = entry
+    done = [t for t in result.tasks.values() if "k" in t]
+    if not done:
+        raise DataError("no task had enough examples of both classes to probe")
+    for k in ks:
+        result.mean[str(k)] = {f"{b}_{m}": float(np.mean([t["k"][str(k)][b][m] for t in done]))
+                               for b in BASES for m in ("accuracy", "f1", "auroc")}
+    result.mean["dense"] = {m: float(np.mean([t["dense"][m] for t in done])) for m in ("accuracy", "f1", "auroc")}
+    k1 = str(ks[0])
+    result.mean["sae_beats_neurons_at_k"] = {str(k): result.mean[str(k)]["sae_accuracy"]
+                                             > result.mean[str(k)]["neurons_accuracy"] for k in ks}
+    result.mean["n_tasks"] = len(done)
+    result.mean["k_min"] = int(k1)
+    return result
+
+
+def format_probing(r: ProbingResult) -> str:
+    """Table: per task test accuracy of the SAE / neuron / rotation probes at the smallest and a middle k."""
+    ks = [str(k) for k in r.ks]
+    shown = [ks[0]] + ([ks[len(ks) // 2]] if len(ks) > 2 else []) + ([ks[-1]] if len(ks) > 1 else [])
+    head = f"{'task':<14}" + "".join(f"  k={k:<3} sae  neur  rot " for k in shown) + "  dense"
+    lines = [f"sparse probing  {r.hook_name}  ({r.n_latents:,} latents, selection {r.selection}; test accuracy)",
+             head]
+    for task, t in r.tasks.items():
+        if "k" not in t:
+            lines.append(f"{task:<14}  skipped: {t['skipped']}")
+            continue
+        cells = "".join(f"        {t['k'][k]['sae']['accuracy']:.3f} {t['k'][k]['neurons']['accuracy']:.3f} "
+                        f"{t['k'][k]['rotation']['accuracy']:.3f}" for k in shown)
+        lines.append(f"{task:<14}{cells}  {t['dense']['accuracy']:.3f}")
+    m = r.mean
+    cells = "".join(f"        {m[k]['sae_accuracy']:.3f} {m[k]['neurons_accuracy']:.3f} "
+                    f"{m[k]['rotation_accuracy']:.3f}" for k in shown)
+    lines.append(f"{'mean':<14}{cells}  {m['dense']['accuracy']:.3f}")
+    k1 = ks[0]
+    verdict = "beats" if m["sae_beats_neurons_at_k"][k1] else "does NOT beat"
+    lines.append(f"k={k1}: the SAE probe {verdict} the neuron probe on average "
+                 f"({m[k1]['sae_accuracy']:.3f} vs {m[k1]['neurons_accuracy']:.3f} accuracy, "
+                 f"AUROC {m[k1]['sae_auroc']:.3f} vs {m[k1]['neurons_auroc']:.3f})")
+    return "\n".join(lines)
+
+
+__all__ = ["KS", "SELECTIONS", "ProbeData", "ProbingResult", "gather_token_data", "reference_data",
+           "gather_sequence_data", "load_labelled", "balanced_indices", "rank_features", "fit_probe", "binary_metrics",
+           "random_rotation", "sae_features", "probe_tasks", "format_probing", "hook_rows"]

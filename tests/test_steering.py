@@ -1,0 +1,218 @@
+"""Steering and input/output scores (saelab.eval.steering) and the splice module, on the reference model with
+constructed SAEs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saelab.config import SAEConfig
+from saelab.errors import ConfigError
+from saelab.eval.splice import decoder_directions, splice
+from saelab.eval.steering import (ActivationSweep, Steer, activation_sweep, generate, input_scores, lens_tokens,
+                                  output_scores, prompt_tokens, steer_directions)
+from saelab.sae import SparseAutoencoder
+
+LAST = "blocks.3.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model(reference_model):
+    return reference_model
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    return prompt_tokens(model, "def f(x):\n    return x")
+
+
+def _sae(model, hook=LAST, rows=None, n=64, seed=0):
+    d = model.cfg.d_model
+    sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=8, hook_name=hook, normalize="none",
+                                      model_name="reference"))
+    sae.reset_parameters(seed=seed)
+    if rows is not None:
+        with torch.no_grad():
+            sae.W_dec[: len(rows)] = rows
+            sae.W_enc[:, : len(rows)] = rows.T
+    return sae
+
+
+@torch.no_grad()
+def test_alpha_zero_is_the_identity_and_the_splice_keeps_the_forward(model, tokens):
+    clean = model(tokens)
+    sae = _sae(model)
+    zero = steer_directions(sae, [3, 5], [0.0, 0.0]).sum(0, keepdim=True)
+    steered = model.run_with_hooks(tokens, fwd_hooks=[(LAST, Steer(LAST, zero).hook)])
+    assert torch.equal(steered, clean)
+    with splice(model, sae, keep_error=True) as sites:
+        spliced = model(tokens)
+    assert torch.allclose(spliced, clean, atol=1e-4)
+    site = sites[LAST]
+    assert site.x.shape == (tokens.shape[1], model.cfg.d_model) and site.code.indices.shape[1] == 8
+    with splice(model, sae, keep_error=False):
+        assert not torch.allclose(model(tokens), clean, atol=1e-2)  # a random SAE reconstructs badly
+
+
+def test_splice_gradients_match_the_activation_gradient(model, tokens):
+    sae = _sae(model, hook="blocks.1.hook_resid_post")
+    with torch.enable_grad(), splice(model, sae, track_grads=True) as sites:
+        model(tokens)[0, -1, 7].backward()
+    site = sites["blocks.1.hook_resid_post"]
+    g = site.error.grad
+    # reference: the gradient of the same logit w.r.t. the plain activation
+    box = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        box["a"] = act
+        return act
+
+    with torch.enable_grad():
+        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_post", keep)])[0, -1, 7].backward()
+    assert torch.allclose(g, box["a"].grad[0], atol=1e-5)
+    dense = site.latent_grads()
+    assert torch.allclose(dense, g @ decoder_directions(sae).T, atol=1e-6)
+    vals = site.code.values.grad
+    assert torch.allclose(vals, dense.gather(1, site.code.indices), atol=1e-5)
+
+
+@torch.no_grad()
+def test_steering_along_an_unembedding_direction_raises_that_token(model, tokens):
+    t = 1234
+    u = model.W_U[:, t].detach().float()
+    sae = _sae(model, rows=(u / u.norm()).unsqueeze(0))
+    p0 = model(tokens)[0, -1].softmax(-1)[t]
+    d = steer_directions(sae, [0], [20.0])
+    p1 = model.run_with_hooks(tokens, fwd_hooks=[(LAST, Steer(LAST, d).hook)])[0, -1].softmax(-1)[t]
+    assert p1 > 10 * p0
+    # a huge amount swamps the residual: the prediction becomes the direction's logit-lens top token
+    top = int(lens_tokens(model, sae, k=1)[0, 0])
+    out = generate(model, tokens, 3, temperature=0, steer=Steer(LAST, steer_directions(sae, [0], [1e4])))
+    assert out[0, tokens.shape[1]:].tolist() == [top, top, top]
+    with pytest.raises(ConfigError, match="out of range"):
+        steer_directions(sae, [64], [1.0])
+
+
+@torch.no_grad()
+def test_output_score_matches_a_per_latent_brute_force(model):
+    toks = [5, 77, 1234, 4000]
+    U = model.W_U[:, toks].detach().float().T
+    sae = _sae(model, rows=U / U.norm(dim=1, keepdim=True), n=16)
+    lens = lens_tokens(model, sae)
+    # the logit lens by hand: unembed(ln_final(d))
+    by_hand = model.unembed(model.ln_final(decoder_directions(sae)[:2].unsqueeze(1)))[:, 0]
+    assert torch.equal(lens[:2], by_hand.topk(20, dim=-1).indices)
+    got = output_scores(model, sae, lens, prompt="import os\n\n", batch=5)
+    tok = prompt_tokens(model, "import os\n\n")
+    box = {}
+
+    def grab(act, hook):
+        box["x"] = act[0, -1].clone()
+        return act
+
+    model.run_with_hooks(tok, fwd_hooks=[(LAST, grab)])
+    amount = 10 * float(sae.encode(box["x"][None]).values.max())
+    V = model.cfg.d_vocab
+    for f in (0, 3, 9):
+        def add(act, hook, f=f):
+            act = act.clone()
+            act[0, -1] += amount * sae.W_dec[f]
+            return act
+
+        p = model.run_with_hooks(tok, fwd_hooks=[(LAST, add)])[0, -1].softmax(-1).double()
+        order = torch.argsort(p, descending=True)
+        rank = torch.empty(V, dtype=torch.long)
+        rank[order] = torch.arange(V)
+        T = lens[f]
+        want = (1 - rank[T].min().item() / V) * p[T].max().item()
+        assert got[f] == pytest.approx(want, rel=1e-4)
+    assert got[:4].mean() > np.median(got[4:])  # unembedding rows promote their own tokens
+
+
+def test_input_score_definition_on_a_hand_made_sweep():
+    lens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    lat = np.array([0] * 10 + [1] * 9)
+    tok = np.array([1, 2, 9, 9, 3, 9, 9, 9, 9, 9] + [4] * 9)
+    sw = ActivationSweep(2, 100, np.ones(2), lat, np.ones(19), tok, np.arange(19), np.zeros(19, dtype=int))
+    s = input_scores(sw, lens)
+    assert s[0] == pytest.approx(0.3) and math.isnan(s[1])  # latent 1 has fewer than 10 examples
+
+
+@torch.no_grad()
+def test_activation_sweep_against_brute_force(model):
+    sae = _sae(model, hook="blocks.1.hook_resid_post", n=32)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, 8192, (6, 24), generator=g)
+    rows[:, 0] = 0
+    sw = activation_sweep(model, sae, rows, n_top=3, batch_rows=4)
+    _, cache = model.run_with_cache(rows, names_filter=["blocks.1.hook_resid_post"])
+    x = cache["blocks.1.hook_resid_post"][:, 1:].reshape(-1, model.cfg.d_model)
+    dense = sae.encode(x).to_dense(32).reshape(6, 23, 32)
+    assert np.allclose(sw.max_activation, dense.amax((0, 1)).clamp_min(0).double().numpy(), atol=1e-6)
+    for f in range(32):
+        per_row = dense[:, :, f].amax(1)
+        want = sorted(per_row[per_row != 0].tolist(), reverse=True)[:3]
+        assert np.allclose(sorted(sw.top_value[sw.top_latent == f], reverse=True), want, atol=1e-6)
+        for v, r, p, t in zip(*(a[sw.top_latent == f] for a in (sw.top_value, sw.top_row, sw.top_position,
+                                                                   sw.top_token))):
+            assert dense[r, p - 1, f] == pytest.approx(v) and rows[r, p] == t
+
+
+# ------------------------------------------------------------------------------------------ CLI and errors
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("run") / "sae"
+    _sae(model, hook="blocks.1.hook_resid_post", n=32).save(path)
+    return path
+
+
+def test_cli_errors_exit_2_and_write_nothing(sae_dir, capsys):
+    from saelab.cli import main
+
+    assert main(["steer", str(sae_dir), "--latent", "32"]) == 2
+    assert "latent 32 is out of range" in capsys.readouterr().err
+    assert main(["steer", str(sae_dir), "--latent", "1", "--prompt", "x " * 400]) == 2
+    assert "context" in capsys.readouterr().err
+    assert not (sae_dir / "eval").exists()
+
+
+def test_sae_of_another_model_or_hook_is_refused(model):
+    from saelab.errors import ModelError
+    from saelab.eval.splice import check_sae_fits
+
+    other = SparseAutoencoder(SAEConfig(d_in=256, n_latents=8, k=2, hook_name=LAST, model_name="gpt2"))
+    with pytest.raises(ModelError, match="trained on model 'gpt2'"):
+        check_sae_fits(model, other)
+    wide = SparseAutoencoder(SAEConfig(d_in=64, n_latents=8, k=2, hook_name=LAST, model_name="reference"))
+    with pytest.raises(ModelError, match="d_in=64"):
+        check_sae_fits(model, wide)
+    missing = SparseAutoencoder(SAEConfig(d_in=256, n_latents=8, k=2, hook_name="blocks.9.hook_resid_post"))
+    with pytest.raises(ModelError, match="does not exist"):
+        check_sae_fits(model, missing)
+
+
+@pytest.mark.slow
+def test_cli_steer_sweep_and_probing_suite_end_to_end(sae_dir, capsys):
+    import json
+
+    from saelab.cli import main
+
+    assert main(["steer", str(sae_dir), "--latent", "3", "--alpha", "2", "--prompt", "def ",
+                 "--max-new-tokens", "5"]) == 0
+    assert "--- steered ---" in capsys.readouterr().out
+    assert main(["steer", str(sae_dir), "--latent", "3", "--sweep", "--alpha", "0", "--alpha", "4",
+                 "--prompt", "x = ", "--max-new-tokens", "4"]) == 0
+    res = json.loads((sae_dir / "eval" / "steer_sweep_3.json").read_text())
+    assert res["alphas"] == [0.0, 4.0] and len(res["success"][0]) == 2
+    assert (sae_dir / "eval" / "steer_sweep_3.html").exists()
+    assert main(["eval", str(sae_dir), "--suite", "probing", "--tokens", "20k"]) == 0
+    probing = json.loads((sae_dir / "eval" / "probing.json").read_text())
+    assert probing["mean"]["n_tasks"] >= 5 and "features" in next(
+        t for t in probing["tasks"].values() if "k" in t)["k"]["1"]["sae"]
+    assert main(["eval", str(sae_dir), "--suite", "steering", "--tokens", "2k"]) == 0
+    import pandas as pd
+
+    df = pd.read_parquet(sae_dir / "eval" / "steering_scores.parquet")
+    assert list(df.columns[:3]) == ["latent", "output_score", "input_score"] and len(df) == 32
