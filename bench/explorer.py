@@ -4,11 +4,11 @@ the chart is drawn, and the app server's memory.
     python bench/explorer.py --bundle runs/x/dashboard          # a 65,536-latent bundle for the issue's budget
     python bench/explorer.py --bundle B --no-browser            # AppTest numbers only
 
-Baselines measured in the same run, so the ratios hold on a loaded machine: the AppTest run of the Steering page
-(the app's shell: navigation, bundle lookup, a title and a message) for the page runs; `Bundle.latent(i)` for the
-feature page's own data read; and in Chromium, the time until the page's heading appears (Streamlit's shell and
-first script run) for the chart. Memory is the streamlit server's peak RSS (VmHWM) after the browser visited the
-overview, feature and finder pages (no model: the prompt page is not visited).
+Baselines measured in the same run, so the ratios hold on a loaded machine: the AppTest run of the feature page for
+a latent id out of range (the app's shell: navigation, bundle lookup, one error message) for the page runs;
+`Bundle.latent(i)` for the feature page's own data read; and in Chromium, the time until the page's heading
+appears (Streamlit's shell and first script run) for the chart. Memory is the streamlit server's peak RSS (VmHWM)
+after the browser visited the overview, feature and finder pages (no model: the prompt page is not visited).
 Budget (issue 14): feature page ≤ 300 ms, finder filter ≤ 500 ms, first chart ≤ 3 s, memory ≤ 1.5 GB.
 Results: a table on stdout and bench/results/explorer.json (date, machine, torch version, load average).
 """
@@ -46,7 +46,7 @@ def apptest_runs(bundle_path: str, latents: list[int]) -> dict:
 
     os.environ["SAELAB_EXPLORE"] = json.dumps([bundle_path])
 
-    def page(name: str, **query):
+    def page(name: str, expect_error: bool = False, **query):
         at = AppTest.from_file(str(ROOT / "app" / "explore.py"), default_timeout=600)
         at.run()
         for k, v in query.items():
@@ -55,11 +55,11 @@ def apptest_runs(bundle_path: str, latents: list[int]) -> dict:
         t = time.perf_counter()
         at.run()
         dt = time.perf_counter() - t
-        assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+        assert not at.exception and bool(at.error) == expect_error, (at.exception, [e.value for e in at.error])
         return at, dt
 
     page("feature", latent=latents[0])  # first touch: imports, bundle open, table read (reported separately)
-    shell = [page("steering")[1] for _ in range(3)]
+    shell = [page("feature", expect_error=True, latent=-1)[1] for _ in range(3)]  # shell + "no such latent"
     feature = [page("feature", latent=i)[1] for i in latents[1:]]
     b = dash.open(bundle_path)
     reads = []

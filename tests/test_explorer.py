@@ -291,3 +291,34 @@ def test_cli_explore_flags(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["explore", "--help"])
     assert e.value.code == 0 and "127.0.0.1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_steering_page_against_the_evaluator(run, bundle, explore):
+    """Steered text = the evaluator's `generate` with α × max activation along the latent, called directly here;
+    unsteered text = plain `generate` with the same seed; the sweep has one point per strength."""
+    from saelab_app.steering import SWEEP, evaluator
+
+    mod = evaluator()
+    if mod is None:
+        pytest.skip("saelab.eval.steering is not in this saelab")
+    import saelab
+    from saelab.sae import SparseAutoencoder
+
+    i = normal_latent(bundle)
+    at = explore(run)("steering", latents=str(i), alpha="4", prompt="def ")
+    assert not at.error and at.title[0].value == "Steering"
+    model = saelab.load_model("reference")
+    sae = SparseAutoencoder.load(run / "sae")
+    tokens = mod.prompt_tokens(model, "def ")
+    P = tokens.shape[1]
+    d = mod.steer_directions(sae, [i], [4.0 * bundle.table().loc[i, "max"]]).sum(0, keepdim=True)
+    steered = mod.generate(model, tokens, 24, 0.7, 0, steer=mod.Steer(sae.cfg.hook_name, d))
+    plain = mod.generate(model, tokens, 24, 0.7, 0)
+    codes = [c.value for c in at.code]
+    assert codes == ["def " + model.tokenizer.decode(plain[0, P:]), "def " + model.tokenizer.decode(steered[0, P:])]
+    at.toggle(key="s_sweep").set_value(True).run()
+    curve = next(json.loads(el.proto.spec) for el in at.get("plotly_chart"))
+    assert len(arr(curve["data"][0]["y"])) == len(SWEEP)
+    bad = explore(run)("steering", latents=f"{N_LATENTS}")
+    assert bad.error and f"0..{N_LATENTS - 1}" in bad.error[0].value

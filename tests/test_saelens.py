@@ -79,7 +79,7 @@ def test_conventions_matter(name, naive_error):
     x, x_hat_ref, _ = expected(name)
     cfg = json.loads((FIXTURES / name / "cfg.json").read_text())
     w = load_file(str(FIXTURES / name / "sae_weights.safetensors"))
-    naive = SparseAutoencoder(SAEConfig(d_in=cfg["d_in"], n_latents=cfg["d_sae"], k=cfg["k"],
+    naive = SparseAutoencoder(SAEConfig(d_in=cfg["d_in"], n_latents=cfg["d_sae"], k=cfg["k"], ln_unbiased=False,
                                         normalize="layer_norm" if name == "topk_layer_norm" else "none"))
     with torch.no_grad():
         for n in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -162,6 +162,7 @@ def test_round_trip(tmp_path, arch, normalize):
 def test_folder_saved_before_the_architecture_seam_loads(tmp_path):
     """saelab.json format 1 (saelab 0.1.0's runs): TopK's flags top-level, layer norm biased, no options."""
     sae, x = make("topk", "layer_norm", options={"multi_topk": True})
+    sae.cfg.ln_unbiased = False  # saelab 0.1.0's layer norm: the biased σ
     save_sae(sae, tmp_path / "sae")
     info = json.loads((tmp_path / "sae" / "saelab.json").read_text())
     old = {k: v for k, v in info["sae"].items() if k not in ("options", "ln_eps", "ln_unbiased")}

@@ -62,9 +62,12 @@ def _directions(spec: TreeSpec, gen: torch.Generator) -> tuple[torch.Tensor, tor
     return feats, parent
 
 
-def generate(spec: TreeSpec, n_rows: int, seed: int = 0) -> PlantedData:
-    gen = torch.Generator().manual_seed(seed)
-    feats, parent = _directions(spec, gen)
+def generate(spec: TreeSpec, n_rows: int, seed: int = 0, sample_seed: int | None = None) -> PlantedData:
+    """`seed` fixes the features; `sample_seed` (default: seed) the rows, so a held-out set shares the features."""
+    feats, parent = _directions(spec, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed if sample_seed is None else sample_seed)
+    if sample_seed is None:
+        _directions(spec, gen)  # the same stream as the features' (rows of seed s are the same with or without it)
     n = spec.n_features
     fire = torch.zeros(n_rows, n, dtype=torch.bool)
     internal = torch.arange(spec.n_parents)

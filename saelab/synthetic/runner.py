@@ -35,7 +35,7 @@ def run_benchmark(spec: BenchSpec, archs=ARCHS, out: str | Path | None = None, p
     from saelab.train import train
 
     data = generate(spec.tree, spec.rows, seed=spec.seed)
-    held = generate(spec.tree, 4096, seed=spec.seed + 1)
+    held = generate(spec.tree, 4096, seed=spec.seed, sample_seed=spec.seed + 1)  # same features, new rows
     width = spec.width or spec.tree.n_features
     rows = []
     root = Path(out or tempfile.mkdtemp(prefix="saelab-synthetic-"))

@@ -234,8 +234,9 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             loss.backward()
             if world > 1:
                 for p in sae.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                    if p.grad is not None:  # an architecture may leave a parameter untrained (MP's tied encoder)
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
             sae.remove_parallel_grad_()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
