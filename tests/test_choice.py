@@ -4,7 +4,6 @@ AuxK, save/load, resume, and data-parallel equal to one process."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -18,7 +17,6 @@ from saelab.sae.choice import FeatureChoice, MutualChoice, capacities, feature_c
 from saelab.train import train
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_architectures import DIST_SCRIPT  # noqa: E402  (the same two-rank script, any architecture)
 from test_train import DiesAfter, Interrupted, final_weights, planted_data, small_cfg  # noqa: E402
 
 
@@ -198,23 +196,3 @@ def test_bad_options_are_named():
     with pytest.raises(ConfigError, match="aux"):
         SAEConfig(architecture="feature_choice", options={"aux": "l1"})
     assert FeatureChoice.name == "feature_choice" and MutualChoice.name == "mutual"
-
-
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["feature_choice"])
-def test_data_parallel_batch_is_global(tmp_path, arch):
-    """Under torchrun the feature-choice batch is the global one: two ranks train what one process does."""
-    script = tmp_path / "dist.py"
-    script.write_text(DIST_SCRIPT.format(tests=os.path.dirname(__file__), run=str(tmp_path / "ddp"), arch=arch))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
-                    str(script)], check=True, env=env, timeout=600)
-    x = planted_data(n_rows=4096)
-    cfg = small_cfg(sae=SAEConfig(architecture=arch, n_latents=128, k=4), tokens=512 * 20, batch_size=512,
-                    dead_tokens=10 ** 9)
-    train(cfg, InMemoryActivations(x, 512, seed=7), tmp_path / "single", progress=False)
-    a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)

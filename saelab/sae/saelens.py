@@ -293,11 +293,7 @@ def _saelab_config(info: dict, where: Path) -> SAEConfig:
         raise SAEFileError(f"{where}: no 'sae' config mapping", hint=f"delete {where.name} to load the folder as "
                                                                       f"a plain SAELens SAE from {CFG_FILE}")
     sae_cfg = dict(info["sae"])
-    if fmt == 1:  # saved before the architecture seam: TopK's flags were top-level, layer norm was biased
-        options = sae_cfg.setdefault("options", {})
-        for key in ("relu_before_topk", "multi_topk"):
-            if key in sae_cfg:
-                options.setdefault(key, sae_cfg.pop(key))
+    if fmt == 1:  # saved before the architecture seam: layer norm was biased (SAEConfig moves TopK's old flags)
         sae_cfg.setdefault("ln_unbiased", False)
         sae_cfg.setdefault("ln_eps", 1e-5)
     try:
