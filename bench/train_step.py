@@ -65,7 +65,7 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
 
     if variant == "saelab":
         from saelab.config import TrainConfig
-        from saelab.train.trainer import make_optimizer
+        from saelab.training.trainer import make_optimizer
 
         sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none", architecture=arch,
                                           options=options or {}), device=device)

@@ -1,10 +1,19 @@
 """saelab: sparse autoencoders for language-model interpretability.
 
-The flow is one way: corpus (`data`) → model (`models`) → activations → trainer (`train`) → SAE (`sae`, `kernels`)
+The flow is one way: corpus (`data`) → model (`models`) → activations → trainer (`training`) → SAE (`sae`, `kernels`)
 → evaluators (`eval`) → dashboard → explorer (`app/`).
+
+In a notebook (`saelab.api`, the same code the CLI runs):
+
+    run = saelab.train(tokens="2M")            # a Run: .sae, .config, .history, .core, .bundle
+    saelab.evaluate(run, suites=["core"])      # CoreMetrics (a table in Jupyter)
+    saelab.top_activations(run, 12)            # latent 12's strongest contexts, highlighted
+    saelab.steer(run, [12], alpha=4, prompt="def f(")
+    saelab.patch("reference", task="bracket")  # activation vs attribution patching vs RelP
 """
 
 __version__ = "0.1.0"
+API = ("train", "cache", "evaluate", "dashboard", "top_activations", "steer", "patch", "Run")
 
 
 def __getattr__(name):  # lazy, so `import saelab` stays cheap (TransformerLens takes seconds to import)
@@ -12,10 +21,14 @@ def __getattr__(name):  # lazy, so `import saelab` stays cheap (TransformerLens 
         from saelab import models
 
         return getattr(models, name)
-    if name == "load_sae":  # saelab and SAELens folders
-        from saelab.sae.saelens import load_sae
+    if name == "load_sae":  # saelab and SAELens folders, or a run directory
+        from saelab.api import load_sae
 
         return load_sae
+    if name in API:
+        from saelab import api
+
+        return getattr(api, name)
     if name == "CorpusSpec":
         from saelab.data import CorpusSpec
 

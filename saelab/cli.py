@@ -175,7 +175,7 @@ TRAIN_FLAGS = {  # flag → (config key, type, help)
     "--normalize": ("sae.normalize", str, "input normalisation: scale (default; folded at save), layer_norm or none"),
     "--k-aux": ("sae.k_aux", int, "AuxK latents (default d_in // 2)"),
     "--aux-coef": ("sae.aux_coef", float, "AuxK loss coefficient (1/32)"),
-    "--tokens": ("tokens", parse_count, "training tokens, e.g. 20M (default 8M)"),
+    "--tokens": ("tokens", parse_count, "training tokens, e.g. 20M for a full-quality SAE (default 2M: a first look in ~4 minutes on 2 CPU cores)"),
     "--batch-size": ("batch_size", int, "tokens per step per process (4096)"),
     "--lr": ("lr", float, "learning rate (default 2e-4 / sqrt(n_latents / 2^14))"),
     "--dead-tokens": ("dead_tokens", parse_count, "a latent silent this many tokens is dead (default min(10M, tokens/4))"),
@@ -283,7 +283,7 @@ def train_config_from_args(args):
 
 
 def run_train(args) -> int:
-    from saelab.train.pipeline import run_training
+    from saelab.training.pipeline import run_training
 
     cfg = train_config_from_args(args)
     result = run_training(cfg, progress=not args.no_progress)
@@ -328,14 +328,17 @@ def run_eval(args) -> int:
     check(args.tokens is None or args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
     if args.suite == "core":
         return _evaluate(args.run, args.tokens or 65_536)
+    from saelab.eval.probing import format_probing
     from saelab.eval.run import probe_run, score_run
+    from saelab.eval.steering import format_scores
 
     if args.suite == "probing":
-        path, text = probe_run(Path(args.run), args.tokens or 80_000, args.selection, args.data, args.text_field,
-                               args.label_field, args.pooling)
+        result, path = probe_run(Path(args.run), args.tokens or 80_000, args.selection, args.data, args.text_field,
+                                 args.label_field, args.pooling)
+        print(format_probing(result))
     else:
-        path, text = score_run(Path(args.run), args.tokens or 65_536)
-    print(text)
+        scores, path = score_run(Path(args.run), args.tokens or 65_536)
+        print(format_scores(scores))
     print(f"wrote {path}")
     return 0
 
@@ -343,10 +346,11 @@ def run_eval(args) -> int:
 def _evaluate(run, tokens: int) -> int:
     from pathlib import Path
 
+    from saelab.eval.core import format_core
     from saelab.eval.run import evaluate_run
 
-    path, text = evaluate_run(Path(run), tokens)
-    print(text)
+    metrics, path = evaluate_run(Path(run), tokens)
+    print(format_core(metrics))
     print(f"wrote {path}")
     return 0
 
@@ -540,55 +544,19 @@ def add_patch(sub) -> None:
 
 
 def run_patch(args) -> int:
-    from pathlib import Path
-
-    from saelab.errors import ConfigError, SAEFileError
-    from saelab.eval.circuits import check_sae
-    from saelab.eval.patching import KINDS, METHODS
-    from saelab.eval.patching_report import format_report, run_patching, write_report
-    from saelab.eval.relp import RelPRules
+    from saelab.eval.patching_report import format_report, load_saes, patch_settings, run_patching, write_report
     from saelab.models import load_model
-    from saelab.sae import SparseAutoencoder
 
-    methods = list(METHODS) if args.method == "all" else [m.strip() for m in args.method.split(",") if m.strip()]
-    kinds = [k.strip() for k in args.components.split(",") if k.strip()]
-    for name, got, allowed in (("method", methods, METHODS), ("components", kinds, KINDS)):
-        bad = [m for m in got if m not in allowed]
-        if bad or not got:
-            raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
-    if args.pairs < 1 or args.ig_steps < 1:
-        raise ConfigError(f"--pairs and --ig-steps must be >= 1, got {args.pairs} and {args.ig_steps}")
-    if args.circuit_method not in ("attribution", "relp", "ig"):
-        raise ConfigError(f"--circuit-method: {args.circuit_method!r}; use attribution, relp or ig")
-    sae_dirs, out = [], args.out
-    for run in args.sae:
-        run = Path(run)
-        sae_dir = run / "sae" if (run / "sae").is_dir() else run
-        if not (sae_dir / "cfg.json").exists():
-            raise SAEFileError(f"{run}: neither a run directory (with sae/) nor an SAE directory (with cfg.json)")
-        sae_dirs.append(sae_dir)
-        out = out or str((run if sae_dir != run else sae_dir) / "eval" / "patching")
+    st = patch_settings(args.method, args.components, args.relp_rules, args.pairs, args.ig_steps,
+                        args.circuit_method, args.sae)
     model = load_model(args.model, device=args.device, dtype=args.model_dtype)
-    saes = [SparseAutoencoder.load(d, device=next(model.parameters()).device) for d in sae_dirs]
-    for sae in saes:
-        check_sae(model, sae)  # another model's SAE: one clear line before any work
-        for p_ in sae.parameters():
-            p_.requires_grad_(False)
-    saes.sort(key=lambda s: _hook_order(model, s.cfg.hook_name))
-    report = run_patching(model, args.task, args.pairs, methods, kinds, RelPRules.parse(args.relp_rules),
-                          args.ig_steps, saes, args.circuit_method, args.seed, progress=not args.no_progress,
+    report = run_patching(model, args.task, args.pairs, st.methods, st.kinds, st.rules, args.ig_steps,
+                          load_saes(model, st.saes), args.circuit_method, args.seed, progress=not args.no_progress,
                           max_ap_nodes=args.max_ap_nodes)
-    jpath, hpath = write_report(report, out or "eval/patching")
+    jpath, hpath = write_report(report, args.out or st.default_out or "eval/patching")
     print(format_report(report))
     print(f"wrote {jpath} and {hpath}")
     return 0
-
-
-def _hook_order(model, hook: str) -> tuple:
-    from saelab.models.loading import hook_layer
-
-    layer = hook_layer(hook)
-    return (-1 if layer is None else layer, hook)
 
 
 # ---------------------------------------------------------------------------------------------------- explore
@@ -678,15 +646,11 @@ def add_steer(sub) -> None:
 def run_steer(args) -> int:
     from pathlib import Path
 
-    from saelab.config import check
-    from saelab.eval.run import steer_run
+    from saelab.eval.run import format_steer, steer_run
 
-    check(args.max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {args.max_new_tokens}")
-    check(args.temperature >= 0, "--temperature", f"must be >= 0, got {args.temperature}")
-    prompt = args.prompt if (args.prompt or args.sweep) else "\n"
-    paths, text = steer_run(Path(args.run), args.latent, args.alpha or [4.0], prompt, args.max_new_tokens,
-                            args.temperature, args.seed, args.sweep, args.mode)
-    print(text)
+    result, paths = steer_run(Path(args.run), args.latent, args.alpha or [4.0], args.prompt, args.max_new_tokens,
+                              args.temperature, args.seed, args.sweep, args.mode)
+    print(format_steer(result))
     for path in paths:
         print(f"wrote {path}")
     return 0

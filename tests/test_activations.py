@@ -626,7 +626,7 @@ def test_trainer_runs_from_a_cache(cache2, tmp_path):
     from saelab.config import SAEConfig, TrainConfig
 
     try:
-        from saelab.train import train
+        from saelab.training import train
     except ImportError as e:  # the trainer's dependencies (kernels) are written in parallel
         pytest.skip(f"trainer not importable yet: {e}")
 

@@ -16,7 +16,7 @@ from saelab.kernels import grouped_decode, sparse_decode
 from saelab.sae import ARCHITECTURES, SparseAutoencoder
 from saelab.sae.architectures import batch_topk_indices, pack_rows
 from saelab.sae.gradient_topk import attribution_scale, gradient_scores, gradient_topk_indices
-from saelab.train import train
+from saelab.training import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import final_weights, planted_data, small_cfg  # noqa: E402
@@ -97,6 +97,34 @@ def test_batchtopk_threshold_learns_and_inference_is_batch_independent():
     a = sorted(one.indices[0][one.values[0] != 0].tolist())
     b = sorted(full.indices[0][full.values[0] != 0].tolist())
     assert a == b
+
+
+def test_batchtopk_calibration_sets_theta_to_the_sample_cut_off():
+    sae = make("batchtopk", calibration_tokens=300)
+    sae.threshold.fill_(5.0)  # a stale EMA far above the cut-off
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(128, 24, generator=gen) for _ in range(4)]
+    drawn = iter(batches)
+    info = sae.arch.calibrate(sae, lambda: next(drawn, None))
+    assert info["tokens"] == 384 and info["threshold_ema"] == 5.0  # whole batches until ≥ 300 tokens
+    with torch.no_grad():
+        pre = torch.cat([sae.preacts(sae.normalize_input(b)[0]) for b in batches[:3]])
+    brute = pre.reshape(-1).sort(descending=True).values[4 * 384 - 1]  # the (k·N)-th largest of the full matrix
+    assert float(sae.threshold[0]) == pytest.approx(float(brute)) and torch.all(sae.threshold == sae.threshold[0])
+    assert float((pre >= sae.threshold).sum(1).float().mean()) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_short_run_infers_k_latents_per_token_after_calibration(arch):
+    # the default EMA (0.99) lags the falling cut-off of a short run; the calibration after the last step fixes it
+    data = planted_data(n_rows=6144, d=32)
+    held = data[4096:]
+    l0 = {}
+    for tokens in (0, 65_536):
+        sae = SparseAutoencoder.load(_train(arch, data[:4096], calibration_tokens=tokens) / "sae")
+        l0[tokens] = float(sae.encode(held).l0().float().mean())
+    assert abs(l0[65_536] - 4) <= 0.4, l0
+    assert abs(l0[0] - 4) > abs(l0[65_536] - 4), l0  # the EMA alone is further off
 
 
 def _train(arch, x, tmp=None, **options):
@@ -351,7 +379,7 @@ DIST_SCRIPT = textwrap.dedent("""
     from test_train import planted_data, small_cfg
     from saelab.activations.in_memory import InMemoryActivations
     from saelab.config import SAEConfig
-    from saelab.train import train
+    from saelab.training import train
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -457,7 +457,7 @@ def test_a_run_from_a_cache_records_the_cache_model(shared, tmp_path):
     default; a contradicting --model is refused (a table row)."""
     from saelab.config import TrainConfig
     from saelab.models import reference_dir
-    from saelab.train.pipeline import resolve
+    from saelab.training.pipeline import resolve
 
     _, cache = shared
     other = tmp_path / "other"

@@ -14,7 +14,7 @@ from saelab.config import ConfigError, SAEConfig
 from saelab.sae import SparseAutoencoder
 from saelab.sae.batchtopk import BatchTopK
 from saelab.sae.choice import FeatureChoice, MutualChoice, capacities, feature_choice_indices
-from saelab.train import train
+from saelab.training import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import DiesAfter, Interrupted, final_weights, planted_data, small_cfg  # noqa: E402

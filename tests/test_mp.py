@@ -13,7 +13,7 @@ from saelab.activations.in_memory import InMemoryActivations
 from saelab.config import ConfigError, SAEConfig
 from saelab.sae import SparseAutoencoder
 from saelab.sae.matching_pursuit import merge_repeats, pursuit_indices, pursuit_values, row_argmax
-from saelab.train import train
+from saelab.training import train
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_train import DiesAfter, Interrupted, final_weights, planted_data, small_cfg  # noqa: E402

@@ -113,11 +113,15 @@ def test_pre_6_layout_loads_the_same(tmp_path):
     assert rel_err(sae.decode(sae.encode(x)), x_hat_ref) < 1e-5
 
 
-def test_notebook_api_loads_saelens_folders():
-    assert saelab.load_sae is load_sae
+def test_notebook_api_loads_saelens_folders(tmp_path):
     x, x_hat_ref, _ = expected("topk")
-    sae = saelab.load_sae(str(FIXTURES / "topk"))
+    sae = saelab.load_sae(str(FIXTURES / "topk"))  # a folder SAELens saved: its reconstruction, reproduced
     assert rel_err(sae.decode(sae.encode(x)), x_hat_ref) < 1e-5
+    import shutil
+
+    shutil.copytree(FIXTURES / "topk", tmp_path / "run" / "sae")  # a run directory holding it loads the same
+    again = saelab.load_sae(tmp_path / "run")
+    assert torch.equal(again.W_dec, sae.W_dec) and saelab.Run(tmp_path / "run").sae.cfg.k == sae.cfg.k
 
 
 # ------------------------------------------------------------------------------------------ saelab → SAELens

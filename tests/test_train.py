@@ -13,7 +13,7 @@ import torch
 
 from saelab.activations.in_memory import InMemoryActivations
 from saelab.config import SAEConfig, TrainConfig
-from saelab.train import lr_at, train
+from saelab.training import lr_at, train
 
 
 def planted_data(n_rows=8192, d=32, n_true=64, k_true=3, seed=0):
@@ -97,7 +97,7 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import planted_data, small_cfg
     from saelab.activations.in_memory import InMemoryActivations
-    from saelab.train import train
+    from saelab.training import train
     torch.set_num_threads(1)
     x = planted_data(n_rows=4096)
     cfg = small_cfg(tokens=256 * 400, checkpoint_every=10, resume={resume})
@@ -134,7 +134,7 @@ DIST_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import planted_data, small_cfg
     from saelab.activations.in_memory import InMemoryActivations
-    from saelab.train import train
+    from saelab.training import train
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -197,3 +197,32 @@ class RowActivations:
         np.cumsum(ex_len, out=offsets[1:])
         gather = np.repeat(start[ex_pair] - offsets[:-1], ex_len) + np.arange(offsets[-1])
         return offsets, pos[gather], val[gather]
+
+
+@torch.no_grad()
+def top_examples(model, sae, latent: int, n: int = 10, corpus=None, tokens: int = 65_536, context_size: int = 128,
+                 batch_rows: int = 32) -> list:
+    """Without a bundle: the n held-out rows where `latent` peaks highest (one pass of `tokens` tokens through the
+    model up to the SAE's hook), as the reader's `Example`s (kind "top"), strongest first; BOS is never scored."""
+    import math
+
+    from saelab.dashboard.reader import Example
+    from saelab.data.corpus import CorpusSpec
+    from saelab.eval.splice import capture, corpus_rows, model_device
+
+    rows = corpus_rows(model, corpus if corpus is not None else CorpusSpec(), "validation", context_size,
+                       max(1, math.ceil(tokens / context_size)))
+    dev, hook = model_device(model), sae.cfg.hook_name
+    acts = torch.zeros(rows.shape, dtype=torch.float32)
+    for i in range(0, rows.shape[0], batch_rows):
+        tok = rows[i:i + batch_rows].to(dev)
+        _, cache = capture(model, tok, hook)
+        x = cache[hook][:, 1:].reshape(-1, sae.cfg.d_in)
+        code = sae.encode(x)
+        hit = (code.indices == latent) & (code.values != 0)
+        val = (code.values * hit).sum(1).float().cpu()
+        acts[i:i + tok.shape[0], 1:] = val.reshape(tok.shape[0], -1)
+    peak, pos = acts.max(1)
+    order = [int(r) for r in torch.argsort(-peak, stable=True)[:n] if peak[r] > 0]
+    return [Example(kind="top", bin=-1, rank=j, row=r, pos=int(pos[r]), act=float(peak[r]),
+                    tokens=rows[r].numpy().astype(np.int32), acts=acts[r].numpy()) for j, r in enumerate(order)]

@@ -402,6 +402,18 @@ class CoreMetrics:
             d.pop("latent_density")
         return _json_clean(d)
 
+    def _repr_html_(self) -> str:  # Jupyter: the headline numbers as a table
+        from saelab.display import table_html
+
+        rows = [("explained variance", self.explained_variance), ("FVU", self.fvu), ("L0", self.l0),
+                ("dead latents", self.n_dead), ("dense latents", self.n_dense), ("cosine similarity", self.cossim)]
+        if self.n_predictions:
+            rows += [("CE clean (nats)", self.ce_clean), ("CE with SAE (nats)", self.ce_sae),
+                     ("ΔCE (nats)", self.delta_ce), ("KL (nats)", self.kl_sae),
+                     ("loss recovered (zero abl.)", self.loss_recovered_zero),
+                     ("loss recovered (mean abl.)", self.loss_recovered_mean)]
+        return table_html(rows, title=f"core metrics · {self.hook_name} · {self.n_tokens:,} held-out tokens")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CoreMetrics":
         names = {f for f in cls.__dataclass_fields__}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -129,6 +129,77 @@ def _edges(model, batch, base, fa, scores, method, rules, per_layer: int = 8):
         out.append({"upstream": up.hook, "downstream": down.hook, "upstream_nodes": tops[0],
                     "downstream_nodes": tops[1], "effects": E.tolist()})
     return out
+
+
+# ================================================================================================ settings
+@dataclass
+class PatchSettings:
+    """`saelab patch`'s / `saelab.patch`'s settings, checked before the model loads."""
+
+    methods: list[str]
+    kinds: list[str]
+    rules: RelPRules
+    saes: list  # SAE directories (Path) or SparseAutoencoder objects, as given
+    default_out: Path | None  # RUN/eval/patching of the first SAE given as a directory
+
+
+def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="ln,identity,half",
+                   pairs: int = 32, ig_steps: int = 10, circuit_method: str = "ig", saes=()) -> PatchSettings:
+    """Check the settings of a patching run (comma strings or lists) and find the SAE directories of run paths,
+    raising ConfigError / SAEFileError before anything loads."""
+    from saelab.errors import ConfigError
+
+    methods = list(patching.METHODS) if methods == "all" else _names(methods)
+    kinds = _names(components)
+    for name, got, allowed in (("method", methods, patching.METHODS), ("components", kinds, patching.KINDS)):
+        bad = [m for m in got if m not in allowed]
+        if bad or not got:
+            raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
+    if pairs < 1 or ig_steps < 1:
+        raise ConfigError(f"--pairs and --ig-steps must be >= 1, got {pairs} and {ig_steps}")
+    if circuit_method not in ("attribution", "relp", "ig"):
+        raise ConfigError(f"--circuit-method: {circuit_method!r}; use attribution, relp or ig")
+    rules = RelPRules.parse(relp_rules) if isinstance(relp_rules, str) else relp_rules
+    sources, out = [], None
+    for sae in saes:
+        if isinstance(sae, torch.nn.Module):
+            sources.append(sae)
+            continue
+        run = Path(sae)  # a path or anything path-like (a saelab.Run)
+        sae_dir = run / "sae" if (run / "sae").is_dir() else run
+        if not (sae_dir / "cfg.json").exists():
+            from saelab.errors import SAEFileError
+
+            raise SAEFileError(f"{run}: neither a run directory (with sae/) nor an SAE directory (with cfg.json)")
+        sources.append(sae_dir)
+        out = out or (run if sae_dir != run else sae_dir) / "eval" / "patching"
+    return PatchSettings(methods, kinds, rules, sources, out)
+
+
+def _names(value) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    return [m.strip() for m in items if m.strip()]
+
+
+def load_saes(model, sources) -> list:
+    """The SAEs of `PatchSettings.saes` on the model's device, checked against it (another model's SAE: one
+    clear line before any work), frozen (gradients flow through them, not into them), in hook order."""
+    from saelab.sae import SparseAutoencoder
+
+    device = next(model.parameters()).device
+    saes = [SparseAutoencoder.load(s, device=device) if isinstance(s, Path) else s.to(device) for s in sources]
+    for sae in saes:
+        circuits.check_sae(model, sae)
+        for p in sae.parameters():
+            p.requires_grad_(False)
+    return sorted(saes, key=lambda s: _hook_order(model, s.cfg.hook_name))
+
+
+def _hook_order(model, hook: str) -> tuple:
+    from saelab.models.loading import hook_layer
+
+    layer = hook_layer(hook)
+    return (-1 if layer is None else layer, hook)
 
 
 # ================================================================================================ figures
@@ -260,4 +331,5 @@ def _bar(enabled: bool, desc: str):
     return step
 
 
-__all__ = ["run_patching", "write_report", "format_report", "RULE_VARIANTS"]
+__all__ = ["run_patching", "write_report", "format_report", "patch_settings", "load_saes", "PatchSettings",
+           "RULE_VARIANTS"]

@@ -301,6 +301,16 @@ class ProbingResult:
                             "ks": self.ks, "bases": list(BASES) + ["dense"], "tasks": self.tasks,
                             "mean": self.mean})
 
+    def _repr_html_(self) -> str:  # Jupyter: mean test accuracy per k of the SAE probe and its baselines
+        from saelab.display import grid_html
+
+        m = self.mean
+        rows = [[k, m[str(k)]["sae_accuracy"], m[str(k)]["neurons_accuracy"], m[str(k)]["rotation_accuracy"]]
+                for k in self.ks if str(k) in m]
+        return grid_html(["k", "SAE latents", "neurons", "random rotation"], rows,
+                         title=f"sparse probing · {len(self.tasks)} tasks · mean test accuracy (dense probe "
+                               f"{m['dense']['accuracy']:.3f})")
+
 
 def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
     """Dense SAE latents [n, n_latents] (float32) of activations x [n, d]."""

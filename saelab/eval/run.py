@@ -33,28 +33,25 @@ def load_run(run: Path):
     return sae, model, cfg, out_dir
 
 
-def evaluate_run(run: Path, tokens: int = 65_536) -> tuple[Path, str]:
-    """Score the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained on."""
-    from saelab.eval.core import evaluate_core, format_core
+def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
+    """Core metrics of the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained
+    on → (CoreMetrics, RUN/eval/core.json). `loaded`: `load_run(run)`'s result, to load the model once."""
+    from saelab.eval.core import evaluate_core
 
-    sae, model, cfg, out_dir = load_run(run)
+    sae, model, cfg, out_dir = loaded or load_run(run)
     metrics = evaluate_core(model, sae, corpus=cfg.corpus, split="validation", n_tokens=tokens,
                             context_size=cfg.context_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "core.json"
-    path.write_text(json.dumps(metrics.to_dict(), indent=2))
-    return path, format_core(metrics)
+    return metrics, _write_json(out_dir / "core.json", metrics.to_dict(), indent=2)
 
 
 def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
               text_field: str = "text", label_field: str = "label", pooling: str = "mean",
-              progress: bool = True) -> tuple[Path, str]:
-    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data),
-    written to RUN/eval/probing.json."""
-    from saelab.eval.probing import (format_probing, gather_sequence_data, load_labelled, probe_tasks,
-                                     reference_data)
+              progress: bool = True, loaded=None):
+    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data)
+    → (ProbingResult, RUN/eval/probing.json)."""
+    from saelab.eval.probing import gather_sequence_data, load_labelled, probe_tasks, reference_data
 
-    sae, model, cfg, out_dir = load_run(run)
+    sae, model, cfg, out_dir = loaded or load_run(run)
     if data:
         rows = load_labelled(data, text_field, label_field)
         pd = gather_sequence_data(model, sae, sae.cfg.hook_name, rows, name=Path(data).stem or "user",
@@ -63,52 +60,54 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
         pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
                             progress=progress)
     result = probe_tasks(pd, sae, selection=selection, progress=progress)
-    return _write_json(out_dir / "probing.json", result.to_dict()), format_probing(result)
+    return result, _write_json(out_dir / "probing.json", result.to_dict())
 
 
-def score_run(run: Path, tokens: int = 65_536, progress: bool = True) -> tuple[Path, str]:
-    """Input and output scores of every latent of a run's SAE → RUN/eval/steering_scores.parquet (+ .json)."""
-    import numpy as np
-
+def score_run(run: Path, tokens: int = 65_536, progress: bool = True, loaded=None):
+    """Input and output scores of every latent of a run's SAE → (SteeringScores,
+    RUN/eval/steering_scores.parquet (+ .json))."""
     from saelab.eval.steering import score_latents, write_scores
 
-    sae, model, cfg, out_dir = load_run(run)
+    sae, model, cfg, out_dir = loaded or load_run(run)
     scores, _ = score_latents(model, sae, n_tokens=tokens, context_size=cfg.context_size, corpus=cfg.corpus,
                               progress=progress)
-    path = write_scores(scores, out_dir, model.tokenizer)
-    o, i = scores.output_score, scores.input_score
-    text = (f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
-            f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} latents "
-            f"with < 10 examples)")
-    return path, text
+    return scores, write_scores(scores, out_dir, model.tokenizer)
 
 
-def _write_json(path: Path, obj) -> Path:
+def _write_json(path: Path, obj, indent: int = 1) -> Path:
     """Write JSON atomically (a temporary file renamed over the target): nothing half-written is left."""
     import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=indent))
     os.replace(tmp, path)
     return path
 
 
 def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, max_new_tokens: int = 30,
               temperature: float = 0.7, seed: int = 0, sweep: bool = False, mode: str = "add",
-              tokens: int = 16_384) -> tuple[list[Path], str]:
+              tokens: int = 16_384) -> tuple[dict, list[Path]]:
     """`saelab steer`: steered vs unsteered generations of a prompt (several latents at once, amounts α × each
     latent's max activation), or with sweep=True concept success and fluency over a strength grid per latent,
-    written to RUN/eval/steer_sweep_<latents>.json and .html (Plotly)."""
+    written to RUN/eval/steer_sweep_<latents>.json and .html (Plotly). An empty prompt is a newline, or for a
+    sweep the neutral code prefixes STEER_PROMPTS. → (result, files written): the result is
+    `steering_success`'s dict (+ lens_tokens) for a sweep, else the settings with the `steered` and `unsteered`
+    continuations; `format_steer` turns it into the command's text."""
     import os
 
     import torch
 
+    from saelab.config import check
     from saelab.errors import ConfigError
     from saelab.eval.splice import check_sae_fits
     from saelab.eval.steering import (ALPHAS, Steer, generate, lens_tokens, prompt_tokens, steer_directions,
                                       steering_success)
 
+    check(max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {max_new_tokens}")
+    check(temperature >= 0, "--temperature", f"must be >= 0, got {temperature}")
+    check(mode in ("add", "clamp"), "--mode", f"{mode!r}; use add or clamp")
+    prompt = prompt if (prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
     sae, model, cfg, out_dir = load_run(run)
     check_sae_fits(model, sae)
     n = sae.cfg.n_latents
@@ -138,11 +137,10 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
         plain = generate(model, tok, max_new_tokens, temperature, seed)
         P = tok.shape[1]
         dec = model.tokenizer.decode
-        lines = [f"prompt: {prompt!r}   latents {latents}, α {al.tolist()} × max activation "
-                 f"{[round(float(max_act[f]), 3) for f in latents]} ({mode}, all positions; seed {seed}, "
-                 f"temperature {temperature})",
-                 "--- unsteered ---", dec(plain[0, P:].tolist()), "--- steered ---", dec(steered[0, P:].tolist())]
-        return [], "\n".join(lines)
+        return {"prompt": prompt, "latents": list(latents), "alphas": al.tolist(),
+                "max_activation": [round(float(max_act[f]), 3) for f in latents], "mode": mode, "seed": seed,
+                "temperature": temperature, "max_new_tokens": max_new_tokens,
+                "unsteered": dec(plain[0, P:].tolist()), "steered": dec(steered[0, P:].tolist())}, []
     grid = sorted(set(alphas)) if len(alphas) > 1 else list(ALPHAS)
     lens = lens_tokens(model, sae)
     kw = {"prompts": [prompt]} if prompt else {}  # no prompt: the neutral code prefixes STEER_PROMPTS
@@ -154,12 +152,22 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     html = out_dir / f"{name}.html"
     _sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
     os.replace(html.with_suffix(".html.tmp"), html)
+    return res, [path, html]
+
+
+def format_steer(res: dict) -> str:
+    """`saelab steer`'s text for `steer_run`'s result: the two continuations, or the sweep's table."""
+    if "success" not in res:
+        return "\n".join([f"prompt: {res['prompt']!r}   latents {res['latents']}, α {res['alphas']} × max activation "
+                          f"{res['max_activation']} ({res['mode']}, all positions; seed {res['seed']}, "
+                          f"temperature {res['temperature']})",
+                          "--- unsteered ---", res["unsteered"], "--- steered ---", res["steered"]])
     lines = [f"{'latent':>7} {'alpha':>6} {'success@' + str(res['k']):>11} {'rate':>6} {'fluency (nats)':>15}"]
-    for i, f in enumerate(latents):
-        for j, a in enumerate(grid):
+    for i, f in enumerate(res["latents"]):
+        for j, a in enumerate(res["alphas"]):
             lines.append(f"{f:>7} {a:>6g} {res['success'][i][j]:>11.2f} {res['rate'][i][j]:>6.3f} "
                          f"{res['fluency_nats'][i][j]:>15.3f}")
-    return [path, html], "\n".join(lines)
+    return "\n".join(lines)
 
 
 def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
@@ -175,7 +183,7 @@ def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
     if scores.exists():
         df = pd.read_parquet(scores, columns=["latent", "max_activation"])
         if len(df) == sae.cfg.n_latents:
-            return df.sort_values("latent")["max_activation"].to_numpy()
+            return df.sort_values("latent")["max_activation"].to_numpy().copy()  # writable, for torch
     rows = corpus_rows(model, cfg.corpus, "validation", cfg.context_size, max(1, math.ceil(tokens / cfg.context_size)))
     return activation_sweep(model, sae, rows).max_activation
 

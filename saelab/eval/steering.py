@@ -201,6 +201,15 @@ class SteeringScores:
     lens_tokens: np.ndarray  # [n, 20]
     meta: dict
 
+    def _repr_html_(self) -> str:  # Jupyter: the ten latents with the largest output score
+        from saelab.display import grid_html
+
+        o, i = self.output_score, self.input_score
+        top = np.argsort(-o)[:10]
+        return grid_html(["latent", "output score", "input score", "max activation"],
+                         [[int(self.latent[j]), float(o[j]), float(i[j]), float(self.max_activation[j])] for j in top],
+                         title=f"steering scores · top 10 of {len(o):,} latents by output score")
+
     def to_frame(self, tokenizer=None):
         import pandas as pd
 
@@ -233,6 +242,13 @@ def score_latents(model, sae, rows: torch.Tensor | None = None, n_tokens: int = 
             "definitions": "saelab.eval.steering module docstring"}
     return SteeringScores(np.arange(sae.cfg.n_latents), out, inp, sweep.max_activation, counts,
                           lens.numpy(), meta), sweep
+
+
+def format_scores(scores: SteeringScores) -> str:
+    o, i = scores.output_score, scores.input_score
+    return (f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
+            f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} latents "
+            f"with < 10 examples)")
 
 
 def write_scores(scores: SteeringScores, out_dir, tokenizer=None):

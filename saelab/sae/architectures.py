@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -75,6 +75,13 @@ class Architecture:
     @torch.no_grad()
     def after_step(self, sae, out, step: int) -> None:
         """After each optimizer step (e.g. update a threshold from this step's code)."""
+
+    @torch.no_grad()
+    def calibrate(self, sae, draw: Callable[[], torch.Tensor | None]) -> dict:
+        """Once, after the last step: fit the inference state to the finished SAE on more training activations
+        (`draw()` returns the next raw batch [B, d_in], or None when the source is spent). Returns what it set,
+        for the run's record; the default has nothing to fit."""
+        return {}
 
     # ---------------------------------------------------------------------------------------------- selection
     def select(self, sae, pre: torch.Tensor, grad: torch.Tensor | None, k: int):
@@ -206,14 +213,14 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     want = k * B * world
     m = min(n, 2 * k * world)
     cand = pre.topk(m, dim=-1, sorted=False)
-    cut = _global_cut(cand.values.reshape(-1), want, world)
+    cut = global_cut(cand.values.reshape(-1), want, world)
     full = cand.values.min(1).values >= cut if m < n else torch.zeros(B, dtype=torch.bool, device=pre.device)
     again = full.any().to(torch.uint8)
     if world > 1:  # every rank must take part in the second cut if any rank needs it
         dist.all_reduce(again, op=dist.ReduceOp.MAX)
     if bool(again):  # some tokens may hold more entries above the cut than their candidates
         pool = torch.cat([cand.values[~full].reshape(-1), pre[full].reshape(-1)])
-        cut = _global_cut(pool, want, world)
+        cut = global_cut(pool, want, world)
     keep = cand.values >= cut
     keep[full] = False
     rows = torch.arange(B, device=pre.device).unsqueeze(1).expand(B, m)[keep]
@@ -225,7 +232,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return pack_rows(rows, cols, B)
 
 
-def _global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
+def global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
     """The want-th largest of `values` (of every rank's values under torch.distributed)."""
     local = values.topk(min(want, values.numel()), sorted=False).values
     if world > 1:

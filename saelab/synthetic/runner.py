@@ -32,7 +32,7 @@ def run_benchmark(spec: BenchSpec, archs=ARCHS, out: str | Path | None = None, p
 
     from saelab.activations.in_memory import InMemoryActivations
     from saelab.config import SAEConfig, TrainConfig
-    from saelab.train import train
+    from saelab.training import train
 
     data = generate(spec.tree, spec.rows, seed=spec.seed)
     held = generate(spec.tree, 4096, seed=spec.seed, sample_seed=spec.seed + 1)  # same features, new rows

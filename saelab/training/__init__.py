@@ -1,5 +1,5 @@
 """Training: the loop, checkpoints and exact resume."""
 
-from saelab.train.trainer import TrainResult, lr_at, train
+from saelab.training.trainer import TrainResult, lr_at, train
 
 __all__ = ["train", "TrainResult", "lr_at"]

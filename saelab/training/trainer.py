@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from saelab.config import SAEConfig, TrainConfig, from_dict, save_config, to_dict
 from saelab.sae import SparseAutoencoder
-from saelab.train import checkpoint as ckpt
+from saelab.training import checkpoint as ckpt
 
 
 @dataclass
@@ -280,8 +280,15 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             bar.close()
         log.close()
 
+    def draw():  # more training activations for the architecture's calibration (None once the source is spent)
+        batch = next(it, None)
+        return None if batch is None else batch.acts.to(device)
+
+    calibration = sae.arch.calibrate(sae, draw)  # e.g. BatchTopK's θ fitted to the finished SAE
+    if calibration and rank == 0:
+        print(f"calibrated {sae.arch.name} inference: " + ", ".join(f"{k} {v:.4g}" for k, v in calibration.items()))
     if rank == 0:
-        sae.save(run_dir / "sae", extra={"training": {"steps": steps, "tokens": tokens_seen,
+        sae.save(run_dir / "sae", extra={"training": {"steps": steps, "tokens": tokens_seen, "calibration": calibration,
                                                       "dead_token_threshold": threshold,
                                                       "dead_latents": int((since_fired > threshold).sum()),
                                                       "final_metrics": last},

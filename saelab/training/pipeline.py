@@ -16,7 +16,7 @@ from pathlib import Path
 from saelab.config import ModelSpec, TrainConfig
 from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
 from saelab.models.loading import locate_model
-from saelab.train.trainer import TrainResult, _world, default_run_name, train
+from saelab.training.trainer import TrainResult, _world, default_run_name, train
 
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "sae", "checkpoints", "cache", "eval"}  # what a run folder holds
 
@@ -93,7 +93,7 @@ def _check_cache(cfg: TrainConfig, data: dict) -> int:
 
 
 def _check_resume_width(run_dir: Path, hook: str, d_in: int, cache: str) -> None:
-    from saelab.train import checkpoint as ckpt
+    from saelab.training import checkpoint as ckpt
 
     last = ckpt.latest_checkpoint(run_dir)
     if last is None:
@@ -157,7 +157,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
-def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1):
+def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool = True):
     """An `ActivationCache` (given, or written into the run directory and resumed if half-written) or a stream."""
     from saelab.activations import ActivationCache, stream_activations, write_cache
     from saelab.config import CacheConfig
@@ -168,7 +168,8 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1):
         cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
         if not cfg.cache and rank == 0:
             write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name], out=str(cache_dir),
-                                    tokens=cfg.cache_tokens, context_size=cfg.context_size, with_grads=grads))
+                                    tokens=cfg.cache_tokens, context_size=cfg.context_size, with_grads=grads),
+                        progress=progress)
         if world > 1:
             import torch.distributed as dist
 
@@ -189,7 +190,7 @@ def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     out = Path(cfg.out)
     fresh = not out.exists()
     try:
-        source = make_source(cfg, rank, world)
+        source = make_source(cfg, rank, world, progress)
     except SaelabError:
         if fresh and rank == 0:  # refused before training began: leave no half-made run folder behind
             shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,551 @@
+"""The notebook API: what the CLI commands do, returned as objects instead of printed.
+
+    import saelab
+    run = saelab.train(tokens="2M")                  # `saelab train --tokens 2M`; a Run (a table in Jupyter)
+    run.core                                          # its held-out core metrics (CoreMetrics)
+    saelab.top_activations(run, 12)                   # latent 12's top examples as highlighted tokens
+    ev = saelab.evaluate(run, suites=["probing"])     # `saelab eval RUN --suite probing`
+
+Each function calls the code its command calls (`saelab.training.pipeline`, `saelab.eval.run`, the dashboard
+reader); nothing here computes a result another way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+from saelab.display import table_html, tokens_html
+from saelab.errors import ConfigError, SAEFileError
+
+SUITES = ("core", "probing", "steering")
+
+
+# ================================================================================================ a run
+class Run:
+    """A run directory made by `saelab train` (or a bare SAE directory): its SAE, settings, training curve,
+    evaluation results and dashboard bundle, each read when first used.
+
+    >>> run = saelab.Run("runs/reference-blocks.2.hook_resid_pre-topk-k32")    # doctest: +SKIP
+    >>> run.sae.encode(x)                                                       # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.sae_dir = self.path / "sae" if (self.path / "sae").is_dir() else self.path
+        if not (self.sae_dir / "cfg.json").exists():
+            what = "no such directory" if not self.path.exists() else \
+                "neither a run directory (with sae/) nor an SAE directory (with cfg.json)"
+            raise SAEFileError(f"{self.path}: {what}", hint="give a run directory made by `saelab train` / "
+                                                            "saelab.train(...), or an SAE directory")
+        self.eval_dir = (self.path if self.sae_dir != self.path else self.sae_dir) / "eval"
+
+    @cached_property
+    def sae(self):
+        """The trained `SparseAutoencoder` (saelab or SAELens layout)."""
+        from saelab.sae.saelens import load_sae
+
+        return load_sae(self.sae_dir)
+
+    @cached_property
+    def config(self):
+        """The run's `TrainConfig` (its config.yaml), or None for a bare SAE directory."""
+        from saelab.config import TrainConfig, load_config
+
+        file = self.path / "config.yaml"
+        return load_config(TrainConfig, file) if file.exists() else None
+
+    @property
+    def history(self) -> list[dict]:
+        """The training log (metrics.jsonl): one dict per logged step (fvu, l0, dead_pct, lr, tokens_per_s …)."""
+        file = self.path / "metrics.jsonl"
+        if not file.exists():
+            return []
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+    @property
+    def core(self):
+        """`CoreMetrics` of the last `saelab eval` / `saelab.evaluate` (RUN/eval/core.json), or None."""
+        from saelab.eval.core import CoreMetrics
+
+        file = self.eval_dir / "core.json"
+        return CoreMetrics.from_dict(json.loads(file.read_text())) if file.exists() else None
+
+    @property
+    def bundle(self):
+        """The dashboard bundle (`saelab dashboard RUN`) through `saelab.dashboard.open`, or None."""
+        from saelab.dashboard.reader import open as open_bundle
+
+        for where in (self.path / "dashboard", self.sae_dir / "dashboard"):
+            if (where / "manifest.json").exists():
+                return open_bundle(where)
+        return None
+
+    def plot_history(self, metrics: Sequence[str] = ("fvu", "l0", "dead_pct")):
+        """Plotly figure of the training curve, one panel per metric, against tokens."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        h = self.history
+        fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+        for j, m in enumerate(metrics):
+            fig.add_trace(go.Scatter(x=[r["tokens"] for r in h if m in r], y=[r[m] for r in h if m in r],
+                                     mode="lines", name=m, showlegend=False), row=1, col=j + 1)
+            fig.update_xaxes(title_text="tokens", row=1, col=j + 1)
+        fig.update_layout(height=300, margin=dict(t=40, b=40, l=40, r=10))
+        return fig
+
+    def summary(self) -> dict[str, Any]:
+        c = self.sae.cfg
+        rows: dict[str, Any] = {"run": str(self.path), "architecture": c.architecture, "hook": c.hook_name,
+                                "model": c.model_name, "d_in": c.d_in, "latents": c.n_latents, "k": c.k}
+        h = self.history
+        if h:
+            last = h[-1]
+            rows.update({"trained tokens": last.get("tokens"), "train FVU (last)": last.get("fvu"),
+                         "train L0 (last)": last.get("l0"), "dead % (train)": last.get("dead_pct")})
+        core = self.core
+        if core is not None:
+            rows.update({"held-out EV": core.explained_variance, "held-out L0": core.l0, "ΔCE (nats)": core.delta_ce,
+                         "loss recovered (zero abl.)": core.loss_recovered_zero, "dead latents": core.n_dead})
+        return rows
+
+    def _repr_html_(self) -> str:
+        return table_html(self.summary(), title="saelab run")
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def __fspath__(self) -> str:  # a Run goes wherever a run path does
+        return str(self.path)
+
+
+def _as_run(run) -> Run:
+    return run if isinstance(run, Run) else Run(run)
+
+
+def load_sae(path: str | Path, device: str = "cpu"):
+    """A `SparseAutoencoder` from an SAE directory (saelab's or one SAELens saved) or a run directory (its sae/).
+
+    >>> sae = saelab.load_sae("runs/demo")                 # doctest: +SKIP
+    >>> code = sae.encode(x); x_hat = sae.decode(code)     # doctest: +SKIP
+    """
+    from saelab.sae.saelens import load_sae as load
+
+    return load(Run(path).sae_dir, device=device)
+
+
+# ================================================================================================ train
+def train(config: str | Path | None = None, *, progress: bool = True, **settings) -> Run:
+    """Train an SAE as `saelab train` does and return its `Run` (with core metrics, unless eval_tokens=0).
+
+    Keywords are the command's flags with underscores: tokens ("2M" or 2_000_000), k, n_latents, arch, hook,
+    cache, out, lr, batch_size, eval_tokens, model, device, dataset, resume, … and any architecture option
+    (e.g. group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override.
+
+    >>> run = saelab.train(tokens="1M", k=32, arch="batchtopk", out="runs/demo")   # doctest: +SKIP
+    """
+    from saelab.cli import TRAIN_FLAGS
+    from saelab.config import TrainConfig, load_config
+    from saelab.eval.run import evaluate_run
+    from saelab.sae.architectures import option_fields, registry
+    from saelab.training.pipeline import run_training
+
+    arch_options = {f.name for name in registry() for f in option_fields(name)}
+    options = dict(settings.pop("options", None) or {})
+    options.update({k: settings.pop(k) for k in list(settings) if k in arch_options})
+    overrides = _overrides("saelab.train", TRAIN_FLAGS, settings, resume=("resume", bool))
+    if options:
+        overrides["sae.options"] = options
+    cfg = load_config(TrainConfig, config, overrides)
+    result = run_training(cfg, progress=progress)
+    if cfg.eval_tokens:
+        evaluate_run(result.run_dir, cfg.eval_tokens)
+    return Run(result.run_dir)
+
+
+def cache(config: str | Path | None = None, *, progress: bool = True, **settings) -> Path:
+    """Write (or resume, or extend) an activation cache as `saelab cache` does; returns its directory.
+    Keywords are the command's flags with underscores: hooks (a list or "a,b"), tokens ("1M"), out, with_grads,
+    dtype, context_size, dataset, model, device, ….
+
+    >>> path = saelab.cache(hooks=["blocks.2.hook_resid_pre"], tokens="500k", out="cache/ref")   # doctest: +SKIP
+    """
+    from saelab.activations import write_cache
+    from saelab.cli import CACHE_FLAGS
+    from saelab.config import CacheConfig, load_config
+
+    overrides = _overrides("saelab.cache", CACHE_FLAGS, settings, with_grads=("with_grads", bool),
+                           exclude_bos=("exclude_bos", bool))
+    return Path(write_cache(load_config(CacheConfig, config, overrides), progress=progress))
+
+
+def _overrides(where: str, table: dict, settings: dict, **extra) -> dict:
+    """{dotted config key: value} from keyword settings named like a command's flags (`--n-latents` → n_latents),
+    with the model flags and `extra` (name → (key, type)); counts may be strings such as "2M"."""
+    from saelab.cli import parse_count
+
+    keys = {flag[2:].replace("-", "_"): (key, typ) for flag, (key, typ, _) in table.items()}
+    keys.update(model=("model.name", str), device=("model.device", str), model_dtype=("model.dtype", str), **extra)
+    out = {}
+    for name, value in settings.items():
+        if name not in keys:
+            raise ConfigError(f"{where}: unknown setting {name!r}", hint=f"use one of {', '.join(sorted(keys))}")
+        key, typ = keys[name]
+        out[key] = _count(value, name, parse_count) if typ is parse_count else value
+    return out
+
+
+def _count(value, name: str, parse) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return parse(value)
+    except Exception:  # argparse's error type: say it as a config error here
+        raise ConfigError(f"{name}: not a count: {value!r} (use e.g. 20M, 500k or 4096)") from None
+
+
+# ================================================================================================ evaluate
+@dataclass
+class Evaluation:
+    """Results of `saelab.evaluate`: `core` (CoreMetrics), `probing` (ProbingResult), `steering` (SteeringScores),
+    each None unless its suite ran; `paths` are the files written under RUN/eval."""
+
+    run: Run
+    core: Any = None
+    probing: Any = None
+    steering: Any = None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    def _repr_html_(self) -> str:
+        parts = [getattr(self, s)._repr_html_() for s in SUITES if getattr(self, s) is not None]
+        return "".join(parts) or "<i>no suite ran</i>"
+
+    def __repr__(self) -> str:
+        ran = [s for s in SUITES if getattr(self, s) is not None]
+        return f"Evaluation({self.run!r}, suites={ran})"
+
+
+def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | None = None,
+             **probing) -> Evaluation:
+    """Score a run as `saelab eval RUN --suite …` does, for each suite in `suites` (core, probing, steering),
+    loading the model once. `probing` keywords: selection, data, text_field, label_field, pooling.
+
+    >>> ev = saelab.evaluate(run, suites=["core", "probing"])      # doctest: +SKIP
+    >>> ev.core.explained_variance                                 # doctest: +SKIP
+    """
+    from saelab.cli import parse_count
+    from saelab.eval.run import evaluate_run, load_run, probe_run, score_run
+
+    run = _as_run(run)
+    suites = [suites] if isinstance(suites, str) else list(suites)
+    bad = [s for s in suites if s not in SUITES]
+    if bad or not suites:
+        raise ConfigError(f"suites: {bad or suites!r}; use any of {', '.join(SUITES)}")
+    n = None if tokens is None else _count(tokens, "tokens", parse_count)
+    loaded = load_run(run.path)
+    ev = Evaluation(run)
+    if "core" in suites:
+        ev.core, ev.paths["core"] = evaluate_run(run.path, n or 65_536, loaded=loaded)
+    if "probing" in suites:
+        ev.probing, ev.paths["probing"] = probe_run(run.path, n or 80_000, loaded=loaded, **probing)
+    if "steering" in suites:
+        ev.steering, ev.paths["steering"] = score_run(run.path, n or 65_536, loaded=loaded)
+    return ev
+
+
+def dashboard(run, tokens: int | str = 1_000_000, out: str | Path | None = None, progress: bool = True, **kw):
+    """Build the run's dashboard bundle as `saelab dashboard RUN` does and open it (`saelab.dashboard.open`):
+    every latent's statistics, examples, logit effects and neighbours; what the explorer and `top_activations`
+    read. Other keywords (split, dataset, context_size, device, force) are `build_run_bundle`'s.
+
+    >>> bundle = saelab.dashboard(run, tokens="200k"); bundle.table().sort_values("density")   # doctest: +SKIP
+    """
+    from saelab.cli import parse_count
+    from saelab.dashboard.reader import open as open_bundle
+    from saelab.dashboard.run import build_run_bundle
+
+    run = _as_run(run)
+    return open_bundle(build_run_bundle(run.path, out=out, tokens=_count(tokens, "tokens", parse_count),
+                                        progress=progress, **kw))
+
+
+# ================================================================================================ latents
+@dataclass
+class TopActivations:
+    """A latent's strongest contexts: `examples` (the dashboard reader's `Example`s, strongest first) with the
+    token strings to show them; `stats` when they come from a bundle. Highlighted tokens in Jupyter."""
+
+    latent: int
+    examples: list
+    token_text: Any  # callable: token ids → display strings
+    source: str  # "bundle" or "model"
+    stats: Any = None
+    context: int = 12  # tokens shown each side of the peak
+
+    def texts(self) -> list[str]:
+        """Each example's window around its peak as plain text."""
+        out = []
+        for e in self.examples:
+            s, t = e.window(self.context)
+            out.append("".join(self.token_text(e.tokens[s:t])))
+        return out
+
+    def _repr_html_(self) -> str:
+        scale = max((float(e.act) for e in self.examples), default=0.0)
+        head = f"latent {self.latent} · top {len(self.examples)} contexts (from the {self.source})"
+        parts = [f"<div style='font-weight:600;margin:4px 0'>{head}</div>"]
+        if self.stats is not None:
+            st = self.stats
+            parts.append(f"<div style='font-size:12px'>density {st.density:.3g} · max {st.max:.3g} · "
+                         f"mean {st.mean:.3g}{' · dead' if st.dead else ''}{' · dense' if st.dense else ''}</div>")
+        for e in self.examples:
+            s, t = e.window(self.context)
+            parts.append(tokens_html(self.token_text(e.tokens[s:t]), e.acts[s:t], scale, peak=e.pos - s))
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        return f"TopActivations(latent={self.latent}, {len(self.examples)} examples from the {self.source})"
+
+
+def top_activations(run, latent: int, n: int = 10, model=None, corpus=None, tokens: int = 65_536,
+                    context: int = 12) -> TopActivations:
+    """The n contexts where `latent` fires most. From the run's dashboard bundle when it has one (no model
+    needed); otherwise one pass of `tokens` held-out tokens through the model (given, or the run's own).
+
+    >>> saelab.top_activations(run, 12)                     # doctest: +SKIP
+    """
+    from saelab.dashboard.examples import top_examples
+
+    run = run if not isinstance(run, (str, Path)) else Run(run)
+    if isinstance(run, Run) and run.bundle is not None and model is None and corpus is None:
+        b = run.bundle
+        lat = b.latent(latent)
+        return TopActivations(lat.index, lat.top[:n], b.token_text, "bundle", lat.stats, context)
+    sae = run.sae if isinstance(run, Run) else run
+    if not 0 <= int(latent) < sae.cfg.n_latents:
+        raise ConfigError(f"latent {latent} is out of range: the SAE has {sae.cfg.n_latents} latents")
+    cfg = run.config if isinstance(run, Run) else None
+    if model is None:
+        from saelab.models import load_model
+
+        model = load_model(sae.cfg.model_name or (cfg.model.name if cfg else "reference"))
+    if corpus is None and cfg is not None:
+        corpus = cfg.corpus
+    examples = top_examples(model, sae, int(latent), n=n, corpus=corpus, tokens=tokens,
+                            context_size=cfg.context_size if cfg else 128)
+    from saelab.dashboard.vocab import display_vocab
+
+    shown = display_vocab(model.tokenizer, model.cfg.d_vocab)
+    return TopActivations(int(latent), examples, lambda ids: [shown[int(t)] for t in ids], "model", None, context)
+
+
+# ================================================================================================ steer
+@dataclass
+class Steering:
+    """`saelab.steer`'s generations: the `steered` and `unsteered` continuations of `prompt` (same seed), with
+    the settings that made them (`alphas` per latent, `max_activation` each α multiplies)."""
+
+    run: Run
+    prompt: str
+    latents: list[int]
+    alphas: list[float]
+    max_activation: list[float]
+    mode: str
+    seed: int
+    temperature: float
+    max_new_tokens: int
+    unsteered: str
+    steered: str
+
+    def __str__(self) -> str:  # what `saelab steer` prints
+        from dataclasses import fields
+
+        from saelab.eval.run import format_steer
+
+        return format_steer({f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"})
+
+    def _repr_html_(self) -> str:
+        import html
+
+        head = (f"prompt {self.prompt!r} · latents {self.latents} · α {self.alphas} × max activation "
+                f"{self.max_activation} · {self.mode} · seed {self.seed}, temperature {self.temperature}")
+        cell = "vertical-align:top;padding:2px 12px 2px 0;width:50%"
+        text = "font-family:monospace;font-size:12px;white-space:pre-wrap;margin:0"
+        cols = "".join(f"<td style='{cell}'><div style='font-weight:600'>{name}</div><pre style='{text}'>"
+                       f"{html.escape(self.prompt)}<b>{html.escape(out)}</b></pre></td>"
+                       for name, out in (("unsteered", self.unsteered), ("steered", self.steered)))
+        return (f"<div><div style='font-weight:600;margin:4px 0'>{html.escape(head)}</div>"
+                f"<table style='border-collapse:collapse;width:100%'><tr>{cols}</tr></table></div>")
+
+
+@dataclass
+class SteeringSweep:
+    """`saelab.steer(..., sweep=True)`: concept success@k (generated tokens among the latent's top logit-lens
+    tokens), its per-token rate and fluency (the unsteered model's nats/token on the steered text) per latent ×
+    α; `result` is the dict written to `paths` (RUN/eval/steer_sweep_<latents>.json and .html)."""
+
+    run: Run
+    result: dict
+    paths: list[Path]
+
+    @property
+    def alphas(self) -> list[float]:
+        return self.result["alphas"]
+
+    @property
+    def success(self) -> dict[int, list[float]]:
+        """latent → success@k per α."""
+        return dict(zip(self.result["latents"], self.result["success"]))
+
+    @property
+    def fluency(self) -> dict[int, list[float]]:
+        """latent → nats/token per α (lower is more fluent)."""
+        return dict(zip(self.result["latents"], self.result["fluency_nats"]))
+
+    def figure(self):
+        """Plotly: success and fluency against α, a line per latent (the sweep's HTML page)."""
+        from saelab.eval.run import _sweep_figure
+
+        return _sweep_figure(self.result)
+
+    def __str__(self) -> str:  # what `saelab steer --sweep` prints
+        from saelab.eval.run import format_steer
+
+        return format_steer(self.result)
+
+    def _repr_html_(self) -> str:
+        from saelab.display import grid_html
+
+        r = self.result
+        rows = [[f, a, r["success"][i][j], r["rate"][i][j], r["fluency_nats"][i][j]]
+                for i, f in enumerate(r["latents"]) for j, a in enumerate(r["alphas"])]
+        return grid_html(["latent", "α", f"success@{r['k']}", "rate", "fluency (nats)"], rows,
+                         title=f"steering sweep · {r['n_prompts']} prompt(s) × {r['max_new_tokens']} new tokens")
+
+
+def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.0, prompt: str = "def ",
+          max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0, mode: str = "add",
+          sweep: bool = False, alphas: Sequence[float] | None = None, tokens: int | str = 16_384):
+    """Steer generation with SAE latents as `saelab steer` does: add α × (the latent's max activation) × its
+    decoder direction at every position (mode="clamp": set the one latent to that value instead) → `Steering`
+    (steered vs unsteered text). sweep=True → `SteeringSweep` over the grid `alphas` (default 0, 0.5, 1, 2, 4, 8;
+    prompt "" for the eight neutral code prefixes). Max activations come from RUN/eval/steering_scores.parquet
+    (`saelab.evaluate(run, suites=["steering"])`) or else a pass over `tokens` held-out tokens.
+
+    >>> saelab.steer(run, [12], alpha=4, prompt="def f(")                          # doctest: +SKIP
+    >>> saelab.steer(run, [12, 40], sweep=True, prompt="").figure()                # doctest: +SKIP
+    """
+    from numbers import Number
+
+    from saelab.cli import parse_count
+    from saelab.eval.run import steer_run
+
+    run = _as_run(run)
+    latents = [int(latents)] if isinstance(latents, Number) else [int(f) for f in latents]
+    if sweep:
+        grid = [float(a) for a in (alphas or ())]
+        if len(grid) == 1:
+            raise ConfigError(f"alphas: a sweep needs at least two strengths, got {grid}")
+    else:
+        grid = [float(alpha)] if isinstance(alpha, Number) else [float(a) for a in alpha]
+    result, paths = steer_run(run.path, latents, grid, prompt or "", max_new_tokens, temperature, seed, sweep, mode,
+                              _count(tokens, "tokens", parse_count))
+    return SteeringSweep(run, result, paths) if sweep else Steering(run, **result)
+
+
+# ================================================================================================ patch
+@dataclass
+class PatchingReport:
+    """`saelab.patch`'s report: `report` is the dict `saelab patch` writes as JSON (task, solve rate, per-method
+    effects, `correlation` = Pearson r against activation patching per component type; with SAEs, `sae` with the
+    node correlations and the circuit's faithfulness/completeness curve); `figures` the Plotly figures of its
+    HTML page (scatter, heatmap; with SAEs faithfulness and sae_scatter); `paths` the files written, if any."""
+
+    report: dict
+    figures: dict
+    paths: tuple = ()
+
+    @property
+    def correlation(self) -> dict[str, dict[str, float | None]]:
+        """method → component type → Pearson r against activation patching (empty without 'activation')."""
+        return self.report.get("correlation", {})
+
+    @property
+    def solve_rate(self) -> dict:
+        return self.report["solve_rate"]
+
+    @property
+    def circuit(self) -> dict | None:
+        """The feature circuit (with SAEs): ranked_by, sizes, faithfulness, completeness, top_nodes."""
+        return self.report.get("sae", {}).get("circuit")
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON types (what patching-<task>.json holds)."""
+        from saelab.eval.patching_report import _jsonable
+
+        return json.loads(json.dumps(self.report, default=_jsonable))
+
+    def __str__(self) -> str:  # what `saelab patch` prints
+        from saelab.eval.patching_report import format_report
+
+        return format_report(self.report)
+
+    def _repr_html_(self) -> str:
+        from saelab.display import grid_html
+
+        r, s = self.report, self.solve_rate
+        parts = [table_html([("pairs × tokens", f"{r['n_pairs']} × {r['length']}"),
+                             ("solved (clean and corrupted)", s["both_accuracy"]),
+                             ("logit diff clean", s["logit_diff_clean"]),
+                             ("logit diff corrupted", s["logit_diff_corrupted"])],
+                            title=f"patching · task {r['task']}")]
+        corr = self.correlation
+        if corr:
+            kinds = list(next(iter(corr.values())))
+            sae_r = r.get("sae", {}).get("correlation", {})
+            extra = ["SAE nodes"] if sae_r else []
+            rows = [[m] + [row.get(k) for k in kinds] + [sae_r.get(m, {}).get("sae_latents")] * len(extra)
+                    for m, row in corr.items()]
+            parts.append(grid_html(["method"] + kinds + extra, rows,
+                                   title="Pearson r against activation patching, per component type"))
+        c = self.circuit
+        if c:
+            parts.append(grid_html(["circuit size", "faithfulness", "completeness"],
+                                   list(zip(c["sizes"], c["faithfulness"], c["completeness"])),
+                                   title=f"feature circuit, nodes ranked by |{c['ranked_by']}|"))
+        return "".join(parts)
+
+    def __repr__(self) -> str:
+        return f"PatchingReport(task={self.report['task']!r}, methods={list(self.report['seconds'])})"
+
+
+def patch(model="reference", task: str = "bracket", saes=(), pairs: int = 32,
+          methods: str | Sequence[str] = "all", components: str | Sequence[str] = "resid,attn,mlp,head",
+          relp_rules: str = "ln,identity,half", ig_steps: int = 10, circuit_method: str = "ig", seed: int = 0,
+          max_ap_nodes: int = 2000, out: str | Path | None = None, progress: bool = True) -> PatchingReport:
+    """Activation patching vs attribution patching, RelP and integrated gradients on a contrast task, as
+    `saelab patch` does; with `saes` (Runs, run/SAE directories or SparseAutoencoders, frozen here) also every
+    SAE latent and error node, and the feature circuit's faithfulness/completeness curve. `model`: a name or a
+    loaded model. Writes patching-<task>.json and .html only when `out` is given.
+
+    >>> rep = saelab.patch("reference", task="bracket", pairs=16)                  # doctest: +SKIP
+    >>> rep.correlation["relp"]["resid"]; rep.figures["scatter"]                   # doctest: +SKIP
+    >>> saelab.patch(saes=[run]).figures["faithfulness"]                           # doctest: +SKIP
+    """
+    from saelab.eval.patching_report import load_saes, patch_settings, run_patching, write_report
+
+    if isinstance(saes, (str, Path, Run)) or hasattr(saes, "encode"):  # one SAE given bare
+        saes = [saes]
+    st = patch_settings(methods, components, relp_rules, pairs, ig_steps, circuit_method, list(saes))
+    if isinstance(model, (str, Path)):
+        from saelab.models import load_model
+
+        model = load_model(str(model))
+    report = run_patching(model, task, pairs, st.methods, st.kinds, st.rules, ig_steps, load_saes(model, st.saes),
+                          circuit_method, seed, progress=progress, max_ap_nodes=max_ap_nodes)
+    paths = write_report(report, out) if out is not None else ()
+    return PatchingReport(report, report.pop("_figures", {}), paths)
