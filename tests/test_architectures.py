@@ -387,6 +387,7 @@ DIST_SCRIPT = textwrap.dedent("""
     cfg = small_cfg(sae=SAEConfig(architecture={arch!r}, n_latents=128, k=4), tokens=512 * 20, batch_size=256,
                     dead_tokens=10**9)
     train(cfg, InMemoryActivations(x, 256, seed=7, rank=rank, world_size=world), {run!r}, progress=False)
+    dist.barrier()  # leave together: a rank exiting while its peer still saves can abort gloo at teardown
     dist.destroy_process_group()
 """)
 

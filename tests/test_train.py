@@ -141,6 +141,7 @@ DIST_SCRIPT = textwrap.dedent("""
     x = planted_data(n_rows=4096)
     cfg = small_cfg(tokens=512 * 30, batch_size=256, dead_tokens=10**9)
     train(cfg, InMemoryActivations(x, 256, seed=7, rank=rank, world_size=world), {run!r}, progress=False)
+    dist.barrier()  # leave together: a rank exiting while its peer still saves can abort gloo at teardown
     dist.destroy_process_group()
 """)
 
