@@ -232,7 +232,8 @@ class Evaluation:
 def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | None = None,
              **probing) -> Evaluation:
     """Score a run as `saelab eval RUN --suite …` does, for each suite in `suites` (core, probing, steering),
-    loading the model once. `probing` keywords: selection, data, text_field, label_field, pooling.
+    loading the model once. `probing` keywords: selection, data, level ("sequence" or "token": see
+    `saelab.eval.probing`), text_field, label_field, pooling.
 
     >>> ev = saelab.evaluate(run, suites=["core", "probing"])      # doctest: +SKIP
     >>> ev.core.explained_variance                                 # doctest: +SKIP
@@ -540,7 +541,7 @@ def patch(model="reference", task: str = "bracket", saes=(), pairs: int = 32,
 
     if isinstance(saes, (str, Path, Run)) or hasattr(saes, "encode"):  # one SAE given bare
         saes = [saes]
-    st = patch_settings(methods, components, relp_rules, pairs, ig_steps, circuit_method, list(saes))
+    st = patch_settings(methods, components, relp_rules, pairs, ig_steps, circuit_method, list(saes), task)
     if isinstance(model, (str, Path)):
         from saelab.models import load_model
 

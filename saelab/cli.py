@@ -313,11 +313,19 @@ def add_eval(sub) -> None:
                    help="probing: how the k latents are chosen (default mean_diff)")
     p.add_argument("--data", default=None,
                    help="probing: your labelled data instead of the code tasks: a .jsonl/.csv file or an HF dataset "
-                        "with a text and a label column (sequence level)")
+                        "with a text and a label column (--level sequence), or a .jsonl file with the text and "
+                        "positive character spans per task (--level token), each line like "
+                        '{"text": "x = foo(1)", "spans": {"call": [[4, 10]], "number": [[8, 9]]}}')
+    p.add_argument("--level", default="sequence", choices=["sequence", "token"],
+                   help="probing --data: sequence (default): one example per text, label per text; token: one "
+                        "example per BPE token, positive inside a task's [start, end) character spans (a line "
+                        "without a task's key is unlabelled for it)")
     p.add_argument("--text-field", default="text", help="probing --data: the text column (text)")
-    p.add_argument("--label-field", default="label", help="probing --data: the label column (label)")
+    p.add_argument("--label-field", default=None,
+                   help="probing --data: the label column (label), or at --level token the spans column (spans)")
     p.add_argument("--pooling", default="mean", choices=["mean", "last"],
-                   help="probing --data: pool token activations by mean (default) or take the last token")
+                   help="probing --data at --level sequence: pool token activations by mean (default) or take the "
+                        "last token")
 
 
 def run_eval(args) -> int:
@@ -334,7 +342,7 @@ def run_eval(args) -> int:
 
     if args.suite == "probing":
         result, path = probe_run(Path(args.run), args.tokens or 80_000, args.selection, args.data, args.text_field,
-                                 args.label_field, args.pooling)
+                                 args.label_field, args.pooling, level=args.level)
         print(format_probing(result))
     else:
         scores, path = score_run(Path(args.run), args.tokens or 65_536)
@@ -548,7 +556,7 @@ def run_patch(args) -> int:
     from saelab.models import load_model
 
     st = patch_settings(args.method, args.components, args.relp_rules, args.pairs, args.ig_steps,
-                        args.circuit_method, args.sae)
+                        args.circuit_method, args.sae, args.task)
     model = load_model(args.model, device=args.device, dtype=args.model_dtype)
     report = run_patching(model, args.task, args.pairs, st.methods, st.kinds, st.rules, args.ig_steps,
                           load_saes(model, st.saes), args.circuit_method, args.seed, progress=not args.no_progress,

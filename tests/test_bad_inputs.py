@@ -11,7 +11,8 @@ ADDING ROWS (each new command's issue adds its own: dashboard, steer, patch, exp
     (notes.txt: a plain file, empty.txt, bad.txt: not YAML/JSON, stuff/: a non-empty folder, ...; add what you
     need there); {cache} a small sound activation cache of the reference model (shared, read-only: the test
     checks it is untouched); {truncated}: a copy of it with a truncated shard.
-  - {sae_truncated}, {sae_bad_cfg}, {sae_nan}: copies of a small sound SAE folder, broken as named;
+  - {sae_truncated}, {sae_bad_cfg}, {sae_nan}: copies of a small sound SAE folder, broken as named; {sae_sound}:
+    an intact copy;
   - `hint=` text the hint line must contain; `model=True` when the error can only be found with the model
     loaded (a hook name, the model's context length): the shared reference model is handed in so the row stays
     fast. Prefer errors found before the model is loaded: most rows here never import TransformerLens.
@@ -36,6 +37,7 @@ from saelab.cli import main
 
 HOOK = "blocks.2.hook_resid_pre"  # the reference model's middle residual stream (the default hook)
 T = 32  # the shared cache's context size
+PROBE_TOKENS = ["eval", "{sae_sound}", "--suite", "probing", "--level", "token", "--data"]  # + a span file
 
 
 @dataclass
@@ -140,6 +142,19 @@ CASES = [
          ["'blocks.1.hook_resid_pots'", "did you mean"], model=True),
     # ------------------------------------------------------------------------------------------ later commands
     Case("steer-missing-run", ["steer", "{tmp}/nope", "--latent", "1"], ["nope", "no such file or directory"]),
+    Case("patch-unknown-task", ["patch", "--task", "brackets"], ["'brackets'", "built-in tasks"]),
+    Case("patch-missing-pairs-file", ["patch", "--task", "{tmp}/nope.jsonl"], ["nope.jsonl", "does not exist"]),
+    Case("patch-pairs-not-json", ["patch", "--task", "{tmp}/garbled.jsonl"], ["garbled.jsonl:2", "not JSON"]),
+    Case("patch-pairs-missing-field", ["patch", "--task", "{tmp}/halfpairs.jsonl"],
+         ["halfpairs.jsonl:1", "'corrupted'"], hint='"clean"'),
+    Case("patch-pairs-unequal-length", ["patch", "--task", "{tmp}/uneven.jsonl"], ["uneven", "clean prompt is 5 tokens, corrupted is 8"],
+         model=True),
+    Case("patch-bad-method", ["patch", "--method", "activation,lrp"], ["--method", "'lrp'"]),
+    Case("patch-bad-component", ["patch", "--components", "resid,neurons"], ["--components", "'neurons'"]),
+    Case("patch-pairs-zero", ["patch", "--pairs", "0"], ["--pairs", "got 0"]),
+    Case("patch-bad-relp-rule", ["patch", "--relp-rules", "ln,gelu"], ["relp rules", "'gelu'"]),
+    Case("patch-bad-circuit-method", ["patch", "--circuit-method", "exact"], ["--circuit-method", "'exact'"]),
+    Case("patch-sae-not-a-run", ["patch", "--sae", "{tmp}/stuff"], ["stuff", "neither a run directory"]),
     Case("explore-missing-bundle", ["explore", "{tmp}/nope"], ["nope", "does not exist"], hint="saelab dashboard"),
     Case("bench-synthetic-bad-arch", ["bench", "synthetic", "--archs", "bogus"], ["--archs", "'bogus'"]),
     Case("dashboard-missing-run", ["dashboard", "{tmp}/nope"], ["nope", "neither a run directory"]),
@@ -153,6 +168,16 @@ CASES = [
          hint="truncated"),
     Case("eval-sae-cfg-not-json", ["eval", "{sae_bad_cfg}"], ["cfg.json", "not valid JSON (line 1"]),
     Case("eval-sae-nan-weights", ["eval", "{sae_nan}"], ["sae_weights.safetensors", "W_dec", "non-finite"]),
+    Case("eval-probing-token-level-without-spans", [*PROBE_TOKENS, "{tmp}/seqlabels.jsonl"],
+         ["seqlabels.jsonl:1", "no spans field 'spans'"], hint="--level sequence"),
+    Case("eval-probing-span-out-of-range", [*PROBE_TOKENS, "{tmp}/outofrange.jsonl"],
+         ["outofrange.jsonl:2", "[4, 9]", "out of range", "5 characters"]),
+    Case("eval-probing-span-end-before-start", [*PROBE_TOKENS, "{tmp}/backwards.jsonl"],
+         ["backwards.jsonl:1", "[3, 3]", "end <= start"]),
+    Case("eval-probing-span-not-integer", [*PROBE_TOKENS, "{tmp}/floatspan.jsonl"],
+         ["floatspan.jsonl:1", "'number'", "integer pairs"]),
+    Case("eval-probing-span-line-not-json", [*PROBE_TOKENS, "{tmp}/garbledspans.jsonl"],
+         ["garbledspans.jsonl:2", "not JSON"]),
     # ------------------------------------------------------------------------------------------ reference train
     Case("reference-heads-do-not-divide", ["reference", "train", "--out", "{tmp}/r", "--n-embd", "100"],
          ["n_embd", "100", "n_head (8)"]),
@@ -189,6 +214,17 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "run" / "sae").mkdir(parents=True)
     (tmp / "run" / "sae" / "cfg.json").write_text("{}")
     (tmp / "run" / "config.yaml").write_text("tokens: [1, 2\n")
+    good_spans = '{"text": "x = 1", "spans": {"number": [[4, 5]]}}\n'
+    (tmp / "seqlabels.jsonl").write_text('{"text": "x = 1", "label": "assignment"}\n')
+    (tmp / "outofrange.jsonl").write_text(good_spans + '{"text": "x = 1", "spans": {"number": [[4, 9]]}}\n')
+    (tmp / "backwards.jsonl").write_text('{"text": "x = 1", "spans": {"number": [[3, 3]]}}\n' + good_spans)
+    (tmp / "floatspan.jsonl").write_text('{"text": "x = 1", "spans": {"number": [[4.0, 5]]}}\n' + good_spans)
+    (tmp / "garbledspans.jsonl").write_text(good_spans + '{"text": "x = 1", spans: oops}\n')
+    pair = '{"clean": "x = (1", "corrupted": "x = [1", "answer": ")", "wrong": "]"}'
+    (tmp / "garbled.jsonl").write_text(pair + "\n{clean: oops}\n")
+    (tmp / "halfpairs.jsonl").write_text('{"clean": "x = (1", "answer": ")", "wrong": "]"}\n')
+    (tmp / "uneven.jsonl").write_text('{"clean": "x = (1", "corrupted": "value_total = [[[1", "answer": ")", '
+                                      '"wrong": "]"}\n')
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -305,7 +341,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys
         if "{truncated}" in argv_text:
             fill["truncated"] = str(truncated_copy(cache, tmp_path / "truncated"))
         shared_before = snapshot(root)
-    for how in ("truncated", "bad_cfg", "nan"):
+    for how in ("sound", "truncated", "bad_cfg", "nan"):
         if f"{{sae_{how}}}" in argv_text:
             fill[f"sae_{how}"] = str(broken_sae(request.getfixturevalue("sae_folder"), tmp_path / f"sae_{how}", how))
     if case.model:
@@ -326,7 +362,7 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys
 
 
 # Commands whose own issue is still to add their rows (remove a command from here when you add its rows).
-ROWS_PENDING = {"patch"}  # its errors need the model loaded first; rows to add with its issue
+ROWS_PENDING: set[str] = set()
 
 
 def test_the_table_covers_every_command():

@@ -212,7 +212,7 @@ def latent_param(bundle, key: str = "latent") -> int | None:
     """The latent id in the URL, checked; shows the error (with the valid range) and returns None when bad."""
     raw = qp(key, "0")
     try:
-        return bundle._check_latent(raw)
+        return bundle.check_latent(raw)
     except DataError as e:
         show_error(e)
         return None

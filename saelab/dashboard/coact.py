@@ -59,16 +59,23 @@ def coactivation_neighbours(chunks: Iterator, n_latents: int, k: int = 10, max_t
     step = max(1, (1 << 22) // (codes.shape[1] ** 2))  # tokens per counting step: ≤ 4M pairs
 
     def finish(a0: int, c: torch.Tensor) -> None:
-        c = c[:, :F].clone()
-        c[torch.arange(c.shape[0]), torch.arange(a0, a0 + c.shape[0])] = 0  # a latent is not its own neighbour
-        union = (n_act[a0:a0 + c.shape[0]].unsqueeze(1) + n_act.unsqueeze(0) - c).float()
-        jac = c.float() / union.clamp_min(1)
-        top = torch.topk(jac, kk, dim=1)  # values > 0 only are real neighbours
-        real = top.values > 0
-        a1 = a0 + c.shape[0]
-        out_ids[a0:a1, :kk] = torch.where(real, top.indices, -1).numpy()
-        out_cnt[a0:a1, :kk] = torch.where(real, c.gather(1, top.indices).long(), 0).numpy()
-        out_jac[a0:a1, :kk] = torch.where(real, top.values, 0.0).numpy()
+        # Only the nonzero counts matter (a pair never seen together is no neighbour), and they are a tiny share
+        # of the [block, F] counter at large F: rank those entries instead of the dense block.
+        r, j = c[:, :F].nonzero(as_tuple=True)  # row-major: j ascends within a row
+        keep = r + a0 != j  # a latent is not its own neighbour
+        r, j = r[keep], j[keep]
+        cnt = c[r, j].long()
+        jac = cnt.double() / (n_act[r + a0] + n_act[j] - cnt).clamp_min(1).double()
+        order = torch.argsort(-jac, stable=True)  # ties: the lower latent id first
+        order = order[torch.argsort(r[order], stable=True)]
+        r, j, cnt, jac = r[order], j[order], cnt[order], jac[order]
+        starts = torch.searchsorted(r, torch.arange(c.shape[0]))
+        rank = torch.arange(len(r)) - starts[r]
+        top = rank < kk
+        rows, cols = (r[top] + a0).numpy(), rank[top].numpy()
+        out_ids[rows, cols] = j[top].numpy()
+        out_cnt[rows, cols] = cnt[top].numpy()
+        out_jac[rows, cols] = jac[top].float().numpy()
 
     if (F + 1) * (F + 1) <= max_cells:  # one counter for everything: pairs of slots i < j straight from the tokens
         counts = torch.zeros((F + 1) * (F + 1), dtype=torch.int32)

@@ -196,7 +196,7 @@ class Bundle:
 
     def latent(self, i: int) -> Latent:
         """Everything one latent's page shows."""
-        i = self._check_latent(i)
+        i = self.check_latent(i)
         a = self._arrays
         row = self._table.loc[i]
         stats = LatentStats(n_active=int(row["n_active"]), density=float(row["density"]), max=float(row["max"]),
@@ -228,6 +228,16 @@ class Bundle:
             neighbours_coact=[Neighbour(int(j), float(v), int(n)) for j, v, n in
                               zip(a[fmt.COACT_IDS][i], a[fmt.COACT_JACCARD][i], a[fmt.COACT_COUNTS][i]) if j >= 0],
             map_xy=(float(row["map_x"]), float(row["map_y"])), scores=scores)
+
+    def check_latent(self, i) -> int:
+        """i as a latent id of this bundle; DataError naming the valid range otherwise (e.g. an id from a URL)."""
+        try:
+            i = int(i)
+        except (TypeError, ValueError):
+            raise DataError(f"latent {i!r} is not an integer") from None
+        if not 0 <= i < self.n_latents:
+            raise DataError(f"latent {i} does not exist: this SAE has latents 0..{self.n_latents - 1}")
+        return i
 
     def token_text(self, ids) -> list[str]:
         """Display strings of token ids (Ġ → space and Ċ → ↵ already applied)."""
@@ -261,15 +271,6 @@ class Bundle:
         return neuronpedia_feature(self, self.latent(i))
 
     # ---------------------------------------------------------------------------------------- helpers
-    def _check_latent(self, i) -> int:
-        try:
-            i = int(i)
-        except (TypeError, ValueError):
-            raise DataError(f"latent {i!r} is not an integer") from None
-        if not 0 <= i < self.n_latents:
-            raise DataError(f"latent {i} does not exist: this SAE has latents 0..{self.n_latents - 1}")
-        return i
-
     def _effects(self, ids, vals) -> list[TokenEffect]:
         return [TokenEffect(int(t), self.vocab[int(t)], float(v)) for t, v in zip(ids, vals)]
 

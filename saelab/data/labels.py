@@ -18,7 +18,9 @@ Tasks (`TASKS`, one binary label per BPE token each):
 
 Alignment rule (a BPE token may span two categories, e.g. ` "` = a space and an opening quote): every character
 of the source gets its categories, and a BPE token takes the categories of its FIRST NON-WHITESPACE character
-(of its first character if it is all whitespace). So ` "` is `string` and `=(` is `operator`.
+(of its first character if it is all whitespace). So ` "` is `string` and `=(` is `operator`. The same rule
+(`chars_to_tokens`) labels a user's character spans for token-level probing (`span_labels`): a token is inside a
+span when its first non-whitespace character is.
 
 Files that `tokenize` or `ast` cannot parse are skipped (returned as None).
 """
@@ -30,6 +32,7 @@ import io
 import keyword
 import tokenize
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -45,7 +48,8 @@ _STRING_TYPES = {tokenize.STRING} | {getattr(tokenize, n) for n in ("FSTRING_STA
 
 @dataclass
 class LabelledText:
-    """One source text: its BPE token ids (no BOS/EOS) and labels [n_tokens, len(TASKS)] (bool)."""
+    """One text: its BPE token ids (no BOS/EOS) and labels [n_tokens, n_tasks]: bool for the code tasks
+    (`TASKS`), int8 with −1 = unlabelled for a user's span tasks (`span_labels`)."""
 
     key: str
     ids: np.ndarray
@@ -117,12 +121,11 @@ def char_labels(source: str) -> np.ndarray | None:
     return lab
 
 
-def token_labels(source: str, offsets: list[tuple[int, int]]) -> np.ndarray | None:
-    """Bool [n_tokens, len(TASKS)] for BPE tokens with character `offsets` (start, end); None if unparsable."""
-    chars = char_labels(source)
-    if chars is None:
-        return None
-    out = np.zeros((len(offsets), len(TASKS)), dtype=bool)
+def chars_to_tokens(chars: np.ndarray, source: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Per-token rows [n_tokens, ...] from per-character rows `chars` [len(source), ...] by the alignment rule
+    (module docstring): each token takes the row of its first non-whitespace character; a token with no
+    characters of `source` gets zeros."""
+    out = np.zeros((len(offsets), *chars.shape[1:]), dtype=chars.dtype)
     for j, (a, b) in enumerate(offsets):
         if b <= a or a >= len(source):
             continue
@@ -132,13 +135,39 @@ def token_labels(source: str, offsets: list[tuple[int, int]]) -> np.ndarray | No
     return out
 
 
+def token_labels(source: str, offsets: list[tuple[int, int]]) -> np.ndarray | None:
+    """Bool [n_tokens, len(TASKS)] for BPE tokens with character `offsets` (start, end); None if unparsable."""
+    chars = char_labels(source)
+    return None if chars is None else chars_to_tokens(chars, source, offsets)
+
+
+def token_offsets(text: str, tokenizer) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """The model's (fast) tokenizer's BPE ids of `text` (no BOS/EOS added) and each token's character (start, end)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return np.asarray(enc["input_ids"], dtype=np.int64), enc["offset_mapping"]
+
+
 def label_text(source: str, tokenizer, key: str = "") -> LabelledText | None:
     """Tokenize `source` with the model's (fast) tokenizer and label every token; None if it does not parse."""
-    enc = tokenizer(source, add_special_tokens=False, return_offsets_mapping=True)
-    labels = token_labels(source, enc["offset_mapping"])
-    if labels is None:
-        return None
-    return LabelledText(key, np.asarray(enc["input_ids"], dtype=np.int64), labels)
+    ids, offsets = token_offsets(source, tokenizer)
+    labels = token_labels(source, offsets)
+    return None if labels is None else LabelledText(key, ids, labels)
+
+
+def span_labels(text: str, spans: dict[str, list[tuple[int, int]]], tasks: Sequence[str], tokenizer,
+                key: str = "") -> LabelledText:
+    """A user's text with positive character spans (start, end) per task → int8 labels [n_tokens, len(tasks)]:
+    1 for a token inside a span of the task (alignment rule), 0 outside; −1 (unlabelled) for every token of a
+    task that `spans` lacks, and for special tokens (a literal `<|endoftext|>` in the text is no example)."""
+    ids, offsets = token_offsets(text, tokenizer)
+    chars = np.zeros((len(text), len(tasks)), dtype=np.int8)
+    for j, task in enumerate(tasks):
+        for a, b in spans.get(task, ()):
+            chars[a:b, j] = 1
+    labels = chars_to_tokens(chars, text, offsets)
+    labels[:, [task not in spans for task in tasks]] = -1
+    labels[np.isin(ids, tokenizer.all_special_ids)] = -1
+    return LabelledText(key, ids, labels)
 
 
 def label_corpus(spec, tokenizer, split: str = "validation", max_tokens: int | None = None) -> list[LabelledText]:
@@ -157,4 +186,5 @@ def label_corpus(spec, tokenizer, split: str = "validation", max_tokens: int | N
     return out
 
 
-__all__ = ["TASKS", "LabelledText", "char_labels", "token_labels", "label_text", "label_corpus"]
+__all__ = ["TASKS", "LabelledText", "char_labels", "chars_to_tokens", "token_labels", "token_offsets", "label_text",
+           "span_labels", "label_corpus"]

@@ -14,7 +14,7 @@ import torch
 
 from saelab.eval import circuits, patching
 from saelab.eval.relp import RelPRules
-from saelab.eval.tasks import make_task, solve_rate
+from saelab.eval.tasks import check_task, make_task, solve_rate
 
 # RelP rule ablations reported beside the main configuration: what each rule contributes
 RULE_VARIANTS = {"no_ln": {"layernorm": False}, "no_identity": {"identity": False}, "with_attn": {"attention": True}}
@@ -144,9 +144,11 @@ class PatchSettings:
 
 
 def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="ln,identity,half",
-                   pairs: int = 32, ig_steps: int = 10, circuit_method: str = "ig", saes=()) -> PatchSettings:
-    """Check the settings of a patching run (comma strings or lists) and find the SAE directories of run paths,
-    raising ConfigError / SAEFileError before anything loads."""
+                   pairs: int = 32, ig_steps: int = 10, circuit_method: str = "ig", saes=(),
+                   task: str | None = None) -> PatchSettings:
+    """Check the settings of a patching run (comma strings or lists), the task (a built-in name or a well-formed
+    pairs file) and find the SAE directories of run paths, raising ConfigError / DataError / SAEFileError before
+    anything loads."""
     from saelab.errors import ConfigError
 
     methods = list(patching.METHODS) if methods == "all" else _names(methods)
@@ -155,11 +157,14 @@ def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="
         bad = [m for m in got if m not in allowed]
         if bad or not got:
             raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
-    if pairs < 1 or ig_steps < 1:
-        raise ConfigError(f"--pairs and --ig-steps must be >= 1, got {pairs} and {ig_steps}")
+    for flag, v in (("--pairs", pairs), ("--ig-steps", ig_steps)):
+        if v < 1:
+            raise ConfigError(f"{flag}: must be >= 1, got {v}")
     if circuit_method not in ("attribution", "relp", "ig"):
         raise ConfigError(f"--circuit-method: {circuit_method!r}; use attribution, relp or ig")
     rules = RelPRules.parse(relp_rules) if isinstance(relp_rules, str) else relp_rules
+    if task is not None:
+        check_task(task)
     sources, out = [], None
     for sae in saes:
         if isinstance(sae, torch.nn.Module):

@@ -15,9 +15,19 @@ does not change which features are chosen, only helps the solver converge).
 
 Data. Reference tasks (`saelab.data.labels.TASKS`): per-token labels of Python source from the corpus split the
 SAE did NOT train on ("validation"), files split into probe-train / probe-test by a hash of their path. User
-tasks: sequence-level (text, label) rows from a JSONL/CSV file or an HF dataset, pooled per sequence by the mean
-over non-special tokens (SAE latents: encode each token, then pool, as SAEBench does) or the last token; a
-multi-class label gives one one-vs-rest task per class. Activations are gathered once and reused by every task.
+tasks (`--data FILE`), at one of two levels (`--level`):
+    sequence  (text, label) rows from a JSONL/CSV file or an HF dataset, pooled per sequence by the mean over
+              non-special tokens (SAE latents: encode each token, then pool, as SAEBench does) or the last token;
+              a multi-class label gives one one-vs-rest task per class
+    token     a JSONL file (or an HF dataset) whose rows hold the text and, per task, the character spans that are
+              positive:  {"text": "x = foo(1)", "spans": {"call": [[4, 10]], "number": [[8, 9]]}}
+              Spans are [start, end) character offsets (0 <= start < end <= len(text), integers); the task names
+              are the keys; a row lacking a task's key is unlabelled for it (−1), a key with an empty list makes
+              every token of the row negative. One example per non-special BPE token, labelled by
+              `saelab.data.labels.span_labels` (the code tasks' alignment rule: a token is inside a span when its
+              first non-whitespace character is).
+    Both levels split train / test by row (a hash of its index and text): a text is never on both sides.
+Activations are gathered once and reused by every task.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from saelab.errors import ConfigError, DataError
 from saelab.eval.splice import capture, default_special_ids, model_device, special_mask
 
 KS = (1, 2, 5, 10, 20)
+LEVELS = ("sequence", "token")  # of a user's labelled data
 SELECTIONS = ("mean_diff", "f_stat")
 BASES = ("sae", "neurons", "rotation")
 
@@ -98,9 +109,11 @@ def hook_rows(model, hook: str, rows: np.ndarray, keep: np.ndarray, batch_rows: 
 
 
 def gather_token_data(model, hook: str, texts, context_size: int = 128, test_frac: float = 0.3,
-                      batch_rows: int = 32, progress: bool = False) -> ProbeData:
-    """Token-level data from `LabelledText`s (saelab.data.labels): one example per BPE token, files split into
-    train/test by a hash of their key (with too few files for that: the last test_frac of each file is test)."""
+                      batch_rows: int = 32, progress: bool = False, tasks: Sequence[str] | None = None,
+                      whole_texts: bool = False) -> ProbeData:
+    """Token-level data from `LabelledText`s (saelab.data.labels) whose label columns are `tasks` (default: the
+    code tasks, `TASKS`): one example per BPE token, texts split into train/test by a hash of their key. With too
+    few texts for that, the last test_frac of each text is test, or with `whole_texts` the last texts are."""
     from saelab.data.labels import TASKS
     from saelab.data.packing import special_ids
 
@@ -115,11 +128,20 @@ def gather_token_data(model, hook: str, texts, context_size: int = 128, test_fra
         lab.append(t.labels)
         test.append(np.full(len(t.ids), _is_test_key(t.key, test_frac)))
     test_arr = np.concatenate(test)
-    if test_arr.all() or not test_arr.any():  # too few files for a split by file: the last 30 % of each file
-        test_arr = np.concatenate([np.arange(len(t.ids)) >= (1 - test_frac) * len(t.ids) for t in texts])
+    if test_arr.all() or not test_arr.any():  # too few texts for a split by hash
+        test_arr = _split_by_position(texts, test_frac, whole_texts)
     x = hook_rows(model, hook, np.concatenate(all_rows), np.concatenate(all_real), batch_rows, progress)
     y = np.concatenate(lab)
-    return ProbeData(x=x, labels={task: y[:, j].astype(np.int8) for j, task in enumerate(TASKS)}, is_test=test_arr)
+    return ProbeData(x=x, labels={task: y[:, j].astype(np.int8) for j, task in enumerate(tasks or TASKS)},
+                     is_test=test_arr)
+
+
+def _split_by_position(texts, test_frac: float, whole_texts: bool) -> np.ndarray:
+    """Per-token is_test: the last test_frac of each text's tokens, or (whole_texts) of the texts, at least one."""
+    if not whole_texts:
+        return np.concatenate([np.arange(len(t.ids)) >= (1 - test_frac) * len(t.ids) for t in texts])
+    n_test = min(len(texts) - 1, max(1, round(test_frac * len(texts))))
+    return np.concatenate([np.full(len(t.ids), i >= len(texts) - n_test) for i, t in enumerate(texts)])
 
 
 def reference_data(model, hook: str, corpus=None, max_tokens: int = 80_000, context_size: int = 128,
@@ -132,44 +154,124 @@ def reference_data(model, hook: str, corpus=None, max_tokens: int = 80_000, cont
     return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress)
 
 
-def load_labelled(source: str, text_field: str = "text", label_field: str = "label", split: str = "train",
-                  max_rows: int | None = 4000) -> list[tuple[str, str]]:
-    """(text, label) rows from a .jsonl/.json/.csv file or an HF dataset name."""
+def read_rows(source: str, split: str = "train", max_rows: int | None = 4000,
+              formats: tuple[str, ...] = (".jsonl", ".json", ".csv")) -> list[tuple[str, dict]]:
+    """(where, row) pairs of a labelled-data file in `formats` (where = "FILE:LINE") or an HF dataset name
+    (where = "NAME row I"): the first max_rows rows, each a mapping; a malformed line is one DataError naming it."""
     p = Path(source).expanduser()
-    rows: list[dict] = []
     if p.exists():
-        if p.suffix in (".jsonl", ".json"):
-            for i, line in enumerate(p.read_text().splitlines()):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{p}: line {i + 1} is not JSON ({e.msg})") from None
-        elif p.suffix == ".csv":
-            import csv
-
-            with open(p, newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            raise DataError(f"{p}: unknown labelled-data format {p.suffix!r}", hint="use .jsonl or .csv")
+        if p.suffix not in formats:
+            raise DataError(f"{p}: unknown labelled-data format {p.suffix!r}", hint=f"use {' or '.join(formats)}")
+        rows = _csv_rows(p) if p.suffix == ".csv" else _json_rows(p)
     else:
         from saelab.hub import hub_reachable
 
         if not hub_reachable():
             raise DataError(f"labelled data {source!r}: no such file, and the Hugging Face hub is unreachable",
-                            hint="give a local .jsonl/.csv file with text and label columns")
+                            hint=f"give a local {'/'.join(formats)} file")
         import datasets
 
-        rows = list(datasets.load_dataset(source, split=split).select(range(max_rows or 10 ** 9)))
+        rows = [(f"{source} row {i}", r) for i, r in
+                enumerate(datasets.load_dataset(source, split=split).select(range(max_rows or 10 ** 9)))]
+    rows = rows[:max_rows] if max_rows else rows
+    for where, r in rows:
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: not a JSON object (got {type(r).__name__})")
+    return rows
+
+
+def _json_rows(p: Path) -> list[tuple[str, Any]]:
+    rows = []
+    for i, line in enumerate(p.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append((f"{p}:{i + 1}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i + 1}: not JSON ({e.msg})") from None
+    return rows
+
+
+def _csv_rows(p: Path) -> list[tuple[str, dict]]:
+    import csv
+
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        return [(f"{p}:{reader.line_num}", r) for r in reader]
+
+
+def load_labelled(source: str, text_field: str = "text", label_field: str = "label", split: str = "train",
+                  max_rows: int | None = 4000) -> list[tuple[str, str]]:
+    """Sequence-level (text, label) rows from a .jsonl/.json/.csv file or an HF dataset name."""
     out = []
-    for i, r in enumerate(rows[:max_rows] if max_rows else rows):
+    for where, r in read_rows(source, split, max_rows):
         if text_field not in r or label_field not in r:
-            raise DataError(f"{source}: row {i} lacks the field {text_field!r} or {label_field!r} "
-                            f"(it has {sorted(r)})", hint="set --text-field / --label-field")
+            raise DataError(f"{where}: lacks the field {text_field!r} or {label_field!r} (it has {sorted(r)})",
+                            hint="set --text-field / --label-field (--level token for span data)")
         out.append((str(r[text_field]), str(r[label_field])))
     if not out:
         raise DataError(f"{source}: no labelled rows")
     return out
+
+
+SPANS_FORMAT = '{"text": "x = foo(1)", "spans": {"call": [[4, 10]], "number": [[8, 9]]}}'
+
+
+def load_spans(source: str, text_field: str = "text", spans_field: str = "spans", split: str = "train",
+               max_rows: int | None = 4000) -> tuple[list[tuple[str, dict[str, list[tuple[int, int]]]]], list[str]]:
+    """Token-level rows (text, {task: [(start, end), ...]}) from a .jsonl file or an HF dataset name (format: the
+    module docstring), and the task names in order of first appearance. Checked here, before any model loads."""
+    rows, tasks = [], {}
+    for where, r in read_rows(source, split, max_rows, formats=(".jsonl", ".json")):
+        if not isinstance(r.get(text_field), str):
+            raise DataError(f"{where}: no text field {text_field!r} (it has {sorted(r)})", hint="set --text-field")
+        if spans_field not in r:
+            raise DataError(f"{where}: no spans field {spans_field!r} for --level token (it has {sorted(r)})",
+                            hint=f"each line like {SPANS_FORMAT}; set --label-field, or --level sequence")
+        spans = _checked_spans(r[spans_field], len(r[text_field]), where)
+        rows.append((r[text_field], spans))
+        tasks.update(dict.fromkeys(spans))
+    if not tasks:
+        raise DataError(f"{source}: no task in any {spans_field!r} field", hint=f"each line like {SPANS_FORMAT}")
+    if len(rows) < 2:  # train and test are split by row
+        raise DataError(f"{source}: token-level probing needs two rows or more, got {len(rows)}")
+    return rows, list(tasks)
+
+
+def _checked_spans(spans: Any, n_chars: int, where: str) -> dict[str, list[tuple[int, int]]]:
+    """{task: [(start, end), ...]} with integer bounds, 0 <= start < end <= n_chars; else a DataError naming `where`."""
+    if not isinstance(spans, dict):
+        raise DataError(f"{where}: spans must map each task to [[start, end], ...], got {type(spans).__name__}",
+                        hint=f"each line like {SPANS_FORMAT}")
+    out = {}
+    for task, pairs in spans.items():
+        if not isinstance(pairs, list) or not all(_is_int_pair(p) for p in pairs):
+            raise DataError(f"{where}: spans of {task!r} must be a list of [start, end] integer pairs, got "
+                            f"{json.dumps(pairs)[:60]}", hint=f"each line like {SPANS_FORMAT}")
+        for a, b in pairs:
+            if b <= a:
+                raise DataError(f"{where}: span [{a}, {b}] of {task!r} is empty: end <= start")
+            if a < 0 or b > n_chars:
+                raise DataError(f"{where}: span [{a}, {b}] of {task!r} is out of range: the text has {n_chars} "
+                                f"characters (0 <= start < end <= {n_chars})")
+        out[str(task)] = [(a, b) for a, b in pairs]
+    return out
+
+
+def _is_int_pair(p: Any) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in p)
+
+
+def gather_span_data(model, hook: str, rows: Sequence[tuple[str, dict]], tasks: Sequence[str],
+                     context_size: int = 128, test_frac: float = 0.3, progress: bool = False) -> ProbeData:
+    """Token-level data from `load_spans`'s rows: one example per non-special BPE token, labelled by the spans;
+    train/test split by row (a hash of its index and text, as at sequence level), so no text is on both sides."""
+    from saelab.data.labels import span_labels
+
+    texts = [span_labels(text, spans, tasks, model.tokenizer, key=f"{i}:{text}")
+             for i, (text, spans) in enumerate(rows)]
+    return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress, tasks=tasks,
+                             whole_texts=True)
 
 
 @torch.no_grad()
@@ -293,12 +395,13 @@ class ProbingResult:
     ks: list[int]
     tasks: dict[str, Any] = field(default_factory=dict)
     mean: dict[str, Any] = field(default_factory=dict)
+    level: str = "token"  # the examples: tokens (the code tasks, span data) or pooled sequences
 
     def to_dict(self) -> dict[str, Any]:
         from saelab.eval.core import _json_clean
 
         return _json_clean({"hook_name": self.hook_name, "n_latents": self.n_latents, "selection": self.selection,
-                            "ks": self.ks, "bases": list(BASES) + ["dense"], "tasks": self.tasks,
+                            "level": self.level, "ks": self.ks, "bases": list(BASES) + ["dense"], "tasks": self.tasks,
                             "mean": self.mean})
 
     def _repr_html_(self) -> str:  # Jupyter: mean test accuracy per k of the SAE probe and its baselines
@@ -308,8 +411,8 @@ class ProbingResult:
         rows = [[k, m[str(k)]["sae_accuracy"], m[str(k)]["neurons_accuracy"], m[str(k)]["rotation_accuracy"]]
                 for k in self.ks if str(k) in m]
         return grid_html(["k", "SAE latents", "neurons", "random rotation"], rows,
-                         title=f"sparse probing · {len(self.tasks)} tasks · mean test accuracy (dense probe "
-                               f"{m['dense']['accuracy']:.3f})")
+                         title=f"sparse probing · {len(self.tasks)} {self.level}-level tasks · mean test accuracy "
+                               f"(dense probe {m['dense']['accuracy']:.3f})")
 
 
 def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
@@ -347,7 +450,7 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
     Q = random_rotation(X_all.shape[1], rotation_seed).numpy()
     train_pool = np.flatnonzero(~data.is_test)
     test_pool = np.flatnonzero(data.is_test)
-    result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks)
+    result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks, level=data.kind)
     items = list(data.labels.items())
     if progress:
         from tqdm.auto import tqdm
@@ -398,7 +501,8 @@ def format_probing(r: ProbingResult) -> str:
     ks = [str(k) for k in r.ks]
     shown = [ks[0]] + ([ks[len(ks) // 2]] if len(ks) > 2 else []) + ([ks[-1]] if len(ks) > 1 else [])
     head = f"{'task':<14}" + "".join(f"  k={k:<3} sae  neur  rot " for k in shown) + "  dense"
-    lines = [f"sparse probing  {r.hook_name}  ({r.n_latents:,} latents, selection {r.selection}; test accuracy)",
+    lines = [f"sparse probing  {r.hook_name}  ({r.n_latents:,} latents, {r.level} level, selection {r.selection}; "
+             f"test accuracy)",
              head]
     for task, t in r.tasks.items():
         if "k" not in t:
@@ -419,6 +523,7 @@ def format_probing(r: ProbingResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["KS", "SELECTIONS", "ProbeData", "ProbingResult", "gather_token_data", "reference_data",
-           "gather_sequence_data", "load_labelled", "balanced_indices", "rank_features", "fit_probe", "binary_metrics",
-           "random_rotation", "sae_features", "probe_tasks", "format_probing", "hook_rows"]
+__all__ = ["KS", "SELECTIONS", "LEVELS", "ProbeData", "ProbingResult", "gather_token_data", "reference_data",
+           "gather_sequence_data", "load_labelled", "read_rows", "load_spans", "gather_span_data", "balanced_indices",
+           "rank_features", "fit_probe", "binary_metrics", "random_rotation", "sae_features", "probe_tasks",
+           "format_probing", "hook_rows"]

@@ -45,15 +45,24 @@ def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
 
 
 def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
-              text_field: str = "text", label_field: str = "label", pooling: str = "mean",
-              progress: bool = True, loaded=None):
-    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data)
-    → (ProbingResult, RUN/eval/probing.json)."""
-    from saelab.eval.probing import gather_sequence_data, load_labelled, probe_tasks, reference_data
+              text_field: str = "text", label_field: str | None = None, pooling: str = "mean",
+              progress: bool = True, loaded=None, level: str = "sequence"):
+    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data at
+    `level` "sequence": text + label rows, or "token": text + character spans per task; label_field defaults to
+    "label" / "spans") → (ProbingResult, RUN/eval/probing.json)."""
+    from saelab.config import check
+    from saelab.eval.probing import (LEVELS, gather_sequence_data, gather_span_data, load_labelled, load_spans,
+                                     probe_tasks, reference_data)
 
+    check(level in LEVELS, "--level", f"{level!r}; use sequence or token")
+    if data and level == "token":  # the data is read (and checked) before the model loads: a bad line fails at once
+        rows, tasks = load_spans(data, text_field, label_field or "spans")
+    elif data:
+        rows = load_labelled(data, text_field, label_field or "label")
     sae, model, cfg, out_dir = loaded or load_run(run)
-    if data:
-        rows = load_labelled(data, text_field, label_field)
+    if data and level == "token":
+        pd = gather_span_data(model, sae.cfg.hook_name, rows, tasks, context_size=cfg.context_size, progress=progress)
+    elif data:
         pd = gather_sequence_data(model, sae, sae.cfg.hook_name, rows, name=Path(data).stem or "user",
                                   pooling=pooling, context_size=cfg.context_size)
     else:

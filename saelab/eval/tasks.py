@@ -291,18 +291,25 @@ def load_pairs_jsonl(path: str | Path, n: int | None = None) -> ContrastPairs:
 TASKS = {"bracket": bracket_task, "copy": copy_task, "quote": quote_task, "ioi": ioi_task}
 
 
+def check_task(task: str) -> None:
+    """Refuse an unknown task name or a malformed pairs file before any model loads."""
+    if task not in TASKS:
+        _pairs_file(task)
+
+
 def make_task(model, task: str, n: int = 64, seed: int = 0) -> TaskBatch:
     """A built-in task by name (`TASKS`) or a JSONL file of pairs, tokenized and checked for `model`."""
-    if task in TASKS:
-        pairs = TASKS[task](_tokenizer(model), n, seed)
-    elif task.endswith(".jsonl") or Path(task).is_file():
-        pairs = load_pairs_jsonl(task, n)
-    else:
-        raise ConfigError(f"task: unknown task {task!r}; built-in tasks are {sorted(TASKS)}, or give a .jsonl file "
-                          f"of pairs")
+    pairs = TASKS[task](_tokenizer(model), n, seed) if task in TASKS else _pairs_file(task, n)
     return tokenize_pairs(model, pairs)
 
 
-__all__ = ["ContrastPairs", "TaskBatch", "TASKS", "make_task", "tokenize_pairs", "logit_diff", "solve_rate",
+def _pairs_file(task: str, n: int | None = None) -> ContrastPairs:
+    if task.endswith(".jsonl") or Path(task).is_file():
+        return load_pairs_jsonl(task, n)
+    raise ConfigError(f"task: unknown task {task!r}; built-in tasks are {sorted(TASKS)}, or give a .jsonl file "
+                      f"of pairs")
+
+
+__all__ = ["ContrastPairs", "TaskBatch", "TASKS", "make_task", "check_task", "tokenize_pairs", "logit_diff", "solve_rate",
            "bracket_task", "copy_task", "quote_task", "ioi_task", "load_pairs_jsonl", "read_word_list",
            "single_token"]
