@@ -139,14 +139,18 @@ def load_sae(path: str | Path, device: str = "cpu"):
 
 
 # ================================================================================================ train
-def train(config: str | Path | None = None, *, progress: bool = True, **settings) -> Run:
+def train(config: str | Path | None = None, *, progress: bool = True, sweep: str | Path | None = None,
+          **settings) -> Run | list[Run]:
     """Train an SAE as `saelab train` does and return its `Run` (with core metrics, unless eval_tokens=0).
 
     Keywords are the command's flags with underscores: tokens ("2M" or 2_000_000), k, n_latents, arch, hook,
     cache, out, lr, batch_size, eval_tokens, model, device, dataset, resume, … and any architecture option
-    (e.g. group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override.
+    (e.g. group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override. With
+    `sweep=` (a sweep file, as `saelab train --sweep`), several SAEs train on the same batches and a list of
+    their `Run`s comes back; the keywords then set the shared settings.
 
     >>> run = saelab.train(tokens="1M", k=32, arch="batchtopk", out="runs/demo")   # doctest: +SKIP
+    >>> runs = saelab.train(sweep="sweep.yaml", resume=True)                     # doctest: +SKIP
     """
     from saelab.cli import TRAIN_FLAGS
     from saelab.config import TrainConfig, load_config
@@ -160,6 +164,15 @@ def train(config: str | Path | None = None, *, progress: bool = True, **settings
     overrides = _overrides("saelab.train", TRAIN_FLAGS, settings, resume=("resume", bool))
     if options:
         overrides["sae.options"] = options
+    if sweep is not None:
+        from saelab.training.sweep import load_sweep, run_sweep
+
+        cfgs = load_sweep(sweep, overrides, config=config)
+        results = run_sweep(cfgs, progress=progress)
+        for cfg, result in zip(cfgs, results):
+            if cfg.eval_tokens:
+                evaluate_run(result.run_dir, cfg.eval_tokens)
+        return [Run(result.run_dir) for result in results]
     cfg = load_config(TrainConfig, config, overrides)
     result = run_training(cfg, progress=progress)
     if cfg.eval_tokens:

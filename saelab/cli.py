@@ -202,6 +202,12 @@ def add_train(sub) -> None:
     _add_table_flags(p, TRAIN_FLAGS)
     p.add_argument("--architecture", dest="arch", help=argparse.SUPPRESS)  # the older spelling of --arch
     p.add_argument("--resume", action="store_true", default=None, help="continue from the run's last checkpoint")
+    p.add_argument("--sweep", metavar="FILE",
+                   help="train several SAEs on the same batches, reading the activations once: a YAML/JSON file of "
+                        "shared settings and `saes`, a list of per-SAE overrides, e.g. {cache: CACHE, tokens: 2e6, "
+                        "out: runs/sweep, saes: [{name: a, sae: {k: 32}}, {name: b, sae: {architecture: batchtopk}}]}; "
+                        "each SAE gets its run folder OUT/NAME; flags set the shared settings; with --resume, every "
+                        "SAE restarts from their newest common checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_arch_option_flags(p)
 
@@ -271,28 +277,51 @@ def _arch_options(args) -> dict:
     return {k[len("archopt_"):]: v for k, v in vars(args).items() if k.startswith("archopt_") and v is not None}
 
 
-def train_config_from_args(args):
-    from saelab.config import TrainConfig, load_config
-
+def _train_overrides(args) -> dict:
     overrides = _table_overrides(args, TRAIN_FLAGS)
     overrides.update({"resume": args.resume})
     options = _arch_options(args)
     if options:
         overrides["sae.options"] = options
-    return load_config(TrainConfig, args.config, overrides)
+    return overrides
+
+
+def train_config_from_args(args):
+    from saelab.config import TrainConfig, load_config
+
+    return load_config(TrainConfig, args.config, _train_overrides(args))
 
 
 def run_train(args) -> int:
     from saelab.training.pipeline import run_training
 
+    if args.sweep:
+        return _run_sweep(args)
     cfg = train_config_from_args(args)
     result = run_training(cfg, progress=not args.no_progress)
+    _print_trained(result)
+    if cfg.eval_tokens:
+        return _evaluate(result.run_dir, cfg.eval_tokens)
+    return 0
+
+
+def _print_trained(result) -> None:
     last = result.last
     print(f"trained {result.run_dir}/sae: {result.steps:,} steps, {result.tokens:,} tokens; "
           f"FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.1f}, "
           f"dead {last.get('dead_pct', float('nan')):.2f} %")
-    if cfg.eval_tokens:
-        return _evaluate(result.run_dir, cfg.eval_tokens)
+
+
+def _run_sweep(args) -> int:
+    from saelab.training.sweep import load_sweep, run_sweep
+
+    cfgs = load_sweep(args.sweep, _train_overrides(args), config=args.config)
+    results = run_sweep(cfgs, progress=not args.no_progress)
+    for result in results:
+        _print_trained(result)
+    for cfg, result in zip(cfgs, results):
+        if cfg.eval_tokens:
+            _evaluate(result.run_dir, cfg.eval_tokens)
     return 0
 
 

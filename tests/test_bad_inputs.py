@@ -140,6 +140,23 @@ CASES = [
     Case("train-out-not-a-run", ["train", "--out", "{tmp}/stuff"], ["stuff", "not a run directory"]),
     Case("train-wrong-hook", ["train", "--hook", "blocks.1.hook_resid_pots", "--cache-tokens", "1k", "--tokens", "1k"],
          ["'blocks.1.hook_resid_pots'", "did you mean"], model=True),
+    Case("train-sweep-missing-file", ["train", "--sweep", "{tmp}/nope.yaml"], ["nope.yaml", "no such config file"]),
+    Case("train-sweep-without-saes", ["train", "--sweep", "{tmp}/sweep_nosaes.yaml"], ["sweep_nosaes.yaml", "`saes`"]),
+    Case("train-sweep-empty-list", ["train", "--sweep", "{tmp}/sweep_empty.yaml"], ["saes", "non-empty list"]),
+    Case("train-sweep-unknown-key", ["train", "--sweep", "{tmp}/sweep_unknown.yaml"], ["tokenz", "unknown field"],
+         hint="saes"),
+    Case("train-sweep-unknown-sae-key", ["train", "--sweep", "{tmp}/sweep_unknown_sae.yaml"],
+         ["saes[1].sae.kk", "unknown field"]),
+    Case("train-sweep-duplicate-names", ["train", "--sweep", "{tmp}/sweep_dup.yaml"], ["'a'", "saes[0] and saes[1]"]),
+    Case("train-sweep-bad-name", ["train", "--sweep", "{tmp}/sweep_slash.yaml"], ["'a/b'", "folder name"]),
+    Case("train-sweep-out-per-sae", ["train", "--sweep", "{tmp}/sweep_out.yaml"], ["saes[0].out"]),
+    Case("train-sweep-tokens-differ", ["train", "--sweep", "{tmp}/sweep_tokens.yaml"],
+         ["saes[1] (b)", "tokens", "5000"], hint="top of the sweep file"),
+    Case("train-sweep-batch-size-differ", ["train", "--sweep", "{tmp}/sweep_batch.yaml"], ["batch_size", "128"]),
+    Case("train-sweep-hooks-differ", ["train", "--sweep", "{tmp}/sweep_hooks.yaml"],
+         ["hook_name", "blocks.1.hook_resid_pre", "one hook"]),
+    Case("train-sweep-and-config", ["train", "--sweep", "{tmp}/sweep_dup.yaml", "--config", "{tmp}/tokenz.yaml"],
+         ["--config", "--sweep"]),
     # ------------------------------------------------------------------------------------------ later commands
     Case("steer-missing-run", ["steer", "{tmp}/nope", "--latent", "1"], ["nope", "no such file or directory"]),
     Case("patch-unknown-task", ["patch", "--task", "brackets"], ["'brackets'", "built-in tasks"]),
@@ -207,6 +224,18 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "broken.yaml").write_text("tokens: 1000\nsplit: a: b\n")
     (tmp / "tokenz.yaml").write_text("tokenz: 5\n")
     (tmp / "sae5.yaml").write_text("sae: 5\n")
+    stream = "source: stream\n"  # sweeps refused in `resolve` or after it: no cache, no model load
+    (tmp / "sweep_nosaes.yaml").write_text("tokens: 1000\n")
+    (tmp / "sweep_empty.yaml").write_text("saes: []\n")
+    (tmp / "sweep_unknown.yaml").write_text("tokenz: 5\nsaes: [{name: a}]\n")
+    (tmp / "sweep_unknown_sae.yaml").write_text("saes: [{name: a}, {name: b, sae: {kk: 4}}]\n")
+    (tmp / "sweep_dup.yaml").write_text("saes: [{name: a}, {name: a, sae: {k: 8}}]\n")
+    (tmp / "sweep_slash.yaml").write_text("saes: [{name: a/b}]\n")
+    (tmp / "sweep_out.yaml").write_text("saes: [{name: a, out: elsewhere}]\n")
+    (tmp / "sweep_tokens.yaml").write_text(stream + "saes: [{name: a}, {name: b, tokens: 5000}]\n")
+    (tmp / "sweep_batch.yaml").write_text(stream + "saes: [{name: a}, {name: b, batch_size: 128}]\n")
+    (tmp / "sweep_hooks.yaml").write_text(stream + "saes: [{name: a, hook_name: blocks.2.hook_resid_pre}, "
+                                                   "{name: b, hook_name: blocks.1.hook_resid_pre}]\n")
     (tmp / "stuff").mkdir()
     (tmp / "stuff" / "readme.md").write_text("not a cache, not a run, not a model\n")
     (tmp / "badmanifest").mkdir()

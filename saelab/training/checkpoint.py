@@ -41,7 +41,9 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                    keep: int | None = 2) -> Path:
+    """Write checkpoint `step` atomically, then keep the newest `keep` (None: prune nothing)."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -58,14 +60,26 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(root)  # the rename itself is durable only once the directory entry is on disk
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        prune_checkpoints(run_dir, keep)
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in sorted((Path(run_dir) / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
+    """The complete checkpoints of a run, by step, oldest first."""
     root = Path(run_dir) / "checkpoints"
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_JSON).exists() and (p / STATE_TENSORS).exists())
+    done = sorted(p for p in root.glob("step-*") if p.name[len("step-"):].isdigit() and (p / STATE_JSON).exists()
+                  and (p / STATE_TENSORS).exists())
+    return {int(p.name[len("step-"):]): p for p in done}
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = list(checkpoint_steps(run_dir).values())
     return done[-1] if done else None
 
 

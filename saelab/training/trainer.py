@@ -3,7 +3,9 @@
 `torch.distributed` data parallelism (launch with `torchrun`; gloo on CPU, NCCL on GPU).
 
 `train(cfg, source)` takes any iterable of `Batch` (an `ActivationCache`, `stream_activations`, in-memory
-activations); it neither knows nor cares where they come from.
+activations); it neither knows nor cares where they come from. `train_many(cfgs, run_dirs, source)` trains several
+SAEs on the same batches (a sweep, `saelab.training.sweep`); `train` is its case of one: one `SAERun` per SAE, one
+step body.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -118,118 +121,116 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{model}-{cfg.hook_name or cfg.sae.hook_name}-{cfg.sae.architecture}-k{cfg.sae.k}"
 
 
-def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None, progress: bool = True,
-          device: str | torch.device = "cpu") -> TrainResult:
-    """Train one SAE. The source yields `Batch`es of `cfg.batch_size` rows per process; with `torchrun`, each rank
-    passes its own disjoint source and the global batch is `world_size × batch_size`."""
-    rank, world = _world()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir = Path(run_dir or cfg.out or Path("runs") / (cfg.name or default_run_name(cfg)))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    it = iter(source)
+class SAERun:
+    """One SAE's training: its model, optimizer, dead-latent counters, torch RNG stream, metrics log and run folder.
+    `train_many` steps several on the same batches; `train` is the case of one, so there is one step body.
 
-    resume_from = ckpt.latest_checkpoint(run_dir) if cfg.resume else None
-    if cfg.resume and resume_from is None and rank == 0:
-        print(f"no complete checkpoint in {run_dir}/checkpoints; starting from scratch")
-    if resume_from is not None:
-        tensors, meta = ckpt.load_checkpoint(resume_from)
-        check_resume_config(meta.get("config", {}), to_dict(cfg), resume_from)
-        sae_cfg = from_dict(SAEConfig, meta["sae"])
-        sae = SparseAutoencoder(sae_cfg, device=device)
+    Each run keeps its own RNG state (seeded with its `cfg.seed`, as a lone run is) and swaps it in around its own
+    work, so an architecture that draws random numbers (Matryoshka's sampled prefixes) gets the stream it would get
+    alone, whatever the other SAEs of a sweep draw."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: str | torch.device, label: str = ""):
+        self.cfg, self.run_dir, self.device, self.label = cfg, Path(run_dir), device, label
+        self.rank, self.world = _world()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        outer = ckpt.rng_state(device)
+        torch.manual_seed(cfg.seed)
+        self.rng = ckpt.rng_state(device)
+        ckpt.set_rng_state(outer, device)
+        self.last: dict = {}
+        self.accum: dict[str, float] = {}
+        self.n_accum = 0
+
+    @contextmanager
+    def own_rng(self):
+        outer = ckpt.rng_state(self.device)
+        ckpt.set_rng_state(self.rng, self.device)
+        try:
+            yield
+        finally:
+            self.rng = ckpt.rng_state(self.device)
+            ckpt.set_rng_state(outer, self.device)
+
+    def init(self, first: torch.Tensor, stats: dict | None) -> None:
+        """A new SAE, initialised from the first batch (already on the device) and the source's statistics."""
+        cfg, device, world = self.cfg, self.device, self.world
+        with self.own_rng():
+            sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), "d_in": first.shape[1],
+                                            "hook_name": cfg.sae.hook_name or cfg.hook_name})
+            sae = SparseAutoencoder(sae_cfg, device=device)
+            sae.reset_parameters(seed=cfg.seed)
+            var_total = float(stats["var"].sum()) if stats is not None else None
+            sample = first
+            if world > 1:  # initialise on the global first batch, as one process would
+                parts = [torch.empty_like(sample) for _ in range(world)]
+                dist.all_gather(parts, sample)
+                sample = torch.cat(parts)
+            sae.init_from_data_(sample, mean_sq_norm=stats and stats["mean_sq_norm"], var_total=var_total)
+            if world > 1:  # and every rank holds exactly rank 0's parameters
+                for t in [*sae.parameters(), sae.loss_normalizer]:
+                    dist.broadcast(t.data, 0)
+                scale = torch.tensor([sae.cfg.input_scale], dtype=torch.float64)
+                dist.broadcast(scale, 0)
+                sae.cfg.input_scale = float(scale)
+        self.sae, self.start_step, self.tokens_seen = sae, 0, 0
+        self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.opt = make_optimizer(sae, self._base_lr(), cfg)
+        self._open(resumed=False)
+
+    def resume(self, step: int) -> dict:
+        """The state saved at checkpoint `step`; returns its metadata (the source's cursors)."""
+        path = ckpt.checkpoint_steps(self.run_dir)[step]
+        tensors, meta = ckpt.load_checkpoint(path)
+        check_resume_config(meta.get("config", {}), to_dict(self.cfg), path)
+        with self.own_rng():
+            sae = SparseAutoencoder(from_dict(SAEConfig, meta["sae"]), device=self.device)
         sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
-        start_step, tokens_seen = meta["step"], meta["tokens"]
-        since_fired = tensors["since_fired"].to(device)
-        if hasattr(source, "load_state_dict"):
-            source.load_state_dict(meta["cursors"][rank])
-            it = iter(source)
-        first = None
-    else:
-        first = next(it)
-        sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), "d_in": first.acts.shape[1],
-                                        "hook_name": cfg.sae.hook_name or cfg.hook_name})
-        sae = SparseAutoencoder(sae_cfg, device=device)
-        sae.reset_parameters(seed=cfg.seed)
-        stats = source.stats() if hasattr(source, "stats") else None
-        var_total = float(stats["var"].sum()) if stats is not None else None
-        sample = first.acts.to(device)
-        if world > 1:  # initialise on the global first batch, as one process would
-            parts = [torch.empty_like(sample) for _ in range(world)]
-            dist.all_gather(parts, sample)
-            sample = torch.cat(parts)
-        sae.init_from_data_(sample, mean_sq_norm=stats and stats["mean_sq_norm"], var_total=var_total)
-        if world > 1:  # and every rank holds exactly rank 0's parameters
-            for t in [*sae.parameters(), sae.loss_normalizer]:
-                dist.broadcast(t.data, 0)
-            scale = torch.tensor([sae.cfg.input_scale], dtype=torch.float64)
-            dist.broadcast(scale, 0)
-            sae.cfg.input_scale = float(scale)
-        start_step, tokens_seen = 0, 0
-        since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.sae, self.start_step, self.tokens_seen = sae, meta["step"], meta["tokens"]
+        self.since_fired = tensors["since_fired"].to(self.device)
+        self.opt = make_optimizer(sae, self._base_lr(), self.cfg)
+        ckpt.optimizer_from_flat(self.opt, tensors, meta["optimizer"])
+        self.rng = {k: v for k, v in tensors.items() if k.startswith("rng")}
+        self._open(resumed=True)
+        return meta
 
-    if rank == 0:
-        save_config(cfg, run_dir / "config.yaml")
-    base_lr = cfg.lr or 2e-4 / math.sqrt(sae_cfg.n_latents / 2 ** 14)
-    opt = make_optimizer(sae, base_lr, cfg)
-    if resume_from is not None:
-        ckpt.optimizer_from_flat(opt, tensors, meta["optimizer"])
-        ckpt.set_rng_state(tensors, device)
-    threshold = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size * world, cfg.tokens // 4))
-    steps = max(1, cfg.tokens // (cfg.batch_size * world))
-    log = MetricsLog(run_dir / "metrics.jsonl", start_step if resume_from is not None else None, rank == 0)
-    bar = None
-    if progress and rank == 0:
-        from tqdm.auto import tqdm
+    def _base_lr(self) -> float:
+        return self.cfg.lr or 2e-4 / math.sqrt(self.sae.cfg.n_latents / 2 ** 14)
 
-        bar = tqdm(total=steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train")
-    t_last, tok_last = time.perf_counter(), tokens_seen
-    last: dict = {}
-    accum: dict[str, float] = {}
-    n_accum = 0
+    def _open(self, resumed: bool) -> None:
+        cfg = self.cfg
+        if self.rank == 0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.base_lr = self._base_lr()
+        self.threshold = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size * self.world, cfg.tokens // 4))
+        self.steps = max(1, cfg.tokens // (cfg.batch_size * self.world))
+        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None, self.rank == 0)
+        self.t_last, self.tok_last = time.perf_counter(), self.tokens_seen
 
-    def save(step: int) -> None:
-        cursors = [source.state_dict() if hasattr(source, "state_dict") else None]
-        if world > 1:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, cursors[0])
-            cursors = gathered
-        if rank != 0:
-            return
-        # the SAE's whole state_dict: parameters and buffers (loss normaliser, an architecture's thresholds)
-        tensors = {f"sae.{n}": t.detach() for n, t in sae.state_dict().items()}
-        tensors["since_fired"] = since_fired
-        tensors.update(ckpt.rng_state(device))
-        opt_tensors, opt_meta = ckpt.optimizer_to_flat(opt)
-        tensors.update(opt_tensors)
-        meta = {"step": step, "tokens": tokens_seen, "sae": to_dict(sae.cfg), "optimizer": opt_meta,
-                "cursors": cursors, "config": to_dict(cfg)}
-        ckpt.save_checkpoint(run_dir, step, tensors, meta, keep=cfg.keep_checkpoints)
+    def step(self, step: int, x: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """One optimizer step on the batch `x` (on the device) and its LM-loss gradient, if the batch carries one."""
+        sae, opt, cfg, world = self.sae, self.opt, self.cfg, self.world
+        if not sae.arch.needs_grads:
+            grad = None  # as a lone run of this architecture reads the batches (without gradients)
+        elif grad is None:
+            from saelab.errors import ConfigError
 
-    try:
-        for step in range(start_step, steps):
-            batch = first if (step == start_step and first is not None) else next(it)
-            x = batch.acts.to(device, non_blocking=True)
-            grad = batch.grads.to(device) if getattr(batch, "grads", None) is not None else None
-            if grad is None and sae.arch.needs_grads:
-                from saelab.errors import ConfigError
-
-                raise ConfigError(f"architecture {sae.arch.name!r} selects with the LM-loss gradient, but the "
-                                  f"training batches carry none",
-                                  hint="train from a cache written with `saelab cache --with-grads`, or stream "
-                                       "(`--source stream`), which computes them")
-            dead_mask = since_fired > threshold
+            raise ConfigError(f"architecture {sae.arch.name!r}{self.label} selects with the LM-loss gradient, but "
+                              f"the training batches carry none",
+                              hint="train from a cache written with `saelab cache --with-grads`, or stream "
+                                   "(`--source stream`), which computes them")
+        with self.own_rng():
+            dead_mask = self.since_fired > self.threshold
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, steps, cfg, base_lr)
+                g["lr"] = lr_at(step, self.steps, cfg, self.base_lr)
             out = sae(x, grad=grad, dead_mask=dead_mask)
             loss = out.losses["loss"]
             if not torch.isfinite(loss):
                 from saelab.errors import TrainingError
 
                 raise TrainingError(
-                    f"loss is {loss.item()} at step {step}",
+                    f"loss is {loss.item()} at step {step}{self.label}",
                     hint=f"check the activations for NaN/inf (`saelab cache verify`), or lower --lr (now "
-                         f"{base_lr:.2e}); the last checkpoint is intact, rerun with --resume")
+                         f"{self.base_lr:.2e}); the last checkpoint is intact, rerun with --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
@@ -244,53 +245,183 @@ def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None,
             sae.normalize_decoder_()
             sae.after_step(out, step)
 
-            with torch.no_grad():
-                fired = torch.zeros_like(since_fired, dtype=torch.bool)
-                fired[out.code.indices[out.code.values != 0]] = True  # active means value != 0
-                if world > 1:
-                    f = fired.to(torch.uint8)
-                    dist.all_reduce(f, op=dist.ReduceOp.MAX)
-                    fired = f.bool()
-                since_fired += x.shape[0] * world
-                since_fired[fired] = 0
-            tokens_seen += x.shape[0] * world
+        since_fired = self.since_fired
+        with torch.no_grad():
+            fired = torch.zeros_like(since_fired, dtype=torch.bool)
+            fired[out.code.indices[out.code.values != 0]] = True  # active means value != 0
+            if world > 1:
+                f = fired.to(torch.uint8)
+                dist.all_reduce(f, op=dist.ReduceOp.MAX)
+                fired = f.bool()
+            since_fired += x.shape[0] * world
+            since_fired[fired] = 0
+        self.tokens_seen += x.shape[0] * world
 
-            for name, value in out.losses.items():
-                accum[name] = accum.get(name, 0.0) + float(value.detach())
-            accum["l0"] = accum.get("l0", 0.0) + float(out.code.l0().float().mean())
-            n_accum += 1
+        for name, value in out.losses.items():
+            self.accum[name] = self.accum.get(name, 0.0) + float(value.detach())
+        self.accum["l0"] = self.accum.get("l0", 0.0) + float(out.code.l0().float().mean())
+        self.n_accum += 1
+        done = step + 1
+        if done % cfg.log_every == 0 or done == self.steps:
+            now = time.perf_counter()
+            last = {k: v / self.n_accum for k, v in self.accum.items()}
+            last.update(step=done, tokens=self.tokens_seen, lr=opt.param_groups[0]["lr"],
+                        dead_pct=100.0 * float((since_fired > self.threshold).float().mean()),
+                        tokens_per_s=(self.tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9))
+            self.log.write(last)
+            self.last, self.accum, self.n_accum, self.t_last, self.tok_last = last, {}, 0, now, self.tokens_seen
+
+    def save(self, step: int, cursors: list) -> None:
+        """A checkpoint at `step` (rank 0), not pruning older ones: the loop prunes once every SAE has saved."""
+        if self.rank != 0:
+            return
+        # the SAE's whole state_dict: parameters and buffers (loss normaliser, an architecture's thresholds)
+        tensors = {f"sae.{n}": t.detach() for n, t in self.sae.state_dict().items()}
+        tensors["since_fired"] = self.since_fired
+        tensors.update(self.rng)
+        opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.opt)
+        tensors.update(opt_tensors)
+        meta = {"step": step, "tokens": self.tokens_seen, "sae": to_dict(self.sae.cfg), "optimizer": opt_meta,
+                "cursors": cursors, "config": to_dict(self.cfg)}
+        ckpt.save_checkpoint(self.run_dir, step, tensors, meta, keep=None)
+
+    def finish(self, draw) -> TrainResult:
+        """Calibrate the architecture's inference state on `draw()`n training batches and save the SAE."""
+        sae, rank = self.sae, self.rank
+        with self.own_rng():
+            calibration = sae.arch.calibrate(sae, draw)  # e.g. BatchTopK's θ fitted to the finished SAE
+        if calibration and rank == 0:
+            print(f"calibrated {sae.arch.name} inference{self.label}: "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in calibration.items()))
+        if rank == 0:
+            sae.save(self.run_dir / "sae",
+                     extra={"training": {"steps": self.steps, "tokens": self.tokens_seen, "calibration": calibration,
+                                         "dead_token_threshold": self.threshold,
+                                         "dead_latents": int((self.since_fired > self.threshold).sum()),
+                                         "final_metrics": self.last},
+                            "train_config": to_dict(self.cfg)})
+        return TrainResult(self.run_dir, sae, self.steps, self.tokens_seen, self.last)
+
+
+class CalibrationDraws:
+    """Training batches after the last step, for the architectures' calibration: every SAE gets the same ones, in
+    the order a lone run would draw them; each is read once and, with several SAEs, kept for the next one."""
+
+    def __init__(self, it, device, keep: bool):
+        self.it, self.device, self.keep, self.drawn = it, device, keep, []
+
+    def for_run(self):
+        i = 0
+
+        def draw():  # the next batch's activations (None once the source is spent)
+            nonlocal i
+            if not self.keep:
+                batch = next(self.it, None)
+                return None if batch is None else batch.acts.to(self.device)
+            if i == len(self.drawn):
+                batch = next(self.it, None)
+                self.drawn.append(None if batch is None else batch.acts.to(self.device))
+            i += 1
+            return self.drawn[i - 1]
+
+        return draw
+
+
+def common_checkpoint_step(run_dirs: list[Path]) -> int | None:
+    """The newest checkpoint step that every run holds (a kill between two SAEs' saves leaves one a step ahead)."""
+    common = set.intersection(*(set(ckpt.checkpoint_steps(d)) for d in run_dirs))
+    return max(common) if common else None
+
+
+def _cursors(source, world: int) -> list:
+    """The source's position on every rank (each rank's own source), for the checkpoint."""
+    cursors = [source.state_dict() if hasattr(source, "state_dict") else None]
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, cursors[0])
+        cursors = gathered
+    return cursors
+
+
+def _show(bar, lasts: list[dict]) -> None:
+    """The progress bar's metrics, one value per SAE ("0.0812/0.0771" for a sweep of two)."""
+    nan = float("nan")
+    bar.set_postfix(fvu="/".join(f"{m.get('fvu', nan):.4f}" for m in lasts),
+                    l0="/".join(f"{m.get('l0', nan):.1f}" for m in lasts),
+                    dead="/".join(f"{m.get('dead_pct', nan):.1f}%" for m in lasts),
+                    tok_s=f"{lasts[-1].get('tokens_per_s', nan):,.0f}", refresh=False)
+
+
+def train_many(cfgs: list[TrainConfig], run_dirs: list[str | Path], source: Iterable, progress: bool = True,
+               device: str | torch.device = "cpu", labels: list[str] | None = None) -> list[TrainResult]:
+    """Train several SAEs on the same batches: the source is read (and shuffled) once, each batch goes to every SAE
+    in turn; each SAE has its own optimizer, RNG stream, run folder, checkpoints and metrics. They must share what
+    decides the batches and the schedule of steps and checkpoints (`saelab.training.sweep` checks it): tokens,
+    batch_size, seed, checkpoint_every, keep_checkpoints, resume, threads. Each SAE ends bit-identical to the same
+    SAE trained alone on these batches."""
+    rank, world = _world()
+    cfg = cfgs[0]
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    runs = [SAERun(c, Path(d), device, label) for c, d, label in zip(cfgs, run_dirs, labels or [""] * len(cfgs))]
+    it = iter(source)
+
+    start = common_checkpoint_step([r.run_dir for r in runs]) if cfg.resume else None
+    if cfg.resume and start is None and rank == 0:
+        print(f"no complete checkpoint in {' / '.join(str(r.run_dir) for r in runs)}/checkpoints (common to every "
+              f"SAE); starting from scratch" if len(runs) > 1 else
+              f"no complete checkpoint in {runs[0].run_dir}/checkpoints; starting from scratch")
+    first = None
+    if start is not None:
+        metas = [r.resume(start) for r in runs]
+        if hasattr(source, "load_state_dict"):
+            source.load_state_dict(metas[0]["cursors"][rank])
+            it = iter(source)
+    else:
+        first, start = next(it), 0
+        stats = source.stats() if hasattr(source, "stats") else None
+        sample = first.acts.to(device)
+        for r in runs:
+            r.init(sample, stats)
+    steps = runs[0].steps
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True, desc="train")
+    try:
+        for step in range(start, steps):
+            batch = first if (step == start and first is not None) else next(it)
+            x = batch.acts.to(device, non_blocking=True)
+            grad = batch.grads.to(device) if getattr(batch, "grads", None) is not None else None
+            for r in runs:
+                r.step(step, x, grad)
             done = step + 1
-            if done % cfg.log_every == 0 or done == steps:
-                now = time.perf_counter()
-                last = {k: v / n_accum for k, v in accum.items()}
-                last.update(step=done, tokens=tokens_seen, lr=opt.param_groups[0]["lr"],
-                            dead_pct=100.0 * float((since_fired > threshold).float().mean()),
-                            tokens_per_s=(tokens_seen - tok_last) / max(now - t_last, 1e-9))
-                log.write(last)
-                accum, n_accum, t_last, tok_last = {}, 0, now, tokens_seen
-                if bar is not None:
-                    bar.set_postfix(fvu=f"{last['fvu']:.4f}", l0=f"{last['l0']:.1f}", dead=f"{last['dead_pct']:.1f}%",
-                                    tok_s=f"{last['tokens_per_s']:,.0f}", refresh=False)
             if bar is not None:
+                if done % cfg.log_every == 0 or done == steps:
+                    _show(bar, [r.last for r in runs])
                 bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == steps:
-                save(done)
+                cursors = _cursors(source, world)
+                for r in runs:
+                    r.save(done, cursors)
+                if rank == 0:  # pruned only now: every SAE holds the newest checkpoint before an older one goes
+                    for r in runs:
+                        ckpt.prune_checkpoints(r.run_dir, cfg.keep_checkpoints)
     finally:
         if bar is not None:
             bar.close()
-        log.close()
+        for r in runs:
+            if hasattr(r, "log"):
+                r.log.close()
 
-    def draw():  # more training activations for the architecture's calibration (None once the source is spent)
-        batch = next(it, None)
-        return None if batch is None else batch.acts.to(device)
+    draws = CalibrationDraws(it, device, keep=len(runs) > 1)
+    return [r.finish(draws.for_run()) for r in runs]
 
-    calibration = sae.arch.calibrate(sae, draw)  # e.g. BatchTopK's θ fitted to the finished SAE
-    if calibration and rank == 0:
-        print(f"calibrated {sae.arch.name} inference: " + ", ".join(f"{k} {v:.4g}" for k, v in calibration.items()))
-    if rank == 0:
-        sae.save(run_dir / "sae", extra={"training": {"steps": steps, "tokens": tokens_seen, "calibration": calibration,
-                                                      "dead_token_threshold": threshold,
-                                                      "dead_latents": int((since_fired > threshold).sum()),
-                                                      "final_metrics": last},
-                                         "train_config": to_dict(cfg)})
-    return TrainResult(run_dir, sae, steps, tokens_seen, last)
+
+def train(cfg: TrainConfig, source: Iterable, run_dir: str | Path | None = None, progress: bool = True,
+          device: str | torch.device = "cpu") -> TrainResult:
+    """Train one SAE. The source yields `Batch`es of `cfg.batch_size` rows per process; with `torchrun`, each rank
+    passes its own disjoint source and the global batch is `world_size × batch_size`."""
+    run_dir = Path(run_dir or cfg.out or Path("runs") / (cfg.name or default_run_name(cfg)))
+    return train_many([cfg], [run_dir], source, progress=progress, device=device)[0]
