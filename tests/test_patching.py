@@ -106,6 +106,8 @@ def test_every_estimator_exact_on_linear_toy():
     sites = patching.model_sites(model)
     assert {s.kind for s in sites} == set(patching.KINDS)
     base = patching.baseline(model, batch)
+    # the toy's norms are built for the token batch: batched patching takes the all-copies-from-the-start path
+    assert not patching._grows_mid_forward(model, batch, [], model(batch.corrupted))
     ap = patching.activation_patching(model, batch, sites, base)
     estimates = {"attribution": patching.attribution_patching(model, batch, sites, base),
                  "relp": patching.relp(model, batch, sites, base, RelPRules(attention=True)),
@@ -162,10 +164,17 @@ def test_full_residual_patch_at_last_layer_gives_clean_metric(reference_model, b
         assert float(base.normalise(patching.mean_ld(logits, batch))[0]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_batched_activation_patching_equals_loop(reference_model, bracket):
+@pytest.mark.parametrize("kinds, layers, max_rows", [(["resid", "head"], [3], 64),  # one forward per kind
+                                                     (patching.KINDS, [0, 1, 2, 3], 24)])  # 3 copies a forward
+def test_batched_activation_patching_equals_loop(reference_model, bracket, kinds, layers, max_rows):
     batch, base = bracket
-    sites = [s for s in patching.model_sites(reference_model, ["resid", "head"]) if s.layer == 3]
-    batched = patching.activation_patching(reference_model, batch, sites, base, max_rows=64)
+    # the bridge takes a batch that grows at a block: the batched path here starts each forward at its layer
+    last = patching.last_position_hooks(reference_model)
+    with torch.no_grad():
+        plain = reference_model.run_with_hooks(batch.corrupted, fwd_hooks=last)
+    assert patching._grows_mid_forward(reference_model, batch, last, plain)
+    sites = [s for s in patching.model_sites(reference_model, kinds) if s.layer in layers]
+    batched = patching.activation_patching(reference_model, batch, sites, base, max_rows=max_rows)
     loop = patching.activation_patching(reference_model, batch, sites, base, batched=False)
     for kind in batched:
         torch.testing.assert_close(batched[kind], loop[kind], rtol=1e-4, atol=1e-5)

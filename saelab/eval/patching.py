@@ -23,6 +23,7 @@ Results are [n_layers, n_positions] (or [n_layers, n_heads]) tensors per kind.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -155,39 +156,76 @@ def activation_patching(model, batch: TaskBatch, sites: list[Site], base: Baseli
                         progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """Ground truth: the normalised metric with each component's clean activation patched into the corrupted run.
 
-    batched (default): each forward holds `max_rows // n_pairs` patched copies of the corrupted prompts and
-    unembeds the last position only (the metric reads nothing else). batched=False: the reference loop, one full
-    forward per component. (TransformerBridge's `start_at_layer` still runs the blocks before the start, so
-    nothing is gained by starting later.)"""
+    batched (default): components whose clean activation equals the corrupted one in every pair (positions before
+    the first corrupted token) are no-ops, effect exactly 0, and are not run. The others go layer by layer, up to
+    `max_rows // n_pairs` patched copies of the corrupted prompts per forward: the forward runs the N corrupted
+    prompts once up to the layer, where the batch becomes the c copies (`_repeat_batch_from`; the blocks before
+    it would compute the same rows c times), and unembeds the last position only (the metric reads nothing else).
+    A model whose forward does not take the batch growing mid-forward runs all c copies from the embedding.
+    batched=False: the reference loop, one full forward per component."""
     base = base or baseline(model, batch)
     N = batch.n_pairs
     n_heads = int(model.cfg.n_heads)
-    _, clean = capture(model, batch.clean, _unique_hooks(sites))
+    hooks = _unique_hooks(sites)
+    _, clean = capture(model, batch.clean, hooks)
     comps = [(i, j) for i, s in enumerate(sites) for j in range(s.n_components(batch.length, n_heads))]
-    last_only = last_position_hooks(model) if batched else []
-    per_fwd = max(1, max_rows // N) if batched else 1
-    effects = torch.empty(len(comps))
-    for start in range(0, len(comps), per_fwd):
-        chunk = comps[start:start + per_fwd]
-        c = len(chunk)
-        masks: dict[str, torch.Tensor] = {}
-        for k, (i, j) in enumerate(chunk):
-            s = sites[i]
-            rest = tuple(clean[s.hook].shape[1:])
-            if s.hook not in masks:
-                masks[s.hook] = torch.zeros(c, *rest, dtype=torch.bool, device=clean[s.hook].device)
-            masks[s.hook][k] |= s.mask(j, rest).to(masks[s.hook].device)
-        fwd = [(h, _patcher(m, clean[h], c, N)) for h, m in masks.items()] + last_only
-        logits = model.run_with_hooks(batch.corrupted.repeat(c, 1), fwd_hooks=fwd)
-        effects[start:start + c] = base.normalise(mean_ld(logits, batch)).float().cpu()
+    effects = torch.zeros(len(comps))
+    if batched:
+        last_only = last_position_hooks(model)
+        corrupt_logits, corrupt = capture(model, batch.corrupted, hooks, extra=last_only)
+        # a component equal in the clean and the corrupted run of every pair patches nothing: effect exactly 0
+        changed = [s.reduce((clean[s.hook] != corrupt[s.hook]).any(0).float()) > 0 for s in sites]
+        live = [k for k, (i, j) in enumerate(comps) if changed[i][j]]
+        if progress and len(live) < len(comps):
+            progress(len(comps) - len(live))
+        grow = _grows_mid_forward(model, batch, last_only, corrupt_logits)
+        chunks = _chunks(live, [sites[comps[k][0]].layer for k in live] if grow else None, max(1, max_rows // N))
+    else:
+        last_only, grow, chunks = [], False, [[k] for k in range(len(comps))]  # the reference: nothing skipped
+    for chunk in chunks:
+        patched = [comps[k] for k in chunk]
+        layer = min(sites[i].layer for i, _ in patched) if grow else None
+        effects[chunk] = _patched_effects(model, batch, base, sites, patched, clean, layer, last_only)
         if progress:
-            progress(c)
+            progress(len(chunk))
     values, k = [], 0
     for s in sites:
         n = s.n_components(batch.length, n_heads)
         values.append(effects[k:k + n])
         k += n
     return _group(sites, values)
+
+
+def _chunks(order: list[int], layers: list[int] | None, per_fwd: int) -> list[list[int]]:
+    """`order` cut into forwards of at most per_fwd components. With `layers` (each component's block) sorted and
+    cut by layer, so that each forward starts as late as its components allow."""
+    if layers is None:
+        return [order[k:k + per_fwd] for k in range(0, len(order), per_fwd)]
+    by_layer: dict[int, list[int]] = {}
+    for k, layer in sorted(zip(order, layers), key=lambda t: t[1]):
+        by_layer.setdefault(layer, []).append(k)
+    return [g[k:k + per_fwd] for g in by_layer.values() for k in range(0, len(g), per_fwd)]
+
+
+def _patched_effects(model, batch: TaskBatch, base: Baseline, sites: list[Site], patched: list[tuple[int, int]],
+                     clean: dict[str, torch.Tensor], layer: int | None, last_only: list) -> torch.Tensor:
+    """Normalised metric of c = len(patched) corrupted runs, copy k with component patched[k] clean: one forward
+    of c stacked copies, from `layer` on (None: from the embedding)."""
+    c, N = len(patched), batch.n_pairs
+    masks: dict[str, torch.Tensor] = {}
+    for k, (i, j) in enumerate(patched):
+        s = sites[i]
+        rest = tuple(clean[s.hook].shape[1:])
+        if s.hook not in masks:
+            masks[s.hook] = torch.zeros(c, *rest, dtype=torch.bool, device=clean[s.hook].device)
+        masks[s.hook][k] |= s.mask(j, rest).to(masks[s.hook].device)
+    patch = [(h, _patcher(m, clean[h], c, N)) for h, m in masks.items()] + last_only
+    if layer is None:
+        logits = model.run_with_hooks(batch.corrupted.repeat(c, 1), fwd_hooks=patch)
+    else:
+        with _repeat_batch_from(model, layer, c, N) as grow:
+            logits = model.run_with_hooks(batch.corrupted, fwd_hooks=grow + patch)  # grow first: same hook point
+    return base.normalise(mean_ld(logits, batch)).float().cpu()
 
 
 def last_position_hooks(model) -> list:
@@ -204,6 +242,50 @@ def _patcher(mask: torch.Tensor, clean: torch.Tensor, c: int, n: int):
         a = act.view(c, n, *act.shape[1:])
         return torch.where(mask[:, None], clean[None].to(act.dtype), a).view(act.shape)
     return patch
+
+
+def _repeat_rows(x, c: int, n: int):
+    """x with its batch of n rows stacked c times (copy k = rows k·n..(k+1)·n): tensors of ≥ 2 dims whose first
+    is n, inside tuples and lists too; anything else as it is."""
+    if torch.is_tensor(x):
+        return x.repeat(c, *[1] * (x.dim() - 1)) if x.dim() >= 2 and x.shape[0] == n else x
+    if type(x) in (tuple, list):
+        return type(x)(_repeat_rows(v, c, n) for v in x)
+    return x
+
+
+@contextmanager
+def _repeat_batch_from(model, layer: int, c: int, n: int):
+    """Inside, a forward of n rows becomes c stacked copies (c·n rows) at `blocks.{layer}.hook_resid_pre`; yields
+    the hook that does it. Every batch-shaped input of the blocks from `layer` on (the attention mask the model
+    built for n rows) is stacked too, by a pre-hook on the block modules; models whose blocks are not modules
+    called with their inputs need the hook alone."""
+    def pre(module, args, kwargs):
+        return _repeat_rows(args, c, n), {k: _repeat_rows(v, c, n) for k, v in kwargs.items()}
+
+    blocks = list(getattr(model, "blocks", []))[layer:]
+    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in blocks if isinstance(b, torch.nn.Module)]
+    try:
+        # the residual arrives stacked already where the block's pre-hook ran (c·n rows: left as it is)
+        yield [(f"blocks.{layer}.hook_resid_pre", lambda act, hook: _repeat_rows(act, c, n))]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _grows_mid_forward(model, batch: TaskBatch, last_only: list, plain: torch.Tensor) -> bool:
+    """Whether this model's forward gives, for the corrupted prompts grown at block 0 to 2 copies, their plain
+    logits `plain` (run with the hooks `last_only`) twice. Checked once per `activation_patching` call."""
+    if "blocks.0.hook_resid_pre" not in model.hook_dict:
+        return False
+    try:
+        with _repeat_batch_from(model, 0, 2, batch.n_pairs) as grow:
+            grown = model.run_with_hooks(batch.corrupted, fwd_hooks=grow + last_only)
+    except (RuntimeError, ValueError, IndexError):  # a shape the model built for n rows that the pre-hook missed
+        return False
+    tol = max(1e-4, 8 * torch.finfo(plain.dtype).eps)  # a batch of another size rounds differently
+    return grown.shape == (2 * plain.shape[0], *plain.shape[1:]) and torch.allclose(
+        grown, plain.repeat(2, *[1] * (plain.dim() - 1)), rtol=tol, atol=tol)
 
 
 # ================================================================================================ gradient methods
