@@ -6,8 +6,10 @@ examples, the SAE's decoder rows from its safetensors file, and direct encodes o
 
 from __future__ import annotations
 
+import html
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -108,6 +110,13 @@ def test_feature_page_normal_latent(run, bundle, explore):
     n_examples = len(lat.top) + sum(len(iv.examples) for iv in lat.intervals) + len(lat.random)
     assert body.count('class="xp-act xp-peak"') == n_examples  # one outlined peak per example
     assert "contains" in " ".join(e.label for e in at.expander)
+    # the ± logit tables: every token of the bundle's lists, in order, with its effect
+    tables = re.findall(r'<table class="xp-logits">(.*?)</table>', body)
+    assert len(tables) == 2
+    for table, effects in zip(tables, (lat.logits_bottom, lat.logits_top)):
+        cells = re.findall(r'<span style="[^"]*">(.*?)</span></td><td class="xp-val">([^<]*)</td>', table)
+        assert [(html.unescape(t), float(v)) for t, v in cells] == \
+            [(repr(e.text), pytest.approx(e.value, abs=1e-4)) for e in effects] and cells
 
 
 def test_feature_page_dead_and_dense(run, bundle, explore):

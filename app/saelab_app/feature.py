@@ -8,7 +8,6 @@ import json
 import math
 
 import numpy as np
-import pandas as pd
 import streamlit as st
 
 from saelab_app import render, state
@@ -52,13 +51,11 @@ def _stats(lat, settings) -> None:
 
 def _logits(lat) -> None:
     c = st.columns(2)
-    for col, title, effects in ((c[0], "Negative logits", lat.logits_bottom),
-                                (c[1], "Positive logits", lat.logits_top)):
+    for col, title, effects, rgb in ((c[0], "Negative logits", lat.logits_bottom, render.NEG_RGB),
+                                     (c[1], "Positive logits", lat.logits_top, render.POS_RGB)):
         col.markdown(f"**{title}**")
         if effects:
-            col.dataframe(pd.DataFrame({"token": [repr(t.text) for t in effects],
-                                        "effect": [round(t.value, 4) for t in effects]}),
-                          hide_index=True, width="stretch", height=min(400, 36 + 35 * len(effects)))
+            col.html(render.logits_html(effects, rgb))
         else:
             col.caption("no logit lens for this hook (not in the residual stream)")
 
@@ -163,9 +160,9 @@ def page() -> None:
     _logits(lat)
     _neighbours(entry, lat)
     if lat.scores:
-        st.markdown("**Evaluator scores**")
-        st.dataframe(pd.DataFrame({"score": list(lat.scores), "value": [str(v) for v in lat.scores.values()]}),
-                     hide_index=True)
+        st.markdown("**Evaluator scores**\n\n| score | value |\n|---|---|\n"
+                    + "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                                for k, v in lat.scores.items()))
     state.latent_link(entry, i, "Test this latent on your own text →", page="prompt")
     _examples(entry, bundle, lat)
     _downloads(entry, bundle, i)

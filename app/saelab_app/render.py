@@ -26,6 +26,10 @@ CSS = """<style>
 .xp-act{border-radius:3px;padding:1px 0}
 .xp-peak{outline:1.5px solid #047857}
 .xp-sel{outline:2px solid #2563eb}
+.xp-logits{border-collapse:collapse;font-size:13px;width:100%}
+.xp-logits td{padding:1px 6px;border-bottom:1px solid #f3f4f6}
+.xp-logits td.xp-tok{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;white-space:pre}
+.xp-logits td.xp-val{text-align:right;font-variant-numeric:tabular-nums}
 </style>"""
 
 
@@ -77,6 +81,17 @@ def examples_html(bundle, examples, half_width: int | None, scale: str, global_m
 
 
 # ================================================================================================ figures
+def logits_html(effects, rgb: tuple[int, int, int]) -> str:
+    """Top ± logit effects as a small HTML table (Neuronpedia's lists): each token (repr, so spaces and newlines
+    show) on a background whose opacity grows with |effect|. Plain HTML rather than st.dataframe: ten rows do not
+    need the data-grid chunk, whose download and start-up delay the page's first chart."""
+    vmax = max((abs(t.value) for t in effects), default=0.0) or 1.0
+    rows = "".join(f'<tr><td class="xp-tok"><span style="background:rgba({rgb[0]},{rgb[1]},{rgb[2]},'
+                   f'{opacity(abs(t.value) / vmax):.2f})">{html.escape(repr(t.text))}</span></td>'
+                   f'<td class="xp-val">{t.value:+.4f}</td></tr>' for t in effects)
+    return f'{CSS}<table class="xp-logits">{rows}</table>'
+
+
 def _bars(counts, edges, colors, name: str, hover_x: str) -> go.Bar:
     edges = np.asarray(edges, dtype=np.float64)
     centres = (edges[:-1] + edges[1:]) / 2
