@@ -707,7 +707,8 @@ def add_bench(sub) -> None:
     p.add_argument("which", choices=["synthetic"], help="the benchmark")
     p.add_argument("--archs", default="topk,batchtopk,matryoshka,mp,mutual,feature_choice",
                    help="comma list of architectures (default: all trainable ones but gtopk, which needs LM gradients)")
-    p.add_argument("--k", type=int, default=2, help="k (MP: steps) of every SAE (2)")
+    p.add_argument("--k", type=int, default=2,
+                   help="k of every SAE (2); MP pursues each row until its residual is <= 0.05 or an atom repeats")
     p.add_argument("--steps", type=int, default=1500, help="training steps per SAE (1500)")
     p.add_argument("--batch", type=int, default=200, help="batch size (200, the paper's)")
     p.add_argument("--corr", type=float, default=0.0, help="intra-level correlation ε of the features (0)")

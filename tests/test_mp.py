@@ -184,3 +184,26 @@ def test_bad_options_are_named():
         SAEConfig(architecture="mp", options={"select": "softmax"})
     with pytest.raises(ConfigError, match="tol"):
         SAEConfig(architecture="mp", options={"tol": -1.0})
+
+
+def test_stop_on_duplicate_support_matches_the_authors_loop():
+    """The toy code's rule (mpsae/MP-SAE): a token is done once a step leaves its support unchanged (it re-selected
+    an atom, whose value still counts, or added nothing) or its residual is below tol."""
+    torch.manual_seed(5)
+    D = torch.nn.functional.normalize(torch.randn(10, 6, dtype=torch.float64), dim=1)  # few atoms: re-selection
+    x = torch.randn(200, 6, dtype=torch.float64)
+    tol = 0.3
+    z = torch.zeros(200, 10, dtype=torch.float64)
+    r, done = x.clone(), torch.zeros(200, dtype=torch.bool)
+    for _ in range(40):
+        v, j = (r @ D.T).relu().max(1, keepdim=True)
+        step = torch.zeros_like(z).scatter(1, j, v) * ~done[:, None]
+        before = z != 0
+        z, r = z + step, r - step @ D
+        done |= ((z != 0) == before).all(1) | (r.norm(dim=1) < tol)
+    assert done.all()
+    idx, keep = pursuit_indices(x, D, 40, "relu", tol=tol, stop_on_repeat=True)
+    got = torch.zeros_like(z).scatter_add(1, idx, merge_repeats(idx, pursuit_values(x, D, idx, keep)))
+    torch.testing.assert_close(got, z)
+    stopped = keep.sum(1) < 40
+    assert stopped.all() and ((z != 0).sum(1) < keep.sum(1)).any()  # some tokens stopped on a re-selected atom

@@ -12,7 +12,9 @@ Choices (research notes §4), as options:
 * `select`: "relu" (default; SAELens and the authors' toy code: codes ≥ 0, a step whose best correlation is ≤ 0
   adds nothing), "max" (overcomplete: argmax of the signed correlation, value may be negative), "abs" (classic MP:
   argmax |<r, d_i>|, signed values).
-* stop rule: `steps` (0 = k) and, per token, `tol` on ‖r‖ (0 = off); `inference_steps` may exceed `steps`.
+* stop rule: `steps` (0 = k) and, per token, `tol` on ‖r‖ (0 = off) and `stop_on_duplicate_support` (a token stops
+  after a step re-selects an atom of its support: the authors' toy code, "until the support stops changing", and
+  SAELens's flag of that name); `inference_steps` may exceed `steps`.
 * b_dec is the pre-bias (the notes' optional b_pre), initialised to the geometric median like every saelab SAE.
 
 Cost. Selection (no autograd) keeps the correlations c = r·Dᵀ of each token and updates them from rows of the
@@ -50,6 +52,8 @@ class MatchingPursuitOptions:
     tol: float = option(0.0, "also stop a token once its residual norm ‖r‖ ≤ tol (normalised space; 0 = off)")
     select: str = option("relu", "relu: codes ≥ 0 (SAELens, authors' toy code); max: signed argmax (overcomplete); "
                                  "abs: classic MP, argmax |<r, d>| with signed values")
+    stop_on_duplicate_support: bool = option(False, "stop a token after it re-selects an atom it already uses (that "
+                                                    "step still counts; the MP-SAE paper's synthetic runs)")
     gram_max_latents: int = option(16384, "update correlations from the decoder Gram matrix while n_latents ≤ this "
                                           "(n² floats); above it, one r·Dᵀ GEMM per step")
 
@@ -91,7 +95,8 @@ class MatchingPursuit(Architecture):
         U = sae.W_dec / norms.unsqueeze(1)
         G = U @ U.T if self.use_gram() else None  # one n²·d GEMM, shared by the selection and the values
         idx, keep = pursuit_indices(x_c.detach(), U.detach(), steps, self.opt.select, self.opt.tol,
-                                    G=None if G is None else G.detach(), gram=G is not None)
+                                    G=None if G is None else G.detach(), gram=G is not None,
+                                    stop_on_repeat=self.opt.stop_on_duplicate_support)
         code = pursuit_code(x_c, U, idx, keep, G)
         return SparseCode(code.indices, code.values / norms[code.indices])
 
@@ -108,18 +113,19 @@ class MatchingPursuit(Architecture):
     def saelens_export(self, sae) -> dict:
         return {"architecture": "matching_pursuit",
                 "cfg": {"residual_threshold": self.opt.tol, "max_iterations": self.inference_steps,
-                        "stop_on_duplicate_support": False},
+                        "stop_on_duplicate_support": self.opt.stop_on_duplicate_support},
                 "tensors": {}}
 
 
 # -------------------------------------------------------------------------------------------------- the pursuit
 @torch.no_grad()
 def pursuit_indices(x_c: torch.Tensor, D: torch.Tensor, steps: int, select: str = "relu", tol: float = 0.0,
-                    gram: bool = True, chunk: int | None = None, G: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    gram: bool = True, chunk: int | None = None, G: torch.Tensor | None = None,
+                    stop_on_repeat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy atom choices of matching pursuit over unit rows D: (indices [B, T], keep [B, T] bool: the step
     changed the residual). Correlations are updated from Gram rows (`gram=True`; G = D·Dᵀ unless given) or
-    recomputed as r·Dᵀ each step; tokens go in chunks."""
+    recomputed as r·Dᵀ each step; tokens go in chunks. `stop_on_repeat`: a token's last step is the first that
+    re-selects an atom of its support."""
     B, n = x_c.shape[0], D.shape[0]
     if gram and G is None:
         G = D @ D.T
@@ -129,11 +135,11 @@ def pursuit_indices(x_c: torch.Tensor, D: torch.Tensor, steps: int, select: str 
     idx = torch.empty(B, steps, dtype=torch.long, device=x_c.device)
     keep = torch.empty(B, steps, dtype=torch.bool, device=x_c.device)
     for s in range(0, B, chunk):
-        _pursue(x_c[s:s + chunk], D, G, steps, select, tol, idx[s:s + chunk], keep[s:s + chunk])
+        _pursue(x_c[s:s + chunk], D, G, steps, select, tol, idx[s:s + chunk], keep[s:s + chunk], stop_on_repeat)
     return idx, keep
 
 
-def _pursue(x, D, G, steps, select, tol, idx_out, keep_out):
+def _pursue(x, D, G, steps, select, tol, idx_out, keep_out, stop_on_repeat=False):
     c = x @ D.T  # [b, n] correlations of the residual with every atom
     r = None if G is not None else x.clone()
     r2 = x.pow(2).sum(-1)  # ‖r‖², drops by v² per step (unit atoms)
@@ -147,6 +153,8 @@ def _pursue(x, D, G, steps, select, tol, idx_out, keep_out):
         if tol > 0:
             live &= r2 > tol * tol
         v = v * live
+        if stop_on_repeat:  # this step still counts; the token stops after it
+            live &= ~((idx_out[:, :t] == j.unsqueeze(1)) & keep_out[:, :t]).any(1)
         idx_out[:, t] = j
         keep_out[:, t] = v != 0
         r2 = r2 - v * v
