@@ -19,13 +19,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from architectures import sh  # bench/architectures.py: run a `saelab` command, return its wall time
 
 HOOK = "blocks.2.hook_resid_pre"
 SAES = {  # name → `saelab train` flags
@@ -34,13 +34,6 @@ SAES = {  # name → `saelab train` flags
     "batchtopk-k32": ["--arch", "batchtopk", "--k", "32"],
     "matryoshka-k32": ["--arch", "matryoshka", "--k", "32"],
 }
-
-
-def sh(cmd: list[str]) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", "saelab.cli", *cmd[1:]], check=True)
-    return time.time() - t0
 
 
 def sweep_entry(name: str, flags: list[str]) -> dict:
