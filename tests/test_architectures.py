@@ -114,7 +114,7 @@ def test_batchtopk_calibration_sets_theta_to_the_sample_cut_off():
     assert float((pre >= sae.threshold).sum(1).float().mean()) == pytest.approx(4.0)
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice"])
 def test_short_run_infers_k_latents_per_token_after_calibration(arch):
     # the default EMA (0.99) lags the falling cut-off of a short run; the calibration after the last step fixes it
     data = planted_data(n_rows=6144, d=32)

@@ -161,6 +161,30 @@ def test_feature_choice_thresholds_give_training_l0_no_dead(tmp_path):
     assert res.sae.cfg.options["aux"] == "aux_zipf"
 
 
+@pytest.mark.parametrize("capacity", ["uniform", "zipf"])
+def test_feature_choice_calibration_sets_each_threshold_to_the_sample_cut(capacity):
+    sae = make("feature_choice", capacity=capacity, calibration_tokens=300)
+    sae.density.copy_(torch.rand(96, generator=torch.Generator().manual_seed(2)))  # orders the Zipf capacities
+    sae.threshold.fill_(5.0)  # stale EMA thresholds far above the cut
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(128, 24, generator=gen) * 2 for _ in range(4)]
+    drawn = iter(batches)
+    info = sae.arch.calibrate(sae, lambda: next(drawn, None))
+    assert info["tokens"] == 384  # whole batches until ≥ 300 tokens
+    with torch.no_grad():
+        pre = torch.cat([sae.preacts(sae.normalize_input(b)[0]) for b in batches[:3]])
+    m = capacities(4 * 384, 384, 96, capacity, 1.0, sae.density)
+    col = pre.sort(dim=0, descending=True).values  # brute force: every column fully sorted
+    for i in range(96):
+        q = int(m[i])
+        want = col[q - 1, i] if q == 384 else (col[q - 1, i] + col[q, i]) / 2
+        assert float(sae.threshold[i]) == pytest.approx(max(float(want), 0.0), abs=1e-6), i
+    fired = (pre > sae.threshold).sum(0)
+    assert torch.equal(fired, torch.minimum(m, (pre > 0).sum(0)))  # each latent fires on exactly m_i sample tokens
+    assert info["l0_calibrated"] == pytest.approx(float(fired.sum()) / 384)
+    assert info["l0_ema_thresholds"] == pytest.approx(float((pre > 5.0).sum()) / 384)
+
+
 @pytest.mark.parametrize("arch", ["mutual", "feature_choice"])
 def test_save_load_round_trip(tmp_path, arch):
     torch.manual_seed(0)
