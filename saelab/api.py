@@ -60,7 +60,8 @@ class Run:
 
     @property
     def history(self) -> list[dict]:
-        """The training log (metrics.jsonl): one dict per logged step (fvu, l0, dead_pct, lr, tokens_per_s …)."""
+        """The training log (metrics.jsonl): one dict per logged step (fvu, l0, dead_pct, lr, tokens_per_s of the
+        whole run or sweep, sae_tokens_per_s of this SAE's own steps …)."""
         file = self.path / "metrics.jsonl"
         if not file.exists():
             return []

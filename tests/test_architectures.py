@@ -393,10 +393,10 @@ DIST_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice", "mp"])
 def test_data_parallel_batch_is_global(tmp_path, arch):
     """Under torchrun the batch of batch-level selections (BatchTopK, feature choice) is the global one: two ranks
-    train exactly what one process does."""
+    train exactly what one process does. MP (per token, tied, W_enc without a gradient) too."""
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT.format(tests=os.path.dirname(__file__), run=str(tmp_path / "ddp"), arch=arch))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -25,8 +25,8 @@ update then costs B·n memory work instead of B·n·d flops. G takes n² floats,
 n ≤ `gram_max_latents` (default 16384, 1 GiB); above that each step recomputes r·Dᵀ. bench/mp_step.py measures
 both over n. Tokens are processed in chunks whose [chunk, n] correlation block stays in cache. The values carry
 the gradient (through the whole unrolled loop, as both author codes do): with the chosen atoms A fixed, v solves
-the unit-lower-triangular system (I + M·L)·v = M·(A x̃_c), L = strictly lower part of A·Aᵀ per token (gathered
-from G), M the steps that count (relu/stop): a [B, T, T] batched solve, no Python loop over tokens, and A·x̃_c is a
+the unit-lower-triangular system (I + M·L)·v = M·(A x̃_c), L = strictly lower part of A·Aᵀ per token (a batched
+GEMM of the chosen atoms, so G stays out of the autograd graph), M the steps that count (relu/stop): a [B, T, T] batched solve, no Python loop over tokens, and A·x̃_c is a
 sparse gather-dot with the sparse encoder backward (`encoder_values` with W_enc = Dᵀ).
 """
 
@@ -93,11 +93,11 @@ class MatchingPursuit(Architecture):
         its input scale folded into W_dec); the code's values are the coefficients of the rows of W_dec."""
         norms = sae.W_dec.norm(dim=1)
         U = sae.W_dec / norms.unsqueeze(1)
-        G = U @ U.T if self.use_gram() else None  # one n²·d GEMM, shared by the selection and the values
-        idx, keep = pursuit_indices(x_c.detach(), U.detach(), steps, self.opt.select, self.opt.tol,
-                                    G=None if G is None else G.detach(), gram=G is not None,
-                                    stop_on_repeat=self.opt.stop_on_duplicate_support)
-        code = pursuit_code(x_c, U, idx, keep, G)
+        with torch.no_grad():
+            G = U @ U.T if self.use_gram() else None  # one n²·d GEMM, for the selection only
+        idx, keep = pursuit_indices(x_c.detach(), U.detach(), steps, self.opt.select, self.opt.tol, G=G,
+                                    gram=G is not None, stop_on_repeat=self.opt.stop_on_duplicate_support)
+        code = pursuit_code(x_c, U, idx, keep)
         return SparseCode(code.indices, code.values / norms[code.indices])
 
     def use_gram(self) -> bool:
@@ -178,25 +178,36 @@ def row_argmax(c: torch.Tensor, block: int = 64) -> torch.Tensor:
     return which * block + blocks[torch.arange(B, device=c.device), which].argmax(1)
 
 
-def pursuit_values(x_c: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor,
-                   G: torch.Tensor | None = None) -> torch.Tensor:
-    """The pursuit's coefficients [B, T] for fixed choices, differentiable in x_c and D (and G = D·Dᵀ if given).
+def pursuit_values(x_c: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The pursuit's coefficients [B, T] for fixed choices, differentiable in x_c and D.
 
     v_t = m_t·<r_{t−1}, a_t> with r_{t−1} = x − Σ_{s<t} v_s a_s, i.e. (I + M·L) v = M·(A x), L the strictly lower
     part of A·Aᵀ (A = the chosen atoms, per token), M = diag(keep): one batched unit-triangular solve. A·x is a
-    sparse gather-dot (`encoder_values` with W_enc = Dᵀ); A·Aᵀ is gathered from G when given, else a batched GEMM."""
+    sparse gather-dot (`encoder_values` with W_enc = Dᵀ); A·Aᵀ a batched GEMM of the chosen atoms (B·T²·d). Gathering
+    it from the selection's Gram matrix instead would keep G = D·Dᵀ in the graph: its backward is two n²·d GEMMs
+    and an [n, n] scatter, about a fifth of the whole training step at n 4096."""
     m = keep.to(D.dtype)
     with torch.no_grad():
         c0 = ops_for(idx, x_c, D).gather_dot(idx, x_c.detach().to(D.dtype).contiguous(), D.detach())
     c = encoder_values(x_c, D.T, None, idx, c0)  # [B, T] = <x, a_t>, sparse backward to x and D
-    if G is not None:
-        K = G[idx.unsqueeze(2), idx.unsqueeze(1)]  # [B, T, T]
-    else:
-        A = F.embedding(idx, D)  # [B, T, d]
-        K = torch.bmm(A, A.transpose(1, 2))
-    L = K.tril(-1) * m.unsqueeze(2)
+    A = F.embedding(idx, D)  # [B, T, d]; its backward is one row index_add into D's gradient
+    L = _Gram.apply(A).tril(-1) * m.unsqueeze(2)
     eye = torch.eye(idx.shape[1], dtype=D.dtype, device=D.device)
     return torch.linalg.solve_triangular(eye + L, (m * c).unsqueeze(2), upper=False, unitriangular=True).squeeze(2)
+
+
+class _Gram(torch.autograd.Function):
+    """A·Aᵀ per token, with the one-bmm backward (g + gᵀ)·A (autograd's would be two bmms and a transpose)."""
+
+    @staticmethod
+    def forward(ctx, A):
+        ctx.save_for_backward(A)
+        return torch.bmm(A, A.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        (A,) = ctx.saved_tensors
+        return torch.bmm(g + g.transpose(1, 2), A)
 
 
 def merge_repeats(idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -207,9 +218,8 @@ def merge_repeats(idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(values).scatter_add(1, first, values)
 
 
-def pursuit_code(x_c: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor,
-                 G: torch.Tensor | None = None) -> SparseCode:
-    return SparseCode(idx, merge_repeats(idx, pursuit_values(x_c, D, idx, keep, G)))
+def pursuit_code(x_c: torch.Tensor, D: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> SparseCode:
+    return SparseCode(idx, merge_repeats(idx, pursuit_values(x_c, D, idx, keep)))
 
 
 ARCHITECTURE = MatchingPursuit

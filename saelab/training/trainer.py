@@ -205,6 +205,7 @@ class SAERun:
         self.steps = max(1, cfg.tokens // (cfg.batch_size * self.world))
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None, self.rank == 0)
         self.t_last, self.tok_last = time.perf_counter(), self.tokens_seen
+        self.busy = 0.0  # seconds in this SAE's own steps since the last log line (a sweep's other SAEs excluded)
 
     def step(self, step: int, x: torch.Tensor, grad: torch.Tensor | None) -> None:
         """One optimizer step on the batch `x` (on the device) and its LM-loss gradient, if the batch carries one."""
@@ -218,6 +219,7 @@ class SAERun:
                               f"the training batches carry none",
                               hint="train from a cache written with `saelab cache --with-grads`, or stream "
                                    "(`--source stream`), which computes them")
+        t_step = time.perf_counter()
         with self.own_rng():
             dead_mask = self.since_fired > self.threshold
             for g in opt.param_groups:
@@ -256,6 +258,7 @@ class SAERun:
             since_fired += x.shape[0] * world
             since_fired[fired] = 0
         self.tokens_seen += x.shape[0] * world
+        self.busy += time.perf_counter() - t_step
 
         for name, value in out.losses.items():
             self.accum[name] = self.accum.get(name, 0.0) + float(value.detach())
@@ -267,9 +270,11 @@ class SAERun:
             last = {k: v / self.n_accum for k, v in self.accum.items()}
             last.update(step=done, tokens=self.tokens_seen, lr=opt.param_groups[0]["lr"],
                         dead_pct=100.0 * float((since_fired > self.threshold).float().mean()),
-                        tokens_per_s=(self.tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9))
+                        tokens_per_s=(self.tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9),
+                        sae_tokens_per_s=(self.tokens_seen - self.tok_last) / max(self.busy, 1e-9))
             self.log.write(last)
             self.last, self.accum, self.n_accum, self.t_last, self.tok_last = last, {}, 0, now, self.tokens_seen
+            self.busy = 0.0
 
     def save(self, step: int, cursors: list) -> None:
         """A checkpoint at `step` (rank 0), not pruning older ones: the loop prunes once every SAE has saved."""
