@@ -7,7 +7,6 @@ builds the dataclass; any invalid value raises one `ConfigError` that names the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
 import typing
 from dataclasses import dataclass, field

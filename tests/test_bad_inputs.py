@@ -506,7 +506,7 @@ def test_finite_rows_of_every_storage_dtype(dtype):
     import torch
 
     from saelab.activations.format import to_storage
-    from saelab.activations.writer import _finite_rows
+    from saelab.activations.format import _finite_rows
 
     x = torch.randn(64, 8) * 100
     x[3, 1], x[17, 7], x[40, 0], x[41, 2] = float("nan"), float("inf"), float("-inf"), 1e30  # 1e30: inf in fp16

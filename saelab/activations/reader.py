@@ -32,9 +32,8 @@ import numpy as np
 import torch
 
 from saelab.activations.batch import Batch
-from saelab.activations.format import (STORAGE, CacheError, RunningStats, acts_file, from_storage, grads_file,
-                                       pread_into, read_manifest, tokens_file)
-from saelab.activations.writer import check_file, fix_hint, load_stats
+from saelab.activations.format import (STORAGE, CacheError, RunningStats, acts_file, check_file, fix_hint,
+                                       from_storage, grads_file, load_stats, pread_into, read_manifest, tokens_file)
 from saelab.errors import ConfigError
 
 DEFAULT_BUFFER_BYTES = 256 * 2 ** 20

@@ -26,8 +26,8 @@ import torch
 
 from saelab.activations.capture import GRAD_LOSS, HookCapture
 from saelab.activations.format import (FORMAT, MANIFEST, SCHEMA_VERSION, STORAGE, TMP_SUFFIX, CacheError,
-                                       RunningStats, acts_file, from_storage, fsync_dir, grads_file, npy_header,
-                                       read_manifest, read_npy_header, stats_file, to_storage,
+                                       RunningStats, acts_file, check_file, load_stats, from_storage, fsync_dir, grads_file, npy_header,
+                                       read_manifest, stats_file, to_storage,
                                        tokens_file, write_json_atomic)
 from saelab.config import CacheConfig
 from saelab.data.corpus import check_source
@@ -323,16 +323,6 @@ def _cleanup(root: Path, hooks: list[str], n_shards: int) -> None:
                 p.unlink()
 
 
-def load_stats(root: Path, manifest: dict, hook: str, shards: list[dict] | None = None) -> RunningStats:
-    """Fold the per-shard statistics of `hook` in shard order."""
-    d = manifest["spec"]["d_in"][hook]
-    total = RunningStats(d)
-    for s in manifest["shards"] if shards is None else shards:
-        vec = np.load(root / stats_file(hook, s["index"]))
-        total.merge(RunningStats.from_parts(s["stats"][hook], vec))
-    return total
-
-
 # ------------------------------------------------------------------------------------------------ write_cache
 def _finished_without_model(cfg: CacheConfig) -> Path | None:
     """The cache directory when it is already complete for `cfg`, judged without loading the model (the weights'
@@ -612,75 +602,6 @@ def shard_files(manifest: dict, shard: dict, hooks: list[str] | None = None, wit
             out[grads_file(h, i)] = ((rows, d), STORAGE[spec["dtype"]])
         out[stats_file(h, i)] = ((2, d), np.dtype("<f8"))
     return out
-
-
-def fix_hint(root: Path) -> str:
-    return (f"run `saelab cache verify {root} --repair` (it drops the damaged shard and the ones after it from the "
-            f"manifest), then rerun the `saelab cache` command that made the cache: it rewrites them identically")
-
-
-NONFINITE = "NaN or inf"
-
-
-def _finite_rows(a: np.ndarray) -> np.ndarray:
-    """[rows, d] stored values → bool [rows]: every value of the row is finite (bfloat16 as raw bits: a NaN or inf
-    has all 8 exponent bits set)."""
-    if a.dtype == np.uint16:
-        return ((a & 0x7F80) != 0x7F80).all(1)
-    return np.isfinite(a).all(1)
-
-
-def scan_file(path: Path, offset: int, shape: tuple, dtype: np.dtype, finite: bool,
-              chunk_bytes: int = 1 << 22) -> tuple[str, int, int | None]:
-    """One pass over a file: (SHA-256 of the whole file, rows holding NaN/inf, the first such row or None); the
-    rows are checked only with `finite` (for activation and gradient files)."""
-    h = hashlib.sha256()
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if len(shape) > 1 else dtype.itemsize
-    chunk = max(1, chunk_bytes // max(row_bytes, 1)) * row_bytes
-    n_bad, first_bad, row = 0, None, 0
-    with open(path, "rb") as f:
-        h.update(f.read(offset))
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-            if finite and len(b) % row_bytes == 0:
-                ok = _finite_rows(np.frombuffer(b, dtype=dtype).reshape(len(b) // row_bytes, -1))
-                if not ok.all():
-                    bad = np.flatnonzero(~ok)
-                    first_bad = row + int(bad[0]) if first_bad is None else first_bad
-                    n_bad += len(bad)
-            row += len(b) // row_bytes
-    return h.hexdigest(), n_bad, first_bad
-
-
-def check_file(root: Path, rel: str, shape: tuple, dtype: np.dtype, entry: dict | None, checksum: bool,
-               finite: bool = False) -> tuple[int, str | None]:
-    """(data offset, problem or None) for one shard file. `finite`: also find rows holding NaN/inf (one pass with
-    the checksum)."""
-    path = root / rel
-    if not path.exists():
-        return 0, f"{rel}: missing"
-    try:
-        got_shape, got_dtype, offset = read_npy_header(path)
-    except CacheError as e:
-        return 0, f"{rel}: corrupt header ({e})"
-    if got_shape != tuple(shape) or got_dtype != dtype:
-        return offset, f"{rel}: holds {got_dtype} {got_shape}, the manifest says {dtype} {tuple(shape)} (wrong row count)"
-    size = path.stat().st_size
-    want = offset + int(np.prod(shape)) * dtype.itemsize
-    if size != want:
-        return offset, f"{rel}: {size:,} bytes, expected {want:,} ({'truncated' if size < want else 'trailing bytes'})"
-    if entry is not None and entry.get("bytes") not in (None, size):
-        return offset, f"{rel}: {size:,} bytes, the manifest recorded {entry['bytes']:,}"
-    if checksum or finite:
-        digest, n_bad, first_bad = scan_file(path, offset, tuple(shape), dtype, finite)
-        if checksum and entry is not None and digest != entry["sha256"]:
-            return offset, f"{rel}: SHA-256 differs from the manifest (corrupted contents)"
-        if n_bad:
-            return offset, f"{rel}: row {first_bad} holds {NONFINITE} ({n_bad:,} of {shape[0]:,} rows do)"
-    return offset, None
 
 
 def verify_cache(path: str | Path, checksums: bool = True) -> tuple[dict, list[tuple[int, str]]]:

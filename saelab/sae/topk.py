@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from saelab.kernels import sparse_decode
 from saelab.sae.architectures import Architecture, fvu, option, topk_indices
 

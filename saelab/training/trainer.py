@@ -104,8 +104,8 @@ def check_resume_config(saved: dict, new: dict, where) -> None:
             va, vb = list(va), list(vb)
         if va != vb:
             raise ConfigError(f"--resume: {key} was {va!r} in the checkpoint ({where}) but is {vb!r} now",
-                              hint=f"resume with the run's own settings (its config.yaml), or start a new run "
-                                   f"with another --out")
+                              hint="resume with the run's own settings (its config.yaml), or start a new run "
+                                   "with another --out")
 
 
 def make_optimizer(sae: SparseAutoencoder, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
