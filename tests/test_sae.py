@@ -91,6 +91,42 @@ def test_auxk_zero_without_dead_and_trains_only_dead_latents():
     assert sae.W_dec.grad[dead].abs().max() > 0
 
 
+@pytest.mark.parametrize("every", [3, 1])  # 32 dead: the dense path; 96 dead with k_aux 4: the sparse kernels
+def test_auxk_loss_and_gradients_match_a_dense_float64_reference(every):
+    from saelab.sae import architectures
+
+    torch.manual_seed(4)
+    k_aux = 8 if every == 3 else 4
+    sae = make_sae(k_aux=k_aux).double()
+    x = torch.randn(64, 24, dtype=torch.float64) * 2
+    sae.init_from_data_(x)
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::every] = True
+    assert (int(dead.sum()) <= architectures.AUXK_DENSE_RATIO * k_aux) == (every == 3)
+    out = sae(x, dead_mask=dead)
+    sae.zero_grad()
+    out.losses["auxk"].backward()
+    got = {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+    ref = {name: p.detach().clone().requires_grad_() for name, p in sae.named_parameters()}
+    x_norm = sae.normalize_input(x)[0]
+    x_c = x_norm - ref["b_dec"]
+    pre = x_c @ ref["W_enc"] + ref["b_enc"]
+    x_hat = sae.normalize_input(out.x_hat.detach())[0]  # the main reconstruction, normalised (scale mode)
+    err = x_norm - x_hat  # the detached residual AuxK reconstructs
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(k_aux, dim=-1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+    e_hat = z @ ref["W_dec"]
+    denom = (err - err.mean(0)).pow(2).sum(-1).mean()
+    loss = min(int(dead.sum()) / k_aux, 1.0) * (err - e_hat).pow(2).sum(-1).mean() / denom
+    loss.backward()
+    torch.testing.assert_close(out.losses["auxk"], loss.detach())
+    for name, p in ref.items():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got[name], want, msg=name)
+
+
 def test_multi_topk_adds_a_loss():
     sae = make_sae(options={"multi_topk": True})
     out = sae(torch.randn(16, 24))

@@ -155,10 +155,11 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
     """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual.
 
     Normalised by the residual's variance and scaled by min(n_dead / k_aux, 1) as sparsify does, so the loss does
-    not jump when only a few latents are dead. Only the dead columns are ranked (the main step's pre-activations).
-    With few dead latents (the usual case) the auxiliary encoder and decoder run as small dense GEMMs over the
-    dead columns, B·n_dead·d each, which BLAS does several times faster than the sparse kernels do the same
-    B·k_aux·d work (k_aux = d/2 is large); with many dead the sparse kernels run instead. Same loss, same gradients.
+    not jump when only a few latents are dead. Only the dead columns are ranked, and their codes are read from the
+    main step's pre-activations (no second encoder GEMM). With few dead latents (the usual case) the auxiliary
+    decoder and the encoder's backward run as small dense GEMMs over the dead columns, B·n_dead·d each, which BLAS
+    does several times faster than the sparse kernels do the same B·k_aux·d work (k_aux = d/2 is large); with many
+    dead the sparse kernels run instead. Same loss, same gradients.
     """
     dead = dead_mask.nonzero().squeeze(1)
     n_dead = dead.numel()
@@ -168,10 +169,10 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
     sub = pre.index_select(1, dead)
     local = sub.topk(k, dim=-1, sorted=False).indices
     if n_dead <= AUXK_DENSE_RATIO * k_aux:
-        keep = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, local, True)
+        z = torch.zeros_like(sub).scatter_(1, local, sub.gather(1, local).relu())
         # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
-        w_rows = F.embedding(dead, sae.W_enc.T)
-        z = (torch.addmm(F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), x_c, w_rows.T) * keep).relu()
+        z = _DeadEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
+                               F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_dec)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
         idx = dead[local]
@@ -180,6 +181,24 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
     denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
+
+
+class _DeadEncoder(torch.autograd.Function):
+    """The dead latents' codes z = ReLU(x_c·W_rowsᵀ + b_rows) on the kept entries, taken from the main step's
+    pre-activations (no GEMM in the forward); the backward gives W_rows and b_rows their gradients and b_dec its
+    gradient through x_c = x̃ − b_dec as −(Σ_tokens g)·W_rows, a vector product instead of a [B, d] GEMM."""
+
+    @staticmethod
+    def forward(ctx, z, x_c, w_rows, b_rows, b_dec):
+        ctx.save_for_backward(z, x_c, w_rows)
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        z, x_c, w_rows = ctx.saved_tensors
+        g = g * (z > 0)
+        g_sum = g.sum(0)
+        return None, None, g.T @ x_c, g_sum, -(g_sum @ w_rows)
 
 
 def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
