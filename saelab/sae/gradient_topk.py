@@ -12,7 +12,10 @@ Choices the paper leaves open (research notes §2), as options:
 
 Cost: the exact scores need |W_dec g| for every latent, a second dense GEMM the size of the encoder's. With
 `candidates=C` the selection is made among each token's top C·k pre-activations only (a sparse B·C·k·d gather-dot
-instead of the GEMM): an approximation, exact whenever no latent outside them would win.
+instead of the GEMM): an approximation, exact whenever no latent outside them would win. On the reference model
+(1M-token g-SAE, k 32, β 1) it is far from exact: C = 4 picks the exact set for 12 % of tokens (90 % of the
+latents agree), C = 8 for 58 % (98 %). So the exact GEMM stays the default, at about twice a TopK step; no cheap
+bound certifies the candidates (|d·g| ≤ ||g||, by Cauchy–Schwarz, is ~16× the typical |d·g| at d 256).
 """
 
 from __future__ import annotations
