@@ -1,8 +1,8 @@
 """Output-score distributions per architecture (Arad et al.; issue 11): is one architecture's dictionary better
 at steering than another's? g-SAE's paper claims better steering vectors.
 
-    python bench/architectures.py --train-tokens 2M --workdir W      # trains W/RUN-topk, RUN-batchtopk, ...
-    python bench/steering_archs.py W/RUN-topk W/RUN-batchtopk W/RUN-matryoshka W/RUN-gtopk
+    python bench/architectures.py --ks 32 --workdir W      # one sweep: W/runs/topk-k32, W/runs/batchtopk-k32, ...
+    python bench/steering_archs.py W/runs/*-k32
 
 For each run: input and output scores of every latent (`saelab eval RUN --suite steering`'s code, the same
 prompt, amplification and corpus rows for every run), then the output-score distribution (quantiles, mean, the share
