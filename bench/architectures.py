@@ -101,7 +101,10 @@ def main() -> None:
     ap.add_argument("--workdir", default="", help="keep CACHE and runs here (default: a temporary directory); an "
                                                   "existing CACHE there is reused, an interrupted sweep resumes")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "architectures.json"))
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot and tables from --out's JSON")
     args = ap.parse_args()
+    if args.replot:
+        return report(json.loads(Path(args.out).read_text()), Path(args.out))
     import yaml
 
     from saelab.cli import parse_count
@@ -160,10 +163,21 @@ def main() -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
+    report(result, out)
+
+
+def report(result: dict, out: Path) -> None:
+    """The Pareto plot (HTML + PNG) and the tables on stdout."""
+    rows, synthetic = result["runs"], result["synthetic"]
     fig = pareto_figure(rows)
     html, png = out.with_name(out.stem + "_pareto.html"), out.with_name(out.stem + "_pareto.png")
-    fig.write_html(str(html), include_plotlyjs=True)
-    drawn = save_png(fig, html, png)
+    # the HTML loads plotly.js from its CDN (a few KB in the repository, not 4.7 MB); the PNG is the offline view,
+    # drawn from a self-contained copy
+    fig.write_html(str(html), include_plotlyjs="cdn")
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / "pareto.html"
+        fig.write_html(str(full), include_plotlyjs=True)
+        drawn = save_png(fig, full, png)
 
     print(f"\n{'SAE':<20}" + "".join(f"{c:>9}" for c, _ in COLS) + f"{'tok/s':>9}")
     for name, r in rows.items():
