@@ -40,6 +40,11 @@ from saelab.sae.code import SparseCode
 MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice")
 
 
+CALIBRATION_HELP = ("after training, fit the inference threshold(s) exactly to this many further training tokens "
+                    "(BatchTopK: the batch cut-off of the sample; feature choice: each latent's cut), so inference's "
+                    "mean L0 is k (0: keep the EMA)")
+
+
 def option(default: Any, help: str):
     """A field of an architecture's options dataclass, with its `--help` text."""
     if isinstance(default, (list, dict)):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (Architecture, global_cut, batch_topk_indices, option, threshold_indices,
-                                      topk_indices)
+from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, batch_topk_indices, global_cut, option,
+                                      threshold_indices, topk_indices)
 
 
 @dataclass
@@ -26,8 +26,7 @@ class BatchTopKOptions:
     threshold_momentum: float = option(0.99, "EMA momentum of the inference threshold θ (dictionary_learning uses "
                                              "0.999 over 10^5 steps; 0.99 averages the last ~100 steps)")
     threshold_start_step: int = option(0, "first step whose batch minimum enters θ")
-    calibration_tokens: int = option(65_536, "after training, set θ to the BatchTopK cut-off of this many further "
-                                             "training tokens, so inference's mean L0 is k (0: keep the EMA)")
+    calibration_tokens: int = option(65_536, CALIBRATION_HELP)
 
     def __post_init__(self):
         from saelab.config import check

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (Architecture, auxk_loss, option, pack_rows, threshold_indices,
-                                      topk_indices)
+from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, option, pack_rows,
+                                      threshold_indices, topk_indices)
 from saelab.sae.batchtopk import BatchTopK
 
 
@@ -56,8 +56,7 @@ class FeatureChoiceOptions:
     density_momentum: float = option(0.99, "EMA momentum of each latent's firing density")
     threshold_momentum: float = option(0.99, "EMA momentum of the per-latent inference thresholds")
     threshold_start_step: int = option(0, "first step whose batch enters the thresholds")
-    calibration_tokens: int = option(65_536, "after training, set each θ_i to latent i's cut-off on this many "
-                                             "further training tokens, so inference's mean L0 is k (0: keep the EMA)")
+    calibration_tokens: int = option(65_536, CALIBRATION_HELP)
 
     def __post_init__(self):
         from saelab.config import check
