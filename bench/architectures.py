@@ -55,7 +55,9 @@ def pareto_figure(rows: dict):
                      for r in rows.values() if r["arch"] == arch)
         if pts:
             fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers",
-                                     name=NAMES[arch], text=[f"k={p[2]}" for p in pts],
+                                     name=NAMES[arch] + (" (= BatchTopK)" if arch == "mutual" else ""),
+                                     line={"dash": "dash"} if arch == "mutual" else None,
+                                     text=[f"k={p[2]}" for p in pts],
                                      hovertemplate="%{text}<br>L0 %{x:.1f}<br>ΔCE %{y:.3f}<extra>" + NAMES[arch]
                                                    + "</extra>"))
     fig.update_layout(title="Sparsity vs reconstruction cost on the reference model (held-out tokens)",
