@@ -130,5 +130,5 @@ def read_manifest(path: str | Path) -> dict:
         raise DataError(f"{mf} is not a saelab dashboard manifest (format {m.get('format')!r})")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise DataError(f"{mf} has schema version {m.get('schema_version')}; this saelab reads version "
-                        f"{SCHEMA_VERSION}", hint=f"rebuild it with `saelab dashboard`")
+                        f"{SCHEMA_VERSION}", hint="rebuild it with `saelab dashboard`")
     return m
