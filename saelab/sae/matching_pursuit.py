@@ -26,8 +26,9 @@ n ≤ `gram_max_latents` (default 16384, 1 GiB); above that each step recomputes
 both over n. Tokens are processed in chunks whose [chunk, n] correlation block stays in cache. The values carry
 the gradient (through the whole unrolled loop, as both author codes do): with the chosen atoms A fixed, v solves
 the unit-lower-triangular system (I + M·L)·v = M·(A x̃_c), L = strictly lower part of A·Aᵀ per token (a batched
-GEMM of the chosen atoms, so G stays out of the autograd graph), M the steps that count (relu/stop): a [B, T, T] batched solve, no Python loop over tokens, and A·x̃_c is a
-sparse gather-dot with the sparse encoder backward (`encoder_values` with W_enc = Dᵀ).
+GEMM of the chosen atoms A [B, T, d], so G stays out of the autograd graph; A and its gradient take 2·B·T·d floats),
+M the steps that count (relu/stop): a [B, T, T] batched solve, no Python loop over tokens, and A·x̃_c is a sparse
+gather-dot with the sparse encoder backward (`encoder_values` with W_enc = Dᵀ).
 """
 
 from __future__ import annotations
