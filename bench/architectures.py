@@ -122,7 +122,8 @@ def main() -> None:
         saes = [{"name": f"{a}-k{k}", "sae": {"architecture": a, "k": k, "n_latents": int(args.n_latents)}}
                 for k in ks for a in archs]
         sweep = work / "sweep.yaml"
-        sweep.write_text(yaml.safe_dump({"cache": str(cache), "hook_name": HOOK, "tokens": parse_count(args.train_tokens),
+        sweep.write_text(yaml.safe_dump({"cache": str(cache), "hook_name": HOOK,
+                                         "tokens": parse_count(args.train_tokens),
                                          "seed": int(args.seed), "threads": int(args.threads),
                                          "eval_tokens": parse_count(args.eval_tokens), "out": str(work / "runs"),
                                          "saes": saes}, sort_keys=False))

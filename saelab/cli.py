@@ -453,8 +453,7 @@ def run_cache(args) -> int:
     from pathlib import Path
 
     from saelab.activations import describe, repair_cache, verify_cache, write_cache
-    from saelab.activations.format import read_manifest
-    from saelab.activations.format import NONFINITE
+    from saelab.activations.format import NONFINITE, read_manifest
     from saelab.activations.writer import cache_bytes
     from saelab.errors import ConfigError
 

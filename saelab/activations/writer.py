@@ -26,9 +26,9 @@ import torch
 
 from saelab.activations.capture import GRAD_LOSS, HookCapture
 from saelab.activations.format import (FORMAT, MANIFEST, SCHEMA_VERSION, STORAGE, TMP_SUFFIX, CacheError,
-                                       RunningStats, acts_file, check_file, load_stats, from_storage, fsync_dir, grads_file, npy_header,
-                                       read_manifest, stats_file, to_storage,
-                                       tokens_file, write_json_atomic)
+                                       RunningStats, acts_file, check_file, from_storage, fsync_dir, grads_file,
+                                       load_stats, npy_header, read_manifest, stats_file, to_storage, tokens_file,
+                                       write_json_atomic)
 from saelab.config import CacheConfig
 from saelab.data.corpus import check_source
 from saelab.errors import ConfigError, DataError

@@ -233,7 +233,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     gathers its ≤ k·B·world largest values, all ranks agree on the global cut-off and keep their entries above it
     (the same set as one process, ties aside)."""
     B, n = pre.shape
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = world_size()
     want = k * B * world
     m = min(n, 2 * k * world)
     cand = pre.topk(m, dim=-1, sorted=False)
@@ -260,15 +260,40 @@ def global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
     """The want-th largest of `values` (of every rank's values under torch.distributed)."""
     local = values.topk(min(want, values.numel()), sorted=False).values
     if world > 1:
-        sizes = [torch.zeros(1, dtype=torch.long, device=values.device) for _ in range(world)]
-        dist.all_gather(sizes, torch.tensor([local.numel()], device=values.device))
-        top = int(max(s.item() for s in sizes))
-        padded = torch.full((top,), float("-inf"), dtype=local.dtype, device=local.device)
-        padded[:local.numel()] = local
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        local = torch.cat(parts)
+        local = gather_rows(local)
     return local.topk(min(want, local.numel()), sorted=False).values.min()
+
+
+def world_size() -> int:
+    """Ranks of the torch.distributed group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` stacked along dim 0 (ranks may hold different row counts: the short ones are padded with
+    −inf, which ranks below every value)."""
+    size = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    padded = torch.full((int(max(int(s) for s in sizes)), *t.shape[1:]), float("-inf"), dtype=t.dtype,
+                        device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return torch.cat(parts)
+
+
+def calibration_inputs(sae, draw: Callable[[], torch.Tensor | None], tokens: int) -> list[torch.Tensor]:
+    """Normalised inputs x̃ of whole batches from `draw()` until `tokens` (counted over all ranks) are in, for an
+    architecture's `calibrate`."""
+    xs, n_tok = [], 0
+    while n_tok * world_size() < tokens:
+        x = draw()
+        if x is None:
+            break
+        xs.append(sae.normalize_input(sae._check_input(x))[0])
+        n_tok += x.shape[0]
+    return xs
 
 
 def threshold_indices(pre: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

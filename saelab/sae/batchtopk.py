@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, batch_topk_indices, global_cut, option,
-                                      threshold_indices, topk_indices)
+from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, batch_topk_indices, calibration_inputs,
+                                      global_cut, option, threshold_indices, topk_indices, world_size)
 
 
 @dataclass
@@ -59,7 +59,7 @@ class BatchTopK(Architecture):
             return
         kept = out.code.values.detach()
         m = kept[kept > 0].min() if bool((kept > 0).any()) else kept.new_tensor(float("inf"))
-        if dist.is_available() and dist.is_initialized():  # the batch is global: its minimum too
+        if world_size() > 1:  # the batch is global: its minimum too
             dist.all_reduce(m, op=dist.ReduceOp.MIN)
         if not torch.isfinite(m):
             return
@@ -74,18 +74,13 @@ class BatchTopK(Architecture):
         """θ ← the (k·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
         exactly: the cut-off c0 of each token's top-2k candidates is a lower bound (the candidates are a subset),
         and a second pass ranks every entry ≥ c0."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        k, xs, cands, n_tok = self.cfg.k, [], [], 0
-        while n_tok * world < self.opt.calibration_tokens:
-            x = draw()
-            if x is None:
-                break
-            xs.append(sae.normalize_input(sae._check_input(x))[0])
-            pre = sae.preacts(xs[-1])
-            cands.append(pre.topk(min(pre.shape[1], 2 * k), dim=-1, sorted=False).values.reshape(-1))
-            n_tok += x.shape[0]
+        world, k = world_size(), self.cfg.k
+        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens)
         if not xs:
             return {}
+        n_tok = sum(x.shape[0] for x in xs)
+        cands = [sae.preacts(x).topk(min(self.cfg.n_latents, 2 * k), dim=-1, sorted=False).values.reshape(-1)
+                 for x in xs]
         want = k * n_tok * world
         lower = global_cut(torch.cat(cands), want, world)
         pool = torch.cat([(p := sae.preacts(x))[p >= lower] for x in xs])

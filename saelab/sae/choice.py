@@ -35,8 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, option, pack_rows,
-                                      threshold_indices, topk_indices)
+from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, calibration_inputs, gather_rows,
+                                      option, pack_rows, threshold_indices, topk_indices, world_size)
 from saelab.sae.batchtopk import BatchTopK
 
 
@@ -89,7 +89,7 @@ class FeatureChoice(Architecture):
                           sae.density)
 
     def select(self, sae, pre, grad, k):
-        world = _world()
+        world = world_size()
         m = self.capacities(sae, pre.shape[0] * world)
         idx, valid, self.last_cut = feature_choice_indices(pre, m, with_cut=True)  # the cut feeds θ (after_step)
         return idx, valid
@@ -105,7 +105,7 @@ class FeatureChoice(Architecture):
             return 0.0
         mask = dead_mask
         if self.opt.aux == "aux_zipf":
-            under = self.underused(sae, pre.shape[0] * _world())
+            under = self.underused(sae, pre.shape[0] * world_size())
             mask = under if mask is None else (mask | under)
         if mask is None:
             return 0.0
@@ -129,7 +129,7 @@ class FeatureChoice(Architecture):
         counts = torch.zeros(n, device=code.values.device).index_add_(
             0, code.indices[active], torch.ones(int(active.sum()), device=code.values.device))
         tokens = torch.tensor(float(code.values.shape[0]), device=counts.device)
-        if _world() > 1:
+        if world_size() > 1:
             dist.all_reduce(counts)
             dist.all_reduce(tokens)
         mom = self.opt.density_momentum if bool((sae.density >= 0).all()) else 0.0  # the first batch sets it
@@ -150,43 +150,36 @@ class FeatureChoice(Architecture):
         cuts a batch: with the capacities m_i of a batch of N tokens (Σ m_i = k·N), the midpoint of its m_i-th and
         (m_i+1)-th largest pre-activation, so the sample's mean L0 at inference is k. Column blocks keep the memory
         at N × 256 pre-activations whatever the capacities."""
-        world = _world()
-        xs, n_tok = [], 0
-        while n_tok * world < self.opt.calibration_tokens:
-            x = draw()
-            if x is None:
-                break
-            x_norm = sae.normalize_input(sae._check_input(x))[0]
-            xs.append(x_norm - sae.b_dec)
-            n_tok += x.shape[0]
+        world = world_size()
+        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens)
         if not xs:
             return {}
-        x_c = torch.cat(xs)
-        total = n_tok
+        x_c = torch.cat(xs) - sae.b_dec
+        n_tok = total = x_c.shape[0]
         if world > 1:  # ranks may hold different counts: agree on the global N
             t = torch.tensor(n_tok, device=x_c.device)
             dist.all_reduce(t)
             total = int(t)
         m = self.capacities(sae, total).to(x_c.device)
         cuts = torch.empty(self.cfg.n_latents, dtype=sae.threshold.dtype, device=x_c.device)
-        old, fired_old = _finite(sae.threshold), 0  # what the EMA thresholds gave, for the run's record
+        old = _finite(sae.threshold)
+        fired_old = fired_new = 0  # the sample's L0 under the EMA thresholds and the calibrated ones, for the record
         block = 256
         for lo in range(0, self.cfg.n_latents, block):
             hi = min(lo + block, self.cfg.n_latents)
             pre = torch.addmm(sae.b_enc[lo:hi], x_c, sae.W_enc[:, lo:hi])  # [N, block]
-            fired_old += int((pre > old[lo:hi]).sum())
             mb = m[lo:hi]
             top = pre.topk(min(int(mb.max()) + 1, pre.shape[0]), dim=0, sorted=True).values
             if world > 1:
-                top = _pooled_top(top, min(int(mb.max()) + 1, total))
+                top = gather_rows(top).topk(min(int(mb.max()) + 1, total), dim=0, sorted=True).values
             last = top.shape[0] - 1
             upper = top.gather(0, (mb - 1).clamp_max(last).unsqueeze(0)).squeeze(0)
             lower = top.gather(0, mb.clamp_max(last).unsqueeze(0)).squeeze(0)
-            cuts[lo:hi] = torch.where(mb <= last, (upper + lower) / 2, upper)
-        sae.threshold.copy_(cuts.clamp_min(0))
-        return {"tokens": total, "l0_ema_thresholds": fired_old / n_tok,
-                "l0_calibrated": float(sum(int((torch.addmm(sae.b_enc, x, sae.W_enc) > sae.threshold).sum())
-                                           for x in x_c.split(4096))) / n_tok}
+            cuts[lo:hi] = torch.where(mb <= last, (upper + lower) / 2, upper).clamp_min(0)
+            fired_old += int((pre > old[lo:hi]).sum())
+            fired_new += int((pre > cuts[lo:hi]).sum())
+        sae.threshold.copy_(cuts)
+        return {"tokens": total, "l0_ema_thresholds": fired_old / n_tok, "l0_calibrated": fired_new / n_tok}
 
     def saelens_export(self, sae) -> dict:
         if not bool((sae.threshold >= 0).any()):
@@ -197,26 +190,9 @@ class FeatureChoice(Architecture):
 
 
 # -------------------------------------------------------------------------------------------------- shared pieces
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _finite(threshold: torch.Tensor) -> torch.Tensor:
     """Thresholds with the unlearned ones (−1) at +inf: such a latent never fires."""
     return torch.where(threshold >= 0, threshold, torch.full_like(threshold, float("inf")))
-
-
-def _pooled_top(top: torch.Tensor, keep: int) -> torch.Tensor:
-    """Per column the `keep` largest of every rank's per-column top values (ranks may hold different counts)."""
-    size = torch.tensor([top.shape[0]], device=top.device)
-    sizes = [torch.zeros_like(size) for _ in range(_world())]
-    dist.all_gather(sizes, size)
-    rows = int(max(int(s) for s in sizes))
-    padded = torch.full((rows, top.shape[1]), float("-inf"), dtype=top.dtype, device=top.device)
-    padded[: top.shape[0]] = top
-    parts = [torch.empty_like(padded) for _ in range(_world())]
-    dist.all_gather(parts, padded)
-    return torch.cat(parts).topk(keep, dim=0, sorted=True).values
 
 
 def capacities(total: int, batch: int, n: int, kind: str = "uniform", exponent: float = 1.0,
@@ -253,10 +229,8 @@ def feature_choice_indices(pre: torch.Tensor, m: torch.Tensor, with_cut: bool = 
     M = int(min(int(m.max()) + 1, B))
     top = pre.topk(M, dim=0, sorted=True)  # [M, n]: per column its M best tokens, descending
     ranked = top.values
-    if _world() > 1:
-        parts = [torch.empty_like(top.values) for _ in range(_world())]
-        dist.all_gather(parts, top.values.contiguous())
-        pooled = torch.cat(parts)
+    if world_size() > 1:
+        pooled = gather_rows(top.values.contiguous())
         ranked = pooled.topk(min(int(m.max()) + 1, pooled.shape[0]), dim=0, sorted=True).values  # global ranking
         kth = ranked.gather(0, (m - 1).clamp_max(ranked.shape[0] - 1).unsqueeze(0))  # [1, n]: the m_i-th
         keep = (top.values >= kth) & (torch.arange(M, device=pre.device).unsqueeze(1) < m.unsqueeze(0))
