@@ -7,7 +7,8 @@ the chart is drawn, and the app server's memory.
 Baselines measured in the same run, so the ratios hold on a loaded machine: the AppTest run of the feature page for
 a latent id out of range (the app's shell: navigation, bundle lookup, one error message) for the page runs;
 `Bundle.latent(i)` for the feature page's own data read; and in Chromium, the time until the page's heading
-appears (Streamlit's shell and first script run) for the chart. Memory is the streamlit server's peak RSS (VmHWM)
+appears (Streamlit's shell and first script run) for the chart, and the floor under it: a bare page that only
+loads the full plotly.js (the bundle Streamlit lazy-loads for any Plotly chart) and draws one bar chart. Memory is the streamlit server's peak RSS (VmHWM)
 after the browser visited the overview, feature and finder pages (no model: the prompt page is not visited).
 Budget (issue 14): feature page ≤ 300 ms, finder filter ≤ 500 ms, first chart ≤ 3 s, memory ≤ 1.5 GB.
 Results: a table on stdout and bench/results/explorer.json (date, machine, torch version, load average).
@@ -17,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import http.server
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -130,6 +135,7 @@ def browser_runs(bundle_path: str, latents: list[int], chromium: str) -> dict:
             warm.wait_for_selector(".js-plotly-plot .main-svg", timeout=600_000)
             warm.close()
             heading, chart = [], []
+            floor = plotly_floor(b, 3)
             for i in latents[1:4]:
                 ctx = b.new_context(viewport={"width": 1400, "height": 1200})  # fresh context: empty HTTP cache
                 page = ctx.new_page()
@@ -149,10 +155,43 @@ def browser_runs(bundle_path: str, latents: list[int], chromium: str) -> dict:
         server = [c for c in _children(proc.pid) if "streamlit" in Path(f"/proc/{c}/cmdline").read_text()]
         pid = server[0] if server else proc.pid
         return {"first_heading_s": _median(heading), "first_chart_s": _median(chart), "first_chart_max_s": max(chart),
+                "plotly_floor_s": floor,
                 "memory_gb": _vm(pid, "VmHWM") / 2**30, "memory_now_gb": _vm(pid, "VmRSS") / 2**30}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def plotly_floor(browser, repeats: int) -> float:
+    """The floor under "first chart": a bare page over local HTTP that loads the same full plotly.js bundle the
+    app's chart needs (Streamlit lazy-loads its own copy, ~4.7 MB) and draws one 60-bar chart, in a fresh browser
+    context each time; no Streamlit, no websocket, no Python. Median seconds until the chart's SVG is there."""
+    import plotly.graph_objects as go
+
+    with tempfile.TemporaryDirectory() as tmp:
+        go.Figure(go.Bar(x=list(range(60)), y=[(i * 37) % 61 for i in range(60)])).write_html(
+            str(Path(tmp) / "bar.html"), include_plotlyjs="directory")  # plotly.min.js beside it, one <script src>
+        handler = functools.partial(_QuietHandler, directory=tmp)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        times = []
+        try:
+            for _ in range(repeats):
+                ctx = browser.new_context(viewport={"width": 1400, "height": 1200})
+                page = ctx.new_page()
+                t = time.perf_counter()
+                page.goto(f"http://127.0.0.1:{server.server_address[1]}/bar.html")
+                page.wait_for_selector(".js-plotly-plot .main-svg", timeout=600_000)
+                times.append(time.perf_counter() - t)
+                ctx.close()
+        finally:
+            server.shutdown()
+    return _median(times)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def main() -> None:
@@ -178,6 +217,7 @@ def main() -> None:
     res["feature_page_vs_shell"] = res["feature_page_ms"] / res["shell_ms"]
     if "first_chart_s" in res:
         res["chart_vs_heading"] = res["first_chart_s"] / res["first_heading_s"]
+        res["chart_vs_plotly_floor"] = res["first_chart_s"] / res["plotly_floor_s"]
     rows = [("feature page run (AppTest)", f"{res['feature_page_ms']:.0f} ms", "≤ 300 ms",
              f"{res['feature_page_vs_shell']:.2f}× shell ({res['shell_ms']:.0f} ms); latent read "
              f"{res['latent_read_ms']:.1f} ms; max {res['feature_page_max_ms']:.0f} ms"),
@@ -187,6 +227,8 @@ def main() -> None:
         rows += [("first load → chart (Chromium)", f"{res['first_chart_s']:.2f} s", "≤ 3 s",
                   f"heading at {res['first_heading_s']:.2f} s; chart/heading {res['chart_vs_heading']:.2f}×; "
                   f"max {res['first_chart_max_s']:.2f} s"),
+                 ("bare plotly.js page → chart", f"{res['plotly_floor_s']:.2f} s", "(floor)",
+                  f"the app's first chart is {res['chart_vs_plotly_floor']:.2f}× this page alone"),
                  ("server memory (peak RSS)", f"{res['memory_gb']:.2f} GB", "≤ 1.5 GB",
                   f"now {res['memory_now_gb']:.2f} GB")]
     load1 = os.getloadavg()
