@@ -498,7 +498,10 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         for lo, hi in ((start, min(stop, ce_rows)), (max(start, ce_rows), stop)):
             yield from batches(rows, batch_rows, dev, specials, exclude_special, start=lo, stop=hi)
 
-    bar = _progress(progress, n_rows + ce_rows if (mean_activation is None and ce_rows) else n_rows)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_rows + ce_rows if (mean_activation is None and ce_rows) else n_rows, unit="row",
+               desc="core eval", disable=not progress)
     kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # first row of a batch → (activation, x̂)
 
     def act_pass(start_row: int, keep_for_ce: bool):
@@ -518,7 +521,7 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
             xd = x.double().sum(0)
             total = xd if total is None else total + xd
             count += x.shape[0]
-            bar(tok.shape[0])
+            bar.update(tok.shape[0])
         return None if not count else total / count
 
     recon_done = False
@@ -549,10 +552,10 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
             for kind, value in (("sae", x_hat), ("zero", torch.zeros(())), ("mean", mean)):
                 down.add(kind, run_with_replacement(model, tok, hook, replace_rows(act, keep, value.to(act.device))))
             down.end()
-            bar(tok.shape[0])
+            bar.update(tok.shape[0])
     if not recon_done and ce_rows < n_rows:
         act_pass(ce_rows, keep_for_ce=False)
-    bar(None)
+    bar.close()
 
     r = recon.compute()
     if not recon.has_code:
@@ -628,22 +631,6 @@ def _json_clean(v):
     if torch.is_tensor(v):
         return _json_clean(v.tolist())
     return v
-
-
-def _progress(enabled: bool, total: int):
-    if not enabled:
-        return lambda n: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="row", desc="core eval")
-
-    def step(n):
-        if n is None:
-            bar.close()
-        else:
-            bar.update(n)
-
-    return step
 
 
 __all__ = ["CoreMetrics", "ReconstructionStats", "DownstreamStats", "evaluate_core", "format_core",

@@ -29,12 +29,14 @@ def run_patching(model, task: str = "bracket", n_pairs: int = 32, methods=patchi
     solved = solve_rate(model, batch)
     base = patching.baseline(model, batch)
     sites = patching.model_sites(model, kinds)
-    bar = _bar(progress, f"patch {batch.name}")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(unit="fwd-copy", desc=f"patch {batch.name}", disable=not progress)
     results, seconds = {}, {}
     for method in methods:
         t0 = time.perf_counter()
         if method == "activation":
-            results[method] = patching.activation_patching(model, batch, sites, base, progress=bar)
+            results[method] = patching.activation_patching(model, batch, sites, base, progress=bar.update)
         elif method == "relp":
             results[method] = patching.relp(model, batch, sites, base, rules)
         else:
@@ -62,7 +64,7 @@ def run_patching(model, task: str = "bracket", n_pairs: int = 32, methods=patchi
         report["sae"], sae_figs = _sae_report(model, batch, base, list(saes), methods, rules, ig_steps,
                                               circuit_method, seed, max_ap_nodes, bar)
         figures.update(sae_figs)
-    bar(None)
+    bar.close()
     report["_figures"] = figures
     return report
 
@@ -75,7 +77,7 @@ SITE_DOC = {"resid": "blocks.L.hook_resid_pre per (layer, position)", "attn": "b
 def _sae_report(model, batch, base, saes, methods, rules, ig_steps, circuit_method, seed, max_ap_nodes, bar):
     methods = [m for m in methods if m in ("activation", "attribution", "relp", "ig")]
     fa = circuits.feature_attribution(model, batch, saes, methods, rules, ig_steps, max_ap_nodes, base, seed,
-                                      progress=bar)
+                                      progress=bar.update)
     out = {"hooks": fa["hooks"], "correlation": fa.get("correlation", {})}
     est = fa["estimates"]
     rank = circuit_method if circuit_method in est else next(iter(est), None)
@@ -319,21 +321,6 @@ def format_report(report: dict) -> str:
                                                                       c["completeness"]) if f is not None)
             lines.append(f"  circuit (by |{c['ranked_by']}|) size: faithfulness/completeness  {pts}")
     return "\n".join(lines)
-
-
-def _bar(enabled: bool, desc: str):
-    if not enabled:
-        return lambda n: None
-    from tqdm.auto import tqdm
-
-    bar = tqdm(unit="fwd-copy", desc=desc)
-
-    def step(n):
-        if n is None:
-            bar.close()
-        else:
-            bar.update(n)
-    return step
 
 
 __all__ = ["run_patching", "write_report", "format_report", "patch_settings", "load_saes", "PatchSettings",
