@@ -42,11 +42,25 @@ class ModelSpec:
               "model.device", f"must be cpu, cuda[:N], mps or auto, got {self.device!r}")
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
+        """The device to run on: 'auto' picks cuda when there is one; a CUDA or MPS device that this machine does
+        not have is a `ConfigError` here, before anything is loaded."""
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda"):
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            try:
+                index = torch.device(self.device).index or 0
+            except RuntimeError:  # 'cuda:x', 'cuda1'
+                raise ConfigError(f"device {self.device!r} is not a device name", hint="use cpu, cuda, cuda:N or auto")
+            if index >= count:
+                have = f"it has {count} CUDA device{'s' if count != 1 else ''}" if count else "it has no CUDA device"
+                raise ConfigError(f"device {self.device!r} does not exist on this machine: {have}",
+                                  hint="use --device cpu, auto" + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+        if self.device == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError("device 'mps' is not available on this machine", hint="use --device cpu or auto")
+        return self.device
 
 
 @dataclass
@@ -102,7 +116,11 @@ def _build(tp: Any, value: Any, path: str) -> Any:
             return None
         return _build(args[0], value, path) if len(args) == 1 else value
     if origin is list and isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:  # `--hooks ""`: a flag given empty is a mistake, not a request for the default
+            raise ConfigError(f"{path}: empty ({value!r}); name at least one, comma-separated, or leave it out for "
+                              f"the default")
+        return items
     if origin is list and not isinstance(value, (list, tuple)):
         raise ConfigError(f"{path}: must be a list (or a comma-separated string), got {value!r}")
     if origin is list and (typing.get_args(tp) or (None,))[0] is str:

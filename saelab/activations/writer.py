@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import math
 import os
+import tempfile
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +53,13 @@ def check_writable(out: Path, error=CacheError) -> None:
     if out.exists() and not out.is_dir():
         raise error(f"--out {out}: a file, not a directory", hint="choose another --out")
     parent = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    writable = parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)
+    if writable:  # permission bits do not tell root (or a read-only or virtual file system such as /proc): try it
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".saelab-probe-", dir=parent))
+        except OSError:
+            writable = False
+    if not writable:
         raise error(f"--out {out}: cannot be written ({parent} is not a writable directory)",
                     hint="choose another --out")
 
