@@ -4,39 +4,61 @@ token–latent matches by affinity z' = ReLU(pre), greedy by size.
 * Mutual Choice (`mutual`): the k·B largest affinities of the whole batch×latent matrix. That *is* BatchTopK, so
   this class is BatchTopK under another name: the same selection code (`batch_topk_indices`), the same global
   inference threshold, the same SAELens export.
-* Feature Choice (`feature_choice`): each latent i takes its m_i largest affinities among the batch's tokens,
-  Σ m_i ≈ k·B, so a token has 0…many latents (a padded `SparseCode`). Capacities: uniform m_i = k·B/n (the remainder
-  spread one each over the first latents), or Zipf-shaped m_i ∝ rank_i^(−s) by the latents' firing density (most
-  used first), largest-remainder rounded, each within [1, B].
+* Feature Choice (`feature_choice`): each latent i takes its m_i largest affinities among the batch's tokens, with
+  Σ m_i = k·B exactly, so a token has 0…many latents (a padded `SparseCode`).
 
-Research notes §5 say what is certain (the selections) and what is ours:
-* `aux_zipf` (the default auxiliary loss) is OUR stand-in for the paper's aux_zipf_loss, whose formula was not
-  recovered: keep an EMA of each latent's firing density d_i; its target is its capacity share d̂_i = m_i/B (flat
-  for uniform capacities, Zipf for Zipf ones; Σ d̂ = k); latents with d_i < γ·d̂_i ("under-used") and dead ones
-  reconstruct the detached residual with AuxK (top-k_aux by pre-activation). `aux="auxk"` is plain AuxK on the dead.
-* Batch-independent inference is OUR recommendation: per-latent thresholds θ_i = EMA of latent i's cut in each
-  batch, the midpoint of its m_i-th and (m_i+1)-th largest affinities (the boundary between kept and not kept;
-  the m_i-th alone, the notes' suggestion, sets θ_i at the smallest kept value and fires ~20 % less often at
-  inference on the tiny test model), used as a JumpReLU (SAELens: jumprelu + `threshold`); until a first batch
-  has set them, `encode` uses per-token TopK. The EMA lags a model still training (held-out L0 11 instead of 32
-  after 1M tokens on the reference model), so after the last step each θ_i is calibrated once, exactly, on
-  `calibration_tokens` further training tokens: latent i's cut of that whole sample as if it were one batch.
+Capacities (`capacities`). The paper sets the per-feature constraints by a Zipf law over features ranked by use
+(feature densities of SAEs follow Zipf except in the rare tail). Here, by default (`capacity="zipf"`):
+* **usage** ranks the latents. It must be a measure the capacities do not decide: under feature choice a latent
+  fires on exactly its m_i tokens, so its own firing density only reproduces whatever order the capacities started
+  in. A latent's usage is instead its share of the batch's *mutual-choice* matches: on how many of the batch's
+  tokens its affinity is among the k·B largest of the batch (what it would take if allocation were free), divided
+  by the batch size, as an EMA over steps (`usage_momentum`; the first batch sets it). Σ usage = k. It is a buffer
+  (`usage`), so checkpoints carry it and a resumed run continues bit-exactly.
+* **Zipf shares** by rank r (1 = most used): m ∝ r^(−s), water-filled into [lo, B] (lo = 1 when k·B ≥ n, so no
+  latent is shut out, else 0): the excess of a latent clamped at the batch size B goes to the others in proportion
+  to their Zipf weights (and a latent lifted to 1 takes its share from them), then largest-remainder rounding to
+  integers whose sum is k·B exactly. The by-rank vector depends only on (k·B, B, n, s) and is cached; each step
+  only re-sorts the latents by usage.
+* `capacity="uniform"`: m_i = k·B // n each, the remainder one each over the first latents (every latent is forced
+  to the same density k/n).
+
+Selection is per latent: a top-m_i over the batch dimension, the columns grouped by capacity (powers of two) so that
+a latent with a large capacity does not make every column's sort that deep.
+
+Auxiliary loss `aux_zipf`. The paper's aux_zipf_loss generalises AuxK from dead to dead *and under-utilised*
+features, the under-utilised ones being those whose density falls below the Zipf curve (its low tail). Its exact
+formula is not in any source we could read (research notes §5; no code was released), so this is OUR version of it:
+a latent is under-used when its usage (above) is below `underuse` × its Zipf target share m_i / B; dead and
+under-used latents reconstruct the detached residual with AuxK (top-k_aux by pre-activation). Usage, not firing
+density, is what makes this non-trivial under feature choice: the firing density of a latent with positive
+affinities always equals its capacity share. `aux="auxk"` is plain AuxK on the dead.
+
+Batch-independent inference is OUR recommendation: per-latent thresholds θ_i = EMA of latent i's cut in each batch,
+the midpoint of its m_i-th and (m_i+1)-th largest affinities (the boundary between kept and not kept; the m_i-th
+alone, the notes' suggestion, sets θ_i at the smallest kept value and fires ~20 % less often at inference on the
+tiny test model), used as a JumpReLU (SAELens: jumprelu + `threshold`); until a first batch has set them, `encode`
+uses per-token TopK. The EMA lags a model still training, so after the last step each θ_i is calibrated once,
+exactly, on `calibration_tokens` further training tokens: latent i's cut of that whole sample as if it were one
+batch.
 
 Under torch.distributed "the batch" is the global one (as for BatchTopK): capacities are m_i of the global batch
 k·B·world, each rank sends its per-latent top-m candidates to all ranks, every rank computes the same per-latent
 cut-off (the global m_i-th largest) and keeps its own entries above it: the same matches as one process holding
-every rank's rows (ties aside). The threshold and density statistics are reduced over ranks too.
+every rank's rows (ties aside). Usage counts and the threshold statistics are reduced over ranks too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, calibration_inputs, gather_rows,
-                                      option, pack_rows, threshold_indices, topk_indices, world_size)
+from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, batch_topk_indices,
+                                      calibration_inputs, gather_rows, option, pack_rows, threshold_indices,
+                                      topk_indices, world_size)
 from saelab.sae.batchtopk import BatchTopK
 
 
@@ -47,13 +69,17 @@ class MutualChoice(BatchTopK):
 
 @dataclass
 class FeatureChoiceOptions:
-    capacity: str = option("uniform", "per-latent token capacity m_i: uniform (k·B/n) or zipf (∝ rank^-s by "
-                                      "firing density)")
-    zipf_exponent: float = option(1.0, "s of the Zipf capacities (capacity=zipf)")
-    aux: str = option("aux_zipf", "auxiliary loss: aux_zipf (ours: AuxK on dead and under-used latents, see "
-                                  "the module docs) or auxk (plain AuxK on dead latents)")
-    underuse: float = option(0.5, "aux_zipf: a latent is under-used when its density < this × its capacity share")
-    density_momentum: float = option(0.99, "EMA momentum of each latent's firing density")
+    capacity: str = option("zipf", "per-latent token capacity m_i (Σ m_i = k·B exactly): zipf (m_i ∝ rank^-s over "
+                                   "latents ranked by usage, i.e. their share of the batch's mutual-choice "
+                                   "matches; each ≤ B, the excess redistributed) or uniform (k·B/n each)")
+    zipf_exponent: float = option(1.0, "s of the Zipf capacities m_i ∝ rank^-s (capacity=zipf)")
+    aux: str = option("aux_zipf", "auxiliary loss: aux_zipf (AuxK on dead latents and on under-used ones, whose "
+                                  "usage is below --underuse × their capacity share m_i/B; our version of the "
+                                  "paper's aux_zipf_loss) or auxk (plain AuxK on dead latents)")
+    underuse: float = option(0.5, "aux_zipf: a latent is under-used when its usage < this × its capacity share m_i/B")
+    usage_momentum: float = option(0.95, "EMA momentum of each latent's usage (its share of the batch's "
+                                         "mutual-choice matches), which ranks the Zipf capacities; 0.95 averages "
+                                         "about the last 20 steps")
     threshold_momentum: float = option(0.99, "EMA momentum of the per-latent inference thresholds")
     threshold_start_step: int = option(0, "first step whose batch enters the thresholds")
     calibration_tokens: int = option(65_536, CALIBRATION_HELP)
@@ -62,10 +88,10 @@ class FeatureChoiceOptions:
         from saelab.config import check
 
         check(self.capacity in ("uniform", "zipf"), "capacity", f"must be uniform or zipf, got {self.capacity!r}")
-        check(self.zipf_exponent > 0, "zipf_exponent", f"must be > 0, got {self.zipf_exponent}")
+        check(0 < self.zipf_exponent <= 10, "zipf_exponent", f"must be in (0, 10], got {self.zipf_exponent}")
         check(self.aux in ("aux_zipf", "auxk"), "aux", f"must be aux_zipf or auxk, got {self.aux!r}")
         check(0 <= self.underuse <= 1, "underuse", f"must be in [0, 1], got {self.underuse}")
-        for name in ("density_momentum", "threshold_momentum"):
+        for name in ("usage_momentum", "threshold_momentum"):
             value = getattr(self, name)
             check(0 <= value < 1, name, f"must be in [0, 1), got {value}")
         check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")
@@ -74,25 +100,47 @@ class FeatureChoiceOptions:
 
 class FeatureChoice(Architecture):
     name = "feature_choice"
-    help = "Feature Choice (Ayonrinde 2024): each latent takes its m_i best tokens of the batch (Σ m_i = k·B)"
+    help = ("Feature Choice (Ayonrinde 2024): each latent takes its m_i best tokens of the batch (Σ m_i = k·B, "
+            "Zipf by usage)")
     Options = FeatureChoiceOptions
 
     def init_state(self, sae) -> None:
         dev = sae.W_dec.device
         sae.register_buffer("threshold", torch.full((self.cfg.n_latents,), -1.0, device=dev))  # -1: not learned
-        sae.register_buffer("density", torch.full((self.cfg.n_latents,), -1.0, device=dev))  # firing EMA; -1: unset
+        sae.register_buffer("usage", torch.full((self.cfg.n_latents,), -1.0, device=dev))  # usage EMA; -1: unset
+        self.step_usage = self.step_capacity = self.last_cut = None  # this step's, committed by after_step
+
+    @property
+    def tracks_usage(self) -> bool:
+        return self.opt.capacity == "zipf" or self.opt.aux == "aux_zipf"
 
     # ------------------------------------------------------------------------------------------ selection
-    def capacities(self, sae, batch: int) -> torch.Tensor:
-        """m_i [n] (long) for a (global) batch of `batch` tokens."""
+    def capacities(self, sae, batch: int, usage: torch.Tensor | None = None) -> torch.Tensor:
+        """m_i [n] (long) for a (global) batch of `batch` tokens, ranked by `usage` (default: the SAE's)."""
         return capacities(self.cfg.k * batch, batch, self.cfg.n_latents, self.opt.capacity, self.opt.zipf_exponent,
-                          sae.density)
+                          sae.usage if usage is None else usage)
 
     def select(self, sae, pre, grad, k):
-        world = world_size()
-        m = self.capacities(sae, pre.shape[0] * world)
+        batch = pre.shape[0] * world_size()
+        usage = None
+        if self.tracks_usage:  # this batch's usage enters the EMA before it ranks this batch's capacities
+            usage = self.updated_usage(sae, pre, batch)
+        m = self.capacities(sae, batch, usage)
+        self.step_usage, self.step_capacity = usage, m
         idx, valid, self.last_cut = feature_choice_indices(pre, m, with_cut=True)  # the cut feeds θ (after_step)
         return idx, valid
+
+    @torch.no_grad()
+    def updated_usage(self, sae, pre: torch.Tensor, batch: int) -> torch.Tensor:
+        """The usage EMA with this batch in it (not yet stored): each latent's share of the batch's mutual-choice
+        matches, i.e. of the k·B largest affinities of the (global) batch × latent matrix."""
+        idx, valid = batch_topk_indices(pre, self.cfg.k)
+        hit = valid & (pre.gather(1, idx) > 0)  # an affinity of 0 is no match
+        counts = torch.bincount(idx[hit], minlength=self.cfg.n_latents).to(sae.usage.dtype)
+        if world_size() > 1:
+            dist.all_reduce(counts)
+        mom = self.opt.usage_momentum if bool((sae.usage >= 0).all()) else 0.0  # the first batch sets it
+        return sae.usage * mom + counts * ((1 - mom) / batch)
 
     def select_inference(self, sae, pre, grad):
         if not bool((sae.threshold >= 0).any()):  # nothing learned yet
@@ -104,8 +152,8 @@ class FeatureChoice(Architecture):
         if self.cfg.aux_coef <= 0:
             return 0.0
         mask = dead_mask
-        if self.opt.aux == "aux_zipf":
-            under = self.underused(sae, pre.shape[0] * world_size())
+        if self.opt.aux == "aux_zipf" and self.step_usage is not None:
+            under = self.underused(self.step_usage, self.step_capacity, pre.shape[0] * world_size())
             mask = under if mask is None else (mask | under)
         if mask is None:
             return 0.0
@@ -115,41 +163,30 @@ class FeatureChoice(Architecture):
         losses[self.opt.aux] = aux
         return self.cfg.aux_coef * aux
 
-    def underused(self, sae, batch: int) -> torch.Tensor:
-        """Latents firing below `underuse` × their capacity share m_i / B (our aux_zipf stand-in)."""
-        target = self.capacities(sae, batch).to(sae.density.dtype) / batch
-        return (sae.density >= 0) & (sae.density < self.opt.underuse * target)
+    def underused(self, usage: torch.Tensor, m: torch.Tensor, batch: int) -> torch.Tensor:
+        """Latents whose usage is below `underuse` × their capacity share m_i / B (aux_zipf)."""
+        return usage < self.opt.underuse * m.to(usage.dtype) / batch
 
     # ------------------------------------------------------------------------------------------ state
     @torch.no_grad()
     def after_step(self, sae, out, step: int) -> None:
-        code = out.code.detach()
-        n = self.cfg.n_latents
-        active = code.values > 0
-        counts = torch.zeros(n, device=code.values.device).index_add_(
-            0, code.indices[active], torch.ones(int(active.sum()), device=code.values.device))
-        tokens = torch.tensor(float(code.values.shape[0]), device=counts.device)
-        if world_size() > 1:
-            dist.all_reduce(counts)
-            dist.all_reduce(tokens)
-        mom = self.opt.density_momentum if bool((sae.density >= 0).all()) else 0.0  # the first batch sets it
-        sae.density.mul_(mom).add_((1 - mom) * counts / tokens)
-        if step < self.opt.threshold_start_step:
-            return
-        cut = getattr(self, "last_cut", None)  # this step's per-latent cut (the same on every rank)
-        if cut is None:
+        if self.step_usage is not None:
+            sae.usage.copy_(self.step_usage)
+            self.step_usage = self.step_capacity = None
+        cut = self.last_cut  # this step's per-latent cut (the same on every rank)
+        self.last_cut = None
+        if step < self.opt.threshold_start_step or cut is None:
             return
         cut = cut.clamp_min(0).to(sae.threshold.dtype)
         mom = self.opt.threshold_momentum if bool((sae.threshold >= 0).all()) else 0.0
         sae.threshold.mul_(mom).add_((1 - mom) * cut)
-        self.last_cut = None
 
     @torch.no_grad()
     def calibrate(self, sae, draw) -> dict:
         """θ_i ← latent i's cut on N more training tokens (all ranks' under torch.distributed), exactly as training
-        cuts a batch: with the capacities m_i of a batch of N tokens (Σ m_i = k·N), the midpoint of its m_i-th and
-        (m_i+1)-th largest pre-activation, so the sample's mean L0 at inference is k. Column blocks keep the memory
-        at N × 256 pre-activations whatever the capacities."""
+        cuts a batch: with the capacities m_i of a batch of N tokens (Σ m_i = k·N, ranked by the trained usage), the
+        midpoint of its m_i-th and (m_i+1)-th largest pre-activation, so the sample's mean L0 at inference is k.
+        Column blocks of similar capacity keep the memory at N × 256 pre-activations and each sort shallow."""
         world = world_size()
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens)
         if not xs:
@@ -164,20 +201,13 @@ class FeatureChoice(Architecture):
         cuts = torch.empty(self.cfg.n_latents, dtype=sae.threshold.dtype, device=x_c.device)
         old = _finite(sae.threshold)
         fired_old = fired_new = 0  # the sample's L0 under the EMA thresholds and the calibrated ones, for the record
-        block = 256
-        for lo in range(0, self.cfg.n_latents, block):
-            hi = min(lo + block, self.cfg.n_latents)
-            pre = torch.addmm(sae.b_enc[lo:hi], x_c, sae.W_enc[:, lo:hi])  # [N, block]
-            mb = m[lo:hi]
-            top = pre.topk(min(int(mb.max()) + 1, pre.shape[0]), dim=0, sorted=True).values
-            if world > 1:
-                top = gather_rows(top).topk(min(int(mb.max()) + 1, total), dim=0, sorted=True).values
-            last = top.shape[0] - 1
-            upper = top.gather(0, (mb - 1).clamp_max(last).unsqueeze(0)).squeeze(0)
-            lower = top.gather(0, mb.clamp_max(last).unsqueeze(0)).squeeze(0)
-            cuts[lo:hi] = torch.where(mb <= last, (upper + lower) / 2, upper).clamp_min(0)
-            fired_old += int((pre > old[lo:hi]).sum())
-            fired_new += int((pre > cuts[lo:hi]).sum())
+        for group in capacity_groups(m):
+            for cols in group.split(256):
+                pre = torch.addmm(sae.b_enc[cols], x_c, sae.W_enc[:, cols])  # [N, block]
+                _, ranked = column_tops(pre, m[cols])
+                cuts[cols] = column_cut(ranked, m[cols]).clamp_min(0)
+                fired_old += int((pre > old[cols]).sum())
+                fired_new += int((pre > cuts[cols]).sum())
         sae.threshold.copy_(cuts)
         return {"tokens": total, "l0_ema_thresholds": fired_old / n_tok, "l0_calibrated": fired_new / n_tok}
 
@@ -189,62 +219,119 @@ class FeatureChoice(Architecture):
         return {"architecture": "jumprelu", "cfg": {}, "tensors": {"threshold": theta.detach()}}
 
 
-# -------------------------------------------------------------------------------------------------- shared pieces
+# -------------------------------------------------------------------------------------------------- capacities
 def _finite(threshold: torch.Tensor) -> torch.Tensor:
     """Thresholds with the unlearned ones (−1) at +inf: such a latent never fires."""
     return torch.where(threshold >= 0, threshold, torch.full_like(threshold, float("inf")))
 
 
-def capacities(total: int, batch: int, n: int, kind: str = "uniform", exponent: float = 1.0,
-               density: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-latent capacities m_i (long [n]) summing to `total` (= k·B), each in [1, batch] (so the sum may move
-    slightly when a clamp bites). uniform: total // n each, the remainder one each over the first latents; zipf:
-    ∝ rank^(−s), rank 1 = the highest firing density (ties by index), largest-remainder rounding."""
-    device = density.device if density is not None else "cpu"
-    if kind == "uniform":
+def capacities(total: int, batch: int, n: int, kind: str = "zipf", exponent: float = 1.0,
+               usage: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-latent capacities m_i (long [n]) summing to exactly `total` (= k·B), each in [lo, batch] with lo = 1 when
+    total ≥ n, else 0. zipf: `zipf_by_rank` over the latents ranked by `usage` (most used first, ties by index);
+    without a usage yet (None or unset, −1) the capacities are uniform. uniform: total // n each, the remainder one
+    each over the first latents."""
+    if not 0 <= total <= n * batch:
+        raise ValueError(f"{total} matches cannot be spread over {n} latents of at most {batch} tokens each")
+    device = usage.device if usage is not None else "cpu"
+    if kind == "uniform" or usage is None or bool((usage < 0).any()):
         m = torch.full((n,), total // n, dtype=torch.long, device=device)
         m[: total % n] += 1
-    else:
-        order = torch.argsort(-density.double(), stable=True) if density is not None else torch.arange(n)
-        w = torch.arange(1, n + 1, dtype=torch.float64, device=device).pow(-exponent)
-        share = w / w.sum() * total
-        base = share.floor().long()
-        rest = total - int(base.sum())
-        base[torch.argsort(-(share - base), stable=True)[:rest]] += 1
-        m = torch.empty(n, dtype=torch.long, device=device)
-        m[order.to(device)] = base
-    return m.clamp(1, batch)
+        return m
+    order = torch.argsort(-usage, stable=True)
+    m = torch.empty(n, dtype=torch.long, device=device)
+    m[order] = zipf_by_rank(total, batch, n, float(exponent)).to(device)
+    return m
+
+
+@functools.lru_cache(maxsize=16)
+def zipf_by_rank(total: int, batch: int, n: int, exponent: float) -> torch.Tensor:
+    """Capacities by rank (index 0 = rank 1), long [n], non-increasing, each in [lo, batch] (lo = 1 if total ≥ n
+    else 0), summing to exactly `total`: the shares clamp(λ·r^(−s), lo, batch), λ set so they sum to `total`
+    (water-filling: what a clamped latent cannot take goes to the others in proportion to their Zipf weights), then
+    rounded by largest remainder (ties to the better rank). Read-only: it is cached."""
+    lo, hi = (1.0 if total >= n else 0.0), float(batch)
+    w = torch.arange(1, n + 1, dtype=torch.float64).pow(-exponent)
+
+    def filled(lam: float) -> torch.Tensor:
+        return (lam * w).clamp(lo, hi)
+
+    a, b = 0.0, hi / float(w[-1])  # Σ filled(a) = n·lo ≤ total ≤ n·hi = Σ filled(b)
+    for _ in range(200):  # bisection on λ: Σ filled(λ) is continuous and non-decreasing
+        mid = (a + b) / 2
+        if mid in (a, b):
+            break
+        if float(filled(mid).sum()) <= total:
+            a = mid
+        else:
+            b = mid
+    share = filled(a)  # Σ share ≤ total, within float error of it
+    base = share.floor()
+    rest = total - int(base.sum())
+    frac = torch.where(base < hi, share - base, torch.full_like(share, -1.0))  # a latent at the batch size is full
+    order = torch.argsort(-frac, stable=True)
+    if not 0 <= rest <= int((base < hi).sum()):
+        raise AssertionError(f"zipf_by_rank: cannot round {total} over {n} latents (rest {rest})")
+    base[order[:rest]] += 1
+    return base.long()
+
+
+# -------------------------------------------------------------------------------------------------- selection
+def capacity_groups(m: torch.Tensor) -> list[torch.Tensor]:
+    """The latent indices in groups whose capacities share a power of two (m in [2^(j−1), 2^j)), so that each group's
+    per-column top-m sort is at most twice as deep as any of its columns needs."""
+    key = torch.where(m > 0, torch.log2(m.double()).floor().long() + 1, torch.zeros_like(m)).cpu()
+    return [(key == j).nonzero().squeeze(1).to(m.device) for j in key.unique().tolist()]
+
+
+def column_tops(pre: torch.Tensor, m: torch.Tensor):
+    """Per column its top min(m_i + 1, B) entries (local `torch.return_types.topk`, descending) and the global
+    ranking of its values (under torch.distributed every rank's top entries pooled and re-ranked, else the local
+    values)."""
+    top = pre.topk(min(int(m.max()) + 1, pre.shape[0]), dim=0, sorted=True)
+    ranked = top.values
+    if world_size() > 1:
+        pooled = gather_rows(top.values.contiguous())
+        ranked = pooled.topk(min(int(m.max()) + 1, pooled.shape[0]), dim=0, sorted=True).values
+    return top, ranked
+
+
+def column_cut(ranked: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per column the midpoint of its m_i-th and (m_i+1)-th largest values (the boundary between kept and not
+    kept): the m_i-th when m_i is the whole batch, the largest when m_i = 0 (nothing passes it)."""
+    last = ranked.shape[0] - 1
+    upper = ranked.gather(0, (m - 1).clamp(0, last).unsqueeze(0)).squeeze(0)
+    lower = ranked.gather(0, m.clamp_max(last).unsqueeze(0)).squeeze(0)
+    return torch.where((m >= 1) & (m <= last), (upper + lower) / 2, upper)
 
 
 def feature_choice_indices(pre: torch.Tensor, m: torch.Tensor, with_cut: bool = False):
     """Each latent (column) i keeps its m_i largest entries of the batch; packed per token (`pack_rows`):
-    (indices, valid), plus with `with_cut` the per-latent cut [n] = the midpoint of its m_i-th and (m_i+1)-th
-    largest values (the decision boundary between kept and not kept; the m_i-th when m_i is the whole batch).
+    (indices, valid), plus with `with_cut` the per-latent cut [n] (`column_cut`).
 
     Under torch.distributed the batch is the global one: the cut-off of column i is the m_i-th largest of its
     values on all ranks (each rank contributes its own top m_i + 1), and each rank keeps its entries at or above
     it."""
     B, n = pre.shape
     m = m.to(pre.device)
-    M = int(min(int(m.max()) + 1, B))
-    top = pre.topk(M, dim=0, sorted=True)  # [M, n]: per column its M best tokens, descending
-    ranked = top.values
-    if world_size() > 1:
-        pooled = gather_rows(top.values.contiguous())
-        ranked = pooled.topk(min(int(m.max()) + 1, pooled.shape[0]), dim=0, sorted=True).values  # global ranking
-        kth = ranked.gather(0, (m - 1).clamp_max(ranked.shape[0] - 1).unsqueeze(0))  # [1, n]: the m_i-th
-        keep = (top.values >= kth) & (torch.arange(M, device=pre.device).unsqueeze(1) < m.unsqueeze(0))
-    else:
-        keep = torch.arange(M, device=pre.device).unsqueeze(1) < m.unsqueeze(0)
-    rows = top.indices[keep]
-    cols = torch.arange(n, device=pre.device).unsqueeze(0).expand(M, n)[keep]
-    idx, valid = pack_rows(rows, cols, B)
+    rows, cols = [], []
+    cut = torch.empty(n, dtype=pre.dtype, device=pre.device)
+    groups = capacity_groups(m)
+    for group in groups:
+        mg = m[group]
+        top, ranked = column_tops(pre if len(groups) == 1 else pre.index_select(1, group), mg)
+        depth = top.values.shape[0]
+        keep = torch.arange(depth, device=pre.device).unsqueeze(1) < mg.unsqueeze(0)
+        if world_size() > 1:  # at or above the global m_i-th largest
+            kth = ranked.gather(0, (mg - 1).clamp(0, ranked.shape[0] - 1).unsqueeze(0))
+            keep &= top.values >= kth
+        rows.append(top.indices[keep])
+        cols.append(group.unsqueeze(0).expand(depth, -1)[keep])
+        if with_cut:
+            cut[group] = column_cut(ranked, mg)
+    idx, valid = pack_rows(torch.cat(rows), torch.cat(cols), B)
     if not with_cut:
         return idx, valid
-    last = ranked.shape[0] - 1
-    hi = ranked.gather(0, (m - 1).clamp_max(last).unsqueeze(0)).squeeze(0)
-    lo = ranked.gather(0, m.clamp_max(last).unsqueeze(0)).squeeze(0)
-    cut = torch.where(m <= last, (hi + lo) / 2, hi)
     return idx, valid, cut.detach()
 
 
