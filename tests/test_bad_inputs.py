@@ -215,6 +215,10 @@ CASES = [
          ["empty.txt", "has no text"]),
     Case("reference-bad-decay", ["reference", "train", "--out", "{tmp}/r", "--decay", "step"], ["--decay", "'step'"]),
     Case("reference-no-out", ["reference", "train"], ["--out"]),
+    # ------------------------------------------------------------------------------------------ doctor
+    Case("doctor-json-is-a-folder", ["doctor", "--json", "{tmp}/stuff"], ["--json", "stuff", "is a directory"]),
+    Case("doctor-json-folder-missing", ["doctor", "--json", "{tmp}/nope/doctor.json"],
+         ["--json", "nope", "does not exist"], hint="create it first"),
     # ------------------------------------------------------------------------------------------ the command line
     Case("unknown-command", ["bogus"], ["'bogus'"]),
 ]

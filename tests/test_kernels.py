@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import saelab.kernels as K  # noqa: E402
+from saelab.errors import ConfigError  # noqa: E402
 from saelab.kernels import backend as kb  # noqa: E402
 from saelab.sae.code import SparseCode  # noqa: E402
 
@@ -23,7 +24,7 @@ from saelab.sae.code import SparseCode  # noqa: E402
 SHAPES = [(7, 1, 16, 37), (16, 8, 50, 100), (32, 32, 256, 64), (5, 600, 1024, 20), (3, 4, 32, 1500)]
 
 
-def _triton_ready() -> str | None:
+def triton_ready() -> str | None:
     """None when the Triton path can run here, else why not."""
     if not kb.triton_available():
         return "triton is not installed"
@@ -38,14 +39,14 @@ def _triton_ready() -> str | None:
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    if request.param == "triton" and (why := _triton_ready()):
+    if request.param == "triton" and (why := triton_ready()):
         pytest.skip(why)
     monkeypatch.setenv(kb.ENV_VAR, request.param)
     dev = "cuda" if request.param == "triton" and torch.cuda.is_available() else "cpu"
     return request.param, dev
 
 
-def _code(B, k, n, dtype, dev, seed=0):
+def random_code(B, k, n, dtype, dev, seed=0):
     """Random code with the awkward cases: a repeated index in a row, zero values, zero padding at the tail."""
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (B, k), generator=g)
@@ -72,7 +73,7 @@ def _close(got, want, dtype, what):
     assert err <= _tol(dtype), f"{what}: max error {err:.3g} (relative to {scale:.3g}) > {_tol(dtype)}"
 
 
-def _decode_reference(idx, val, W, g):
+def decode_reference(idx, val, W, g):
     v = val.detach().cpu().double().requires_grad_()
     w = W.detach().cpu().double().requires_grad_()
     out = SparseCode(idx.cpu(), v).to_dense(w.shape[0]) @ w
@@ -92,14 +93,14 @@ def _encoder_reference(x, W, b, idx, g):
 def test_sparse_decode_matches_dense(backend, shape):
     name, dev = backend
     B, k, n, d = shape
-    idx, val = _code(B, k, n, torch.float32, dev)
+    idx, val = random_code(B, k, n, torch.float32, dev)
     val.requires_grad_()
     W = torch.randn(n, d, device=dev, requires_grad=True)
     g = torch.randn(B, d, device=dev)
     assert K.backend_for(idx, val, W) == name
     out = K.sparse_decode(idx, val, W)
     out.backward(g)
-    ref, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    ref, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     _close(out, ref, torch.float32, "out")
     _close(val.grad, ref_dv, torch.float32, "d_values")
     _close(W.grad, ref_dW, torch.float32, "dW_dec")
@@ -111,7 +112,7 @@ def test_sparse_decode_matches_dense(backend, shape):
 
 def test_decode_takes_a_sparse_code(backend):
     _, dev = backend
-    idx, val = _code(6, 3, 20, torch.float32, dev)
+    idx, val = random_code(6, 3, 20, torch.float32, dev)
     W = torch.randn(20, 9, device=dev)
     torch.testing.assert_close(K.decode(SparseCode(idx, val), W), K.sparse_decode(idx, val, W))
 
@@ -119,10 +120,10 @@ def test_decode_takes_a_sparse_code(backend):
 def test_decode_grad_only_where_needed(backend):
     """Values without grad (e.g. a detached code) or a frozen W_dec: the other gradient still comes out right."""
     _, dev = backend
-    idx, val = _code(8, 4, 30, torch.float32, dev)
+    idx, val = random_code(8, 4, 30, torch.float32, dev)
     W = torch.randn(30, 13, device=dev)
     g = torch.randn(8, 13, device=dev)
-    _, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    _, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     W1 = W.clone().requires_grad_()
     K.sparse_decode(idx, val, W1).backward(g)
     _close(W1.grad, ref_dW, torch.float32, "dW_dec only")
@@ -136,14 +137,14 @@ def test_decode_dtypes(backend, dtype):
     """Output and dW_dec in the weight dtype, d_values in the values' dtype; bf16 within a loose tolerance."""
     _, dev = backend
     B, k, n, d = 24, 16, 64, 100
-    idx, val = _code(B, k, n, dtype, dev)
+    idx, val = random_code(B, k, n, dtype, dev)
     val.requires_grad_()
     W = torch.randn(n, d, device=dev, dtype=dtype, requires_grad=True)
     g = torch.randn(B, d, device=dev, dtype=dtype)
     out = K.sparse_decode(idx, val, W)
     out.backward(g)
     assert out.dtype == W.grad.dtype == val.grad.dtype == dtype
-    ref, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    ref, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     _close(out, ref, dtype, "out")
     _close(val.grad, ref_dv, dtype, "d_values")
     _close(W.grad, ref_dW, dtype, "dW_dec")
@@ -152,14 +153,14 @@ def test_decode_dtypes(backend, dtype):
 def test_decode_mixed_dtypes(backend):
     """float32 values with a bf16 decoder: bf16 output and dW, float32 d_values."""
     _, dev = backend
-    idx, val = _code(10, 6, 40, torch.float32, dev)
+    idx, val = random_code(10, 6, 40, torch.float32, dev)
     val.requires_grad_()
     W = torch.randn(40, 24, device=dev, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(10, 24, device=dev, dtype=torch.bfloat16)
     out = K.sparse_decode(idx, val, W)
     out.backward(g)
     assert out.dtype == W.grad.dtype == torch.bfloat16 and val.grad.dtype == torch.float32
-    ref, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    ref, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     _close(out, ref, torch.bfloat16, "out")
     _close(val.grad, ref_dv, torch.bfloat16, "d_values")
     _close(W.grad, ref_dW, torch.bfloat16, "dW_dec")
@@ -170,7 +171,7 @@ def test_decode_mixed_dtypes(backend):
 def test_encoder_values_matches_dense(backend, shape):
     _, dev = backend
     B, k, n, d = shape
-    idx, _ = _code(B, k, n, torch.float32, dev)
+    idx, _ = random_code(B, k, n, torch.float32, dev)
     x = torch.randn(B, d, device=dev, requires_grad=True)
     W_enc = torch.nn.Parameter(torch.randn(n, d, device=dev).T)  # the SAE's column-major layout
     b_enc = torch.nn.Parameter(torch.randn(n, device=dev))
@@ -192,7 +193,7 @@ def test_encoder_dtypes_and_partial_grads(backend, dtype):
     """bf16 within a loose tolerance; a detached x / no bias / row-major W_enc also work."""
     _, dev = backend
     B, k, n, d = 12, 5, 40, 37
-    idx, _ = _code(B, k, n, torch.float32, dev)
+    idx, _ = random_code(B, k, n, torch.float32, dev)
     x = torch.randn(B, d, device=dev, dtype=dtype)
     W_enc = torch.randn(d, n, device=dev, dtype=dtype, requires_grad=True)  # row-major: copied, still right
     b = torch.zeros(n, device=dev, dtype=dtype)
@@ -246,7 +247,7 @@ def test_sae_style_step_shares_the_sort(backend):
 def test_sparse_transpose_matmul(backend, shape):
     _, dev = backend
     B, k, n, d = shape
-    idx, w = _code(B, k, n, torch.float32, dev)
+    idx, w = random_code(B, k, n, torch.float32, dev)
     dense = torch.randn(B, d, device=dev)
     out = K.sparse_transpose_matmul(idx, w, dense, n)
     want = SparseCode(idx.cpu(), w.cpu().double()).to_dense(n).T @ dense.cpu().double()
@@ -255,7 +256,7 @@ def test_sparse_transpose_matmul(backend, shape):
 
 def test_sort_cache_follows_in_place_changes(backend):
     _, dev = backend
-    idx, w = _code(8, 4, 16, torch.float32, dev)
+    idx, w = random_code(8, 4, 16, torch.float32, dev)
     dense = torch.randn(8, 5, device=dev)
     K.sparse_transpose_matmul(idx, w, dense, 16)
     idx[:, 1] = (idx[:, 1] + 3) % 16  # same tensor object, new version: a stale sort would give wrong rows
@@ -278,7 +279,7 @@ def test_empty_and_degenerate(backend):
 # ------------------------------------------------------------------------------------------------ Triton specifics
 def test_triton_unfused_long_rows(monkeypatch):
     """Rows too long for the fused owner kernel: dW by the owner kernel over column blocks, d_values separately."""
-    if why := _triton_ready():
+    if why := triton_ready():
         pytest.skip(why)
     from saelab.kernels import triton_ops
 
@@ -286,23 +287,23 @@ def test_triton_unfused_long_rows(monkeypatch):
     monkeypatch.setattr(triton_ops, "MAX_FUSED_D", 64)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     for B, k, n, d in [(6, 5, 24, 100), (3, 4, 32, 1500)]:
-        idx, val = _code(B, k, n, torch.float32, dev)
+        idx, val = random_code(B, k, n, torch.float32, dev)
         val.requires_grad_()
         W = torch.randn(n, d, device=dev, requires_grad=True)
         g = torch.randn(B, d, device=dev)
         K.sparse_decode(idx, val, W).backward(g)
-        _, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+        _, ref_dv, ref_dW = decode_reference(idx, val, W, g)
         _close(val.grad, ref_dv, torch.float32, f"d_values d={d}")
         _close(W.grad, ref_dW, torch.float32, f"dW_dec d={d}")
 
 
 def test_triton_deterministic_mode(monkeypatch):
     """Under torch.use_deterministic_algorithms the reverse map is a stable argsort: same bits every run."""
-    if why := _triton_ready():
+    if why := triton_ready():
         pytest.skip(why)
     monkeypatch.setenv(kb.ENV_VAR, "triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    idx, val = _code(20, 8, 12, torch.float32, dev)  # few latents: long occurrence lists
+    idx, val = random_code(20, 8, 12, torch.float32, dev)  # few latents: long occurrence lists
     W = torch.randn(12, 33, device=dev)
     g = torch.randn(20, 33, device=dev)
     was = torch.are_deterministic_algorithms_enabled()
@@ -316,7 +317,7 @@ def test_triton_deterministic_mode(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(was)
     assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
-    _, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    _, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     _close(grads[0][1], ref_dW, torch.float32, "dW_dec")
 
 
@@ -351,7 +352,7 @@ def test_backend_selection(monkeypatch):
 
         monkeypatch.setenv(kb.ENV_VAR, "triton")
         monkeypatch.setattr(triton_kernels, "INTERPRETED", False)
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        with pytest.raises(ConfigError, match="interpreter"):
             K.backend_for(cpu)
 
 
@@ -374,19 +375,19 @@ def test_torch_public_fallback(monkeypatch):
     monkeypatch.setattr(torch_ops, "_HAS_PRIVATE", False)
     monkeypatch.setattr(torch_ops, "COO_MAX_D", 0)
     B, k, n, d = 9, 4, 30, 11
-    idx, val = _code(B, k, n, torch.float32, "cpu")
+    idx, val = random_code(B, k, n, torch.float32, "cpu")
     val.requires_grad_()
     W = torch.randn(n, d, requires_grad=True)
     g = torch.randn(B, d)
     K.sparse_decode(idx, val, W).backward(g)
-    _, ref_dv, ref_dW = _decode_reference(idx, val, W, g)
+    _, ref_dv, ref_dW = decode_reference(idx, val, W, g)
     _close(val.grad, ref_dv, torch.float32, "d_values")
     _close(W.grad, ref_dW, torch.float32, "dW_dec")
 
 
 def test_torch_path_gradcheck(monkeypatch):
     monkeypatch.setenv(kb.ENV_VAR, "torch")
-    idx, val = _code(5, 3, 9, torch.float64, "cpu")
+    idx, val = random_code(5, 3, 9, torch.float64, "cpu")
     W = torch.randn(9, 4, dtype=torch.float64)
     assert torch.autograd.gradcheck(K.sparse_decode, (idx, val.requires_grad_(), W.requires_grad_()))
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -432,7 +433,7 @@ def test_grouped_decode_matches_dense_per_group(backend):
 def test_architecture_step_same_on_both_paths(arch, monkeypatch):
     """A whole training step of each architecture gives the same loss and gradients on the Triton path as on the
     PyTorch path (the Triton kernels under the interpreter on CPU)."""
-    if why := _triton_ready():
+    if why := triton_ready():
         pytest.skip(why)
     from saelab.config import SAEConfig
     from saelab.sae import SparseAutoencoder

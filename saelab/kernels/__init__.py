@@ -11,16 +11,18 @@ Public API:
 * `backend_for(*tensors)`: 'triton' or 'torch', the path these tensors would take.
 
 Two implementations, one API: `torch_ops` (exact PyTorch, CPU and fallback) and `triton_ops` (CUDA). Triton is
-chosen when the tensors are on CUDA and triton imports; `SAELAB_KERNELS=torch|triton` forces one. triton is only
-imported when the Triton path is taken.
+chosen when the tensors are on CUDA in float32/float16/bfloat16, triton imports and the Triton path passed its
+self-test for that device and dtype (`self_test`; see `backend` for the fallback); `SAELAB_KERNELS=torch|triton`
+forces one. triton is only imported when the Triton path is taken. Indices are checked to lie in [0, n) on both
+paths (`check_bounds`: one min/max reduction per call).
 """
 
 from __future__ import annotations
 
 import torch
 
-from saelab.kernels.backend import ENV_VAR, backend_for, ops_for, triton_available
-from saelab.kernels.decode import SparseDecode, decode, grouped_decode, sparse_decode
+from saelab.kernels.backend import ENV_VAR, KernelFallbackWarning, backend_for, ops_for, self_test, triton_available
+from saelab.kernels.decode import SparseDecode, check_bounds, decode, grouped_decode, sparse_decode
 from saelab.kernels.encoder import EncoderValues, encoder_values
 
 
@@ -32,8 +34,9 @@ def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense:
     if indices.dim() != 2 or indices.shape != weights.shape or dense.dim() != 2 or dense.shape[0] != indices.shape[0]:
         raise ValueError(f"sparse_transpose_matmul: indices {tuple(indices.shape)}, weights {tuple(weights.shape)} "
                          f"must be [B, k] and dense {tuple(dense.shape)} [B, d]")
+    check_bounds(indices, n, "sparse_transpose_matmul")
     return ops_for(indices, weights, dense).transpose_matmul(indices.long(), weights, dense, n)
 
 
-__all__ = ["ENV_VAR", "EncoderValues", "SparseDecode", "backend_for", "decode", "encoder_values", "ops_for",
+__all__ = ["ENV_VAR", "EncoderValues", "KernelFallbackWarning", "self_test", "SparseDecode", "backend_for", "decode", "encoder_values", "ops_for",
            "grouped_decode", "sparse_decode", "sparse_transpose_matmul", "triton_available"]

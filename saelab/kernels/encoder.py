@@ -56,7 +56,7 @@ def encoder_values(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor | N
                    values: torch.Tensor) -> torch.Tensor:
     """`values` (the gathered pre-activations) with the sparse gradient of `x @ W_enc[:, idx] + b_enc[idx]` to
     x [B, d], W_enc [d, n] and b_enc [n] (or None). See the module docstring for the ReLU contract."""
-    indices = _check(indices, values, W_enc, "encoder_values")
+    indices = _check(indices, values, W_enc, "encoder_values", W_enc.shape[1])
     if x.dim() != 2 or x.shape[0] != indices.shape[0] or x.shape[1] != W_enc.shape[0]:
         raise ValueError(f"encoder_values: x {tuple(x.shape)} must be [B={indices.shape[0]}, d={W_enc.shape[0]}] "
                          f"for W_enc {tuple(W_enc.shape)}")

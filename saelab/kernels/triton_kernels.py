@@ -8,16 +8,17 @@ masked, so d need not be a power of two.
 
 Importing this module decides how the kernels run: `@triton.jit` compiles for the GPU, or, when TRITON_INTERPRET=1
 was set before triton was imported, makes interpreted (slow, exact) functions that run on CPU tensors.
+
+A slot whose value (weight) is 0 contributes nothing and reads no row, so 0 · (a non-finite row) adds 0, not NaN;
+`torch_ops` does the same.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
-from triton import knobs
-
-# True when the kernels below were built in interpreter mode (they then run on CPU tensors)
-INTERPRETED = bool(knobs.runtime.interpret)
 
 
 @triton.jit
@@ -119,8 +120,25 @@ def owner_kernel(order_ptr, start_ptr, rev_ptr, w_ptr, dense_ptr, out_ptr, table
                     live = pmask & (w != 0.0)
                 g = tl.load(dense_ptr + (pos // K)[:, None] * D + cols[None, :], mask=live[:, None] & cmask[None, :],
                             other=0.0).to(tl.float32)
-                acc += tl.sum(g * w[:, None], axis=0)
+                if FUSE_DOT:  # g was read for the dot: a zero weight must still add 0, also to a non-finite g
+                    acc += tl.sum(tl.where((w != 0.0)[:, None], g * w[:, None], 0.0), axis=0)
+                else:
+                    acc += tl.sum(g * w[:, None], axis=0)
                 if FUSE_DOT:
                     tl.store(dot_ptr + pos, tl.sum(g * wrow[None, :], axis=1).to(dot_ptr.dtype.element_ty),
                              mask=pmask)
             tl.store(out_ptr + j * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
+
+
+def _interpreted(kernel) -> bool:
+    """Was `kernel` built by the Triton interpreter? Asked of the kernel object itself, which works on every triton
+    3.x (`triton.knobs`, the newer switch, exists only from 3.4)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a layout this module does not know: ask the switch the decorator read
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return isinstance(kernel, InterpretedFunction)
+
+
+# True when the kernels above were built in interpreter mode (they then run on CPU tensors)
+INTERPRETED = _interpreted(gather_sum_kernel)

@@ -5,10 +5,15 @@ histogram of latent ids → cumsum (CSR offsets) → reverse map of occurrences,
 The sort depends only on the indices, so it is kept (a few entries, keyed by the indices tensor) and shared by the
 decoder and encoder backward of the same code. Under `torch.use_deterministic_algorithms(True)` the reverse map is a
 stable argsort instead of the atomic fill, so results are bit-for-bit repeatable.
+
+Every op launches under its tensors' CUDA device (`_on_tensors_device`): a Triton launch goes to the *current* device,
+which for tensors on cuda:1 is not theirs unless the caller switched to it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -46,12 +51,27 @@ def _warps(tile: int) -> int:
     return max(1, min(8, tile // 512))
 
 
+def device_guard(device: torch.device):
+    """Make `device` the current CUDA device for the launches inside (nothing to do for the interpreter's CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _on_tensors_device(op):
+    """Run `op(indices, ...)` under `device_guard(indices.device)` (every tensor of an op is on one device)."""
+    @functools.wraps(op)
+    def launch(indices: torch.Tensor, *args, **kwargs):
+        with device_guard(indices.device):
+            return op(indices, *args, **kwargs)
+    return launch
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """A table whose rows are contiguous (stride(1) == 1); any row stride is fine."""
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ forward gathers
+@_on_tensors_device
 def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """out[b] = Σ_s weights[b, s] · table[indices[b, s]]  ->  [B, d] in table's dtype (fp32 accumulation)."""
     B, K = indices.shape
@@ -70,6 +90,7 @@ def gather_sum(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor
     return out
 
 
+@_on_tensors_device
 def gather_dot(indices: torch.Tensor, dense: torch.Tensor, table: torch.Tensor,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """out[b, s] = <dense[b], table[indices[b, s]]>  ->  [B, k] (fp32 accumulation)."""
@@ -155,12 +176,14 @@ def _owner(csr: _CSR, weights: torch.Tensor, dense: torch.Tensor, n: int, out_dt
     return out, fuse
 
 
+@_on_tensors_device
 def transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
     """out[j] = Σ_{(b, s): indices[b, s] = j} weights[b, s] · dense[b]  ->  dense [n, d] in dense's dtype."""
     out, _ = _owner(_csr(indices, n), weights, dense, n, dense.dtype)
     return out
 
 
+@_on_tensors_device
 def decoder_backward(indices: torch.Tensor, values: torch.Tensor, grad_out: torch.Tensor, W_dec: torch.Tensor,
                      need_values: bool, need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(d_values [B, k] in values' dtype, dW_dec [n, d] in W_dec's dtype), fused in one pass where d allows."""
