@@ -7,13 +7,14 @@ In a notebook (`saelab.api`, the same code the CLI runs):
 
     run = saelab.train(tokens="2M")            # a Run: .sae, .config, .history, .core, .bundle
     saelab.evaluate(run, suites=["core"])      # CoreMetrics (a table in Jupyter)
+    saelab.calibrate(run, dataset="my/code")   # re-fit a thresholded SAE's θ on your own text
     saelab.top_activations(run, 12)            # latent 12's strongest contexts, highlighted
     saelab.steer(run, [12], alpha=4, prompt="def f(")
     saelab.patch("reference", task="bracket")  # activation vs attribution patching vs RelP
 """
 
 __version__ = "0.1.0"
-API = ("train", "cache", "evaluate", "dashboard", "top_activations", "steer", "patch", "Run")
+API = ("train", "cache", "evaluate", "calibrate", "dashboard", "top_activations", "steer", "patch", "Run")
 
 
 def __getattr__(name):  # lazy, so `import saelab` stays cheap (TransformerLens takes seconds to import)

@@ -145,10 +145,12 @@ def train(config: str | Path | None = None, *, progress: bool = True, sweep: str
     """Train an SAE as `saelab train` does and return its `Run` (with core metrics, unless eval_tokens=0).
 
     Keywords are the command's flags with underscores: tokens ("2M" or 2_000_000), k, n_latents, arch, hook,
-    cache, out, lr, batch_size, eval_tokens, model, device, dataset, resume, … and any architecture option
-    (e.g. group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override. With
-    `sweep=` (a sweep file, as `saelab train --sweep`), several SAEs train on the same batches and a list of
-    their `Run`s comes back; the keywords then set the shared settings.
+    cache, out, lr, batch_size, eval_tokens, model, device, dataset, resume, wandb ("project": log the config,
+    metrics and closing core metrics to Weights & Biases), … and any architecture option (e.g.
+    group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override. With `sweep=` (a
+    sweep file, as `saelab train --sweep`), several SAEs train on the same batches and a list of their `Run`s
+    comes back; the keywords then set the shared settings. One process: `torchrun` is the command's
+    (`torchrun … -m saelab.cli train`).
 
     >>> run = saelab.train(tokens="1M", k=32, arch="batchtopk", out="runs/demo")   # doctest: +SKIP
     >>> runs = saelab.train(sweep="sweep.yaml", resume=True)                     # doctest: +SKIP
@@ -170,15 +172,14 @@ def train(config: str | Path | None = None, *, progress: bool = True, sweep: str
 
         cfgs = load_sweep(sweep, overrides, config=config)
         results = run_sweep(cfgs, progress=progress)
-        for cfg, result in zip(cfgs, results):
-            if cfg.eval_tokens:
-                evaluate_run(result.run_dir, cfg.eval_tokens)
-        return [Run(result.run_dir) for result in results]
-    cfg = load_config(TrainConfig, config, overrides)
-    result = run_training(cfg, progress=progress)
-    if cfg.eval_tokens:
-        evaluate_run(result.run_dir, cfg.eval_tokens)
-    return Run(result.run_dir)
+    else:
+        cfgs = [load_config(TrainConfig, config, overrides)]
+        results = [run_training(cfgs[0], progress=progress)]
+    for cfg, result in zip(cfgs, results):
+        metrics = evaluate_run(result.run_dir, cfg.eval_tokens)[0] if cfg.eval_tokens else None
+        result.close_tracking(metrics.to_dict(per_latent=False) if metrics else None)  # → the wandb run, if any
+    runs = [Run(result.run_dir) for result in results]
+    return runs if sweep is not None else runs[0]
 
 
 def cache(config: str | Path | None = None, *, progress: bool = True, **settings) -> Path:
@@ -272,6 +273,40 @@ def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | N
     return ev
 
 
+def calibrate(run, dataset: str, target_l0: float | None = None, tokens: int | str = 65_536, split: str = "all",
+              out: str | Path | None = None, model=None, progress: bool = True) -> tuple[Path, dict]:
+    """Re-fit a thresholded SAE's inference threshold(s) (BatchTopK, Matryoshka, mutual or feature choice) on
+    activations of your own text for mean L0 = `target_l0` (default k), as `saelab calibrate` does; the weights stay
+    as they were. Writes the re-calibrated SAE to `out` (default RUN/calibrated-<dataset name>) and returns
+    (that folder, the record: tokens, L0 before and after, the new threshold). See `saelab.training.calibrate`.
+
+    >>> path, info = saelab.calibrate(run, dataset="path/to/my/code", target_l0=32)   # doctest: +SKIP
+    """
+    from saelab.activations import stream_activations
+    from saelab.cli import parse_count
+    from saelab.data.corpus import CorpusSpec, check_source
+    from saelab.eval.run import load_run
+    from saelab.training.calibrate import check_target, recalibrate
+
+    run = _as_run(run)
+    n = _count(tokens, "tokens", parse_count)
+    corpus = CorpusSpec(source=dataset)
+    check_source(corpus, split)
+    check_target(run.sae, target_l0)  # before the model is loaded
+    target = Path(out) if out is not None else run.path / f"calibrated-{Path(dataset.rstrip('/')).name or 'text'}"
+    from saelab.activations.writer import check_writable
+
+    check_writable(target, ConfigError)
+    sae, loaded_model, cfg, _ = load_run(run.path) if model is None else (run.sae, model, run.config, None)
+    context = cfg.context_size if cfg is not None else 128
+    stream = stream_activations(loaded_model, sae.cfg.hook_name, corpus=corpus, context_size=context, split=split,
+                                batch_size=min(4096, n))
+    info = recalibrate(sae, (b.acts for b in stream), target_l0=target_l0, tokens=n)
+    info["dataset"], info["split"] = dataset, split
+    sae.save(target, extra={"calibration": info})
+    return target, info
+
+
 def dashboard(run, tokens: int | str = 1_000_000, out: str | Path | None = None, progress: bool = True, **kw):
     """Build the run's dashboard bundle as `saelab dashboard RUN` does and open it (`saelab.dashboard.open`):
     every latent's statistics, examples, logit effects and neighbours; what the explorer and `top_activations`
@@ -362,13 +397,15 @@ def top_activations(run, latent: int, n: int = 10, model=None, corpus=None, toke
 @dataclass
 class Steering:
     """`saelab.steer`'s generations: the `steered` and `unsteered` continuations of `prompt` (same seed), with
-    the settings that made them (`alphas` per latent, `max_activation` each α multiplies)."""
+    the settings that made them (`alphas` per latent, `strength_scale` what they multiply: "position", the largest
+    latent activation at each position, or "corpus", each latent's `max_activation`)."""
 
     run: Run
     prompt: str
     latents: list[int]
     alphas: list[float]
-    max_activation: list[float]
+    strength_scale: str
+    max_activation: list[float] | None
     mode: str
     seed: int
     temperature: float
@@ -386,8 +423,10 @@ class Steering:
     def _repr_html_(self) -> str:
         import html
 
-        head = (f"prompt {self.prompt!r} · latents {self.latents} · α {self.alphas} × max activation "
-                f"{self.max_activation} · {self.mode} · seed {self.seed}, temperature {self.temperature}")
+        scale = "the largest latent activation at each position" if self.strength_scale == "position" else \
+            f"max activation {self.max_activation}"
+        head = (f"prompt {self.prompt!r} · latents {self.latents} · α {self.alphas} × {scale} · {self.mode} · "
+                f"seed {self.seed}, temperature {self.temperature}")
         cell = "vertical-align:top;padding:2px 12px 2px 0;width:50%"
         text = "font-family:monospace;font-size:12px;white-space:pre-wrap;margin:0"
         cols = "".join(f"<td style='{cell}'><div style='font-weight:600'>{name}</div><pre style='{text}'>"
@@ -444,11 +483,13 @@ class SteeringSweep:
 
 def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.0, prompt: str = "def ",
           max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0, mode: str = "add",
-          sweep: bool = False, alphas: Sequence[float] | None = None, tokens: int | str = 16_384):
-    """Steer generation with SAE latents as `saelab steer` does: add α × (the latent's max activation) × its
-    decoder direction at every position (mode="clamp": set the one latent to that value instead) → `Steering`
-    (steered vs unsteered text). sweep=True → `SteeringSweep` over the grid `alphas` (default 0, 0.5, 1, 2, 4, 8;
-    prompt "" for the eight neutral code prefixes). Max activations come from RUN/eval/steering_scores.parquet
+          sweep: bool = False, alphas: Sequence[float] | None = None, tokens: int | str = 16_384,
+          strength_scale: str = "position"):
+    """Steer generation with SAE latents as `saelab steer` does: add α × (the largest latent activation at the
+    position, the paper's rule) × the latent's decoder direction at every position (mode="clamp": set the one
+    latent to that value instead) → `Steering` (steered vs unsteered text). sweep=True → `SteeringSweep` over the
+    grid `alphas` (default: the paper's 13 strengths, 0 to 20; prompt "" for the eight neutral code prefixes).
+    strength_scale="corpus": α × each latent's max activation instead, from RUN/eval/steering_scores.parquet
     (`saelab.evaluate(run, suites=["steering"])`) or else a pass over `tokens` held-out tokens.
 
     >>> saelab.steer(run, [12], alpha=4, prompt="def f(")                          # doctest: +SKIP
@@ -468,7 +509,7 @@ def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.
     else:
         grid = [float(alpha)] if isinstance(alpha, Number) else [float(a) for a in alpha]
     result, paths = steer_run(run.path, latents, grid, prompt or "", max_new_tokens, temperature, seed, sweep, mode,
-                              _count(tokens, "tokens", parse_count))
+                              _count(tokens, "tokens", parse_count), strength_scale)
     return SteeringSweep(run, result, paths) if sweep else Steering(run, **result)
 
 

@@ -189,6 +189,9 @@ TRAIN_FLAGS = {  # flag → (config key, type, help)
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints (200)"),
     "--eval-tokens": ("eval_tokens", parse_count, "held-out tokens for the final core metrics (64k; 0 skips)"),
     "--threads": ("threads", int, "torch CPU threads (default: torch's)"),
+    "--wandb": ("wandb", str, "log to this Weights & Biases project: the config, the metrics of metrics.jsonl and "
+                              "the closing core metrics, one wandb run per SAE (rank 0 under torchrun); "
+                              "WANDB_MODE=offline writes them to disk for `wandb sync`"),
 }
 
 
@@ -293,36 +296,39 @@ def train_config_from_args(args):
 
 
 def run_train(args) -> int:
+    """Train (under torchrun: every rank its part of each batch, in one process group), then, on rank 0 alone, print
+    the summary and run the closing evaluation."""
+    from saelab import distributed
     from saelab.training.pipeline import run_training
+    from saelab.training.sweep import load_sweep, run_sweep
 
     if args.sweep:
-        return _run_sweep(args)
-    cfg = train_config_from_args(args)
-    result = run_training(cfg, progress=not args.no_progress)
-    _print_trained(result)
-    if cfg.eval_tokens:
-        return _evaluate(result.run_dir, cfg.eval_tokens)
+        cfgs = load_sweep(args.sweep, _train_overrides(args), config=args.config)
+    else:
+        cfgs = [train_config_from_args(args)]
+    with distributed.process_group(cfgs[0].model.resolved_device()):
+        if args.sweep:
+            results = run_sweep(cfgs, progress=not args.no_progress)
+        else:
+            results = [run_training(cfgs[0], progress=not args.no_progress)]
+    if not distributed.is_main():
+        return 0
+    for result in results:
+        _print_trained(result)
+    for cfg, result in zip(cfgs, results):
+        metrics = _evaluate(result.run_dir, cfg.eval_tokens) if cfg.eval_tokens else None
+        result.close_tracking(metrics.to_dict(per_latent=False) if metrics else None)  # → the wandb run, if any
     return 0
 
 
 def _print_trained(result) -> None:
     last = result.last
+    info = result.run_dir / "sae" / "saelab.json"  # training's dead window: latents silent this many tokens
+    window = json.loads(info.read_text()).get("training", {}).get("dead_token_threshold") if info.exists() else None
     print(f"trained {result.run_dir}/sae: {result.steps:,} steps, {result.tokens:,} tokens; "
           f"FVU {last.get('fvu', float('nan')):.4f}, L0 {last.get('l0', float('nan')):.1f}, "
-          f"dead {last.get('dead_pct', float('nan')):.2f} %")
-
-
-def _run_sweep(args) -> int:
-    from saelab.training.sweep import load_sweep, run_sweep
-
-    cfgs = load_sweep(args.sweep, _train_overrides(args), config=args.config)
-    results = run_sweep(cfgs, progress=not args.no_progress)
-    for result in results:
-        _print_trained(result)
-    for cfg, result in zip(cfgs, results):
-        if cfg.eval_tokens:
-            _evaluate(result.run_dir, cfg.eval_tokens)
-    return 0
+          f"dead {last.get('dead_pct', float('nan')):.2f} %"
+          + (f" (silent for the last {window:,} training tokens)" if window else ""))
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -330,7 +336,9 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="core metrics of a trained SAE → RUN/eval/core.json",
                        description="Score a trained SAE on held-out text: explained variance, FVU, MSE, L0, dead "
                                    "and dense latents, CE and KL with the SAE spliced in, loss recovered (zero and "
-                                   "mean ablation), ΔCE. Writes RUN/eval/core.json.")
+                                   "mean ablation), ΔCE. Writes RUN/eval/core.json. A g-SAE (gtopk) is scored "
+                                   "twice on the same tokens: with the LM-loss gradient at the hook (its own "
+                                   "selection; one backward per batch) and by its TopK fallback, side by side.")
     p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
     p.add_argument("--tokens", type=parse_count, default=None,
                    help="held-out tokens (default 64k; probing: 80k of labelled code)")
@@ -338,14 +346,23 @@ def add_eval(sub) -> None:
                    help="core (default): RUN/eval/core.json; probing: k-sparse probes on the reference code tasks "
                         "(or --data) vs neuron, random-rotation and dense baselines → RUN/eval/probing.json; "
                         "steering: input and output scores of every latent → RUN/eval/steering_scores.parquet")
-    p.add_argument("--selection", default="mean_diff", choices=["mean_diff", "f_stat"],
-                   help="probing: how the k latents are chosen (default mean_diff)")
+    from saelab.eval.probing import DENSE_DENSITY, KS, LEVELS, SELECTIONS
+
+    p.add_argument("--selection", default=SELECTIONS[0], choices=SELECTIONS,
+                   help="probing: how the k features are ranked on the probe-train examples: mean_diff (default; "
+                        "|mean_pos - mean_neg|, SAEBench), f_stat (ANOVA F: the std-normalised mean difference), "
+                        "probe_loss (the loss of a 1-D probe on each feature alone, Gao et al. 2024)")
+    p.add_argument("--max-density", type=float, default=None,
+                   help="probing: leave out of the selection SAE latents active on more than this share of the "
+                        f"probe-train tokens, e.g. {DENSE_DENSITY:g} (default: none left out)")
+    p.add_argument("--ks", type=_int_list, default=list(KS),
+                   help=f"probing: comma-separated probe sizes k (default {','.join(map(str, KS))})")
     p.add_argument("--data", default=None,
                    help="probing: your labelled data instead of the code tasks: a .jsonl/.csv file or an HF dataset "
                         "with a text and a label column (--level sequence), or a .jsonl file with the text and "
                         "positive character spans per task (--level token), each line like "
                         '{"text": "x = foo(1)", "spans": {"call": [[4, 10]], "number": [[8, 9]]}}')
-    p.add_argument("--level", default="sequence", choices=["sequence", "token"],
+    p.add_argument("--level", default=LEVELS[0], choices=LEVELS,
                    help="probing --data: sequence (default): one example per text, label per text; token: one "
                         "example per BPE token, positive inside a task's [start, end) character spans (a line "
                         "without a task's key is unlabelled for it)")
@@ -357,6 +374,14 @@ def add_eval(sub) -> None:
                         "last token")
 
 
+def _int_list(text: str) -> list[int]:
+    """'1,2,4' → [1, 2, 4] (argparse type: a bad value is a one-line usage error)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def run_eval(args) -> int:
     from pathlib import Path
 
@@ -364,14 +389,16 @@ def run_eval(args) -> int:
 
     check(args.tokens is None or args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
     if args.suite == "core":
-        return _evaluate(args.run, args.tokens or 65_536)
+        _evaluate(args.run, args.tokens or 65_536)
+        return 0
     from saelab.eval.probing import format_probing
     from saelab.eval.run import probe_run, score_run
     from saelab.eval.steering import format_scores
 
     if args.suite == "probing":
         result, path = probe_run(Path(args.run), args.tokens or 80_000, args.selection, args.data, args.text_field,
-                                 args.label_field, args.pooling, level=args.level)
+                                 args.label_field, args.pooling, level=args.level, max_density=args.max_density,
+                                 ks=args.ks)
         print(format_probing(result))
     else:
         scores, path = score_run(Path(args.run), args.tokens or 65_536)
@@ -380,7 +407,8 @@ def run_eval(args) -> int:
     return 0
 
 
-def _evaluate(run, tokens: int) -> int:
+def _evaluate(run, tokens: int):
+    """Core metrics of a run's SAE, printed and written to RUN/eval/core.json; returns them."""
     from pathlib import Path
 
     from saelab.eval.core import format_core
@@ -389,7 +417,7 @@ def _evaluate(run, tokens: int) -> int:
     metrics, path = evaluate_run(Path(run), tokens)
     print(format_core(metrics))
     print(f"wrote {path}")
-    return 0
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------------- cache
@@ -504,12 +532,45 @@ def run_cache(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------------- calibrate
+def add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="re-fit a thresholded SAE's inference threshold on your own text (for a target L0)",
+        description="BatchTopK, Matryoshka, mutual and feature choice SAEs infer with thresholds calibrated for "
+                    "mean L0 = k on their training corpus; on text unlike it the L0 drifts. This re-runs the "
+                    "architecture's calibration on activations of --dataset for mean L0 = --target-l0 and writes "
+                    "the SAE (weights unchanged, new threshold) to --out. It prints the L0 before and after.",
+        epilog="example:\n  saelab calibrate runs/batchtopk --dataset path/to/my/code --target-l0 32",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
+    p.add_argument("--dataset", required=True,
+                   help="your text: a local file or directory (.txt/.py/.md/.jsonl/.parquet) or an HF dataset name")
+    p.add_argument("--target-l0", type=float, default=None, help="mean active latents per token (default: the SAE's k)")
+    p.add_argument("--tokens", type=parse_count, default=65_536, help="tokens of --dataset to fit on (default 64k)")
+    p.add_argument("--split", default="all", choices=["train", "validation", "all"],
+                   help="which part of --dataset by saelab's document split (default all)")
+    p.add_argument("--out", default=None, help="where to write the SAE (default RUN/calibrated-<dataset name>)")
+
+
+def run_calibrate(args) -> int:
+    from saelab.api import calibrate
+    from saelab.config import check
+
+    check(args.tokens > 0, "--tokens", f"must be > 0, got {args.tokens}")
+    path, info = calibrate(args.run, args.dataset, target_l0=args.target_l0, tokens=args.tokens, split=args.split,
+                           out=args.out)
+    print(f"calibrated on {info['tokens']:,} tokens of {args.dataset}: mean L0 {info['l0_before']:.1f} → "
+          f"{info['l0_after']:.1f} (target {info['target_l0']:g})")
+    print(f"wrote {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------- dashboard
 def add_dashboard(sub) -> None:
     p = sub.add_parser(
         "dashboard", help="build a run's dashboard bundle (every latent's stats, examples, logits, neighbours)",
-        description="One streaming pass of held-out rows (the validation split of the SAE's training corpus by "
-                    "default) through the model, stopped at the SAE's hook, then every latent's statistics, "
+        description="One streaming pass of held-out rows (of the SAE's training corpus: its validation split, then "
+                    "train rows the SAE never trained on) through the model, stopped at the SAE's hook, then every latent's statistics, "
                     "activation histogram, top / interval / random examples, logit lens, decoder and co-activation "
                     "neighbours, token index, decoder map and the run's evaluator scores, written as a bundle "
                     "(memory-mapped arrays + Parquet + manifest.json) that `saelab explore` and "
@@ -521,7 +582,10 @@ def add_dashboard(sub) -> None:
     p.add_argument("--tokens", type=parse_count, default=1_000_000,
                    help="held-out tokens to scan (default 1M; fewer if the split is shorter)")
     p.add_argument("--out", help="bundle directory (default RUN/dashboard)")
-    p.add_argument("--split", default="validation", help="corpus split: validation (default), train or all")
+    p.add_argument("--split", default="heldout",
+                   help="rows to scan: heldout (default; the validation split, then the train split's rows past "
+                        "those the run's training cache holds: fresh rows for >= 1M tokens, the dead-latent count's "
+                        "window), validation, train or all")
     p.add_argument("--dataset", help="another corpus: 'stdlib', an HF dataset name or a local path "
                                      "(default: the run's training corpus)")
     p.add_argument("--context-size", type=int, help="tokens per row, BOS included (default: the run's, 128)")
@@ -655,8 +719,9 @@ def run_explore(args) -> int:
 def add_steer(sub) -> None:
     p = sub.add_parser(
         "steer", help="steer generation with SAE latents: steered vs unsteered text, or a strength sweep",
-        description="Add α × (the latent's max activation) × its decoder direction at the SAE's hook on every "
-                    "position while generating, and print the steered and unsteered continuations of --prompt. "
+        description="Add α × (the largest latent activation at that position, as Arad et al. 2025) × the "
+                    "latent's decoder direction at the SAE's hook on every position while generating, and print "
+                    "the steered and unsteered continuations of --prompt. "
                     "--sweep measures concept success (generated tokens among the latent's top logit-lens tokens) "
                     "and fluency (the unsteered model's loss on the steered text) over a strength grid and writes "
                     "RUN/eval/steer_sweep_<latents>.json and .html.",
@@ -668,15 +733,20 @@ def add_steer(sub) -> None:
     p.add_argument("--latent", type=int, action="append", required=True,
                    help="latent index; repeat to steer several at once")
     p.add_argument("--alpha", type=float, action="append", default=None,
-                   help="strength relative to the latent's max activation (default 4); one, or one per --latent; "
-                        "with --sweep, several give the grid (default grid 0, 0.5, 1, 2, 4, 8)")
+                   help="strength in units of --strength-scale (default 4); one, or one per --latent; with "
+                        "--sweep, several give the grid (default: the paper's 0, 0.2, 0.4, 0.8, 1.2, 1.6, 2, 3, 4, "
+                        "6, 8, 10, 20)")
+    p.add_argument("--strength-scale", default="position", choices=["position", "corpus"],
+                   help="what α multiplies: position (default, the paper's rule): the largest latent activation "
+                        "of the SAE at each steered position; corpus: the latent's own largest activation over "
+                        "held-out text (RUN/eval/steering_scores.parquet, else a 16k-token pass)")
     p.add_argument("--prompt", default="", help="text to continue (default: a newline; --sweep: 8 neutral code "
                                                 "prefixes)")
     p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (30)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (0.7)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     p.add_argument("--mode", default="add", choices=["add", "clamp"],
-                   help="add (default): add α·max·d_f; clamp: set the latent to α·max, SAE error term kept")
+                   help="add (default): add α·scale·d_f; clamp: set the latent to α·scale, SAE error term kept")
     p.add_argument("--sweep", action="store_true", help="concept success and fluency over a strength grid")
 
 
@@ -686,7 +756,8 @@ def run_steer(args) -> int:
     from saelab.eval.run import format_steer, steer_run
 
     result, paths = steer_run(Path(args.run), args.latent, args.alpha or [4.0], args.prompt, args.max_new_tokens,
-                              args.temperature, args.seed, args.sweep, args.mode)
+                              args.temperature, args.seed, args.sweep, args.mode,
+                              strength_scale=args.strength_scale)
     print(format_steer(result))
     for path in paths:
         print(f"wrote {path}")
@@ -698,7 +769,8 @@ def add_bench(sub) -> None:
     p = sub.add_parser(
         "bench", help="benchmarks with known answers: `bench synthetic` trains every architecture on planted features",
         description="synthetic: activations built from planted unit features with a hierarchy (the MP-SAE paper's "
-                    "toy tree: parents that always fire with their mutually exclusive children); trains each "
+                    "toy tree: parents that always fire with their mutually exclusive children), on two top levels: "
+                    "the paper's, one parent per row, and independent parents that co-fire; trains each "
                     "architecture on the same rows and batches and scores it against the truth: decoder recovery "
                     "(mean max cosine, fraction ≥ 0.9), absorption (mean cosine of child latents with the true "
                     "parent), code F1, dead latents, FVU. Writes OUT/synthetic.json and OUT/synthetic.html.",
@@ -713,6 +785,9 @@ def add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=200, help="batch size (200, the paper's)")
     p.add_argument("--corr", type=float, default=0.0, help="intra-level correlation ε of the features (0)")
     p.add_argument("--noise", type=float, default=0.0, help="Gaussian noise std added to the activations (0)")
+    p.add_argument("--parents", choices=["exclusive", "independent", "both"], default="both",
+                   help="how the tree's parents fire: exclusive (one per row, the paper's tree), independent (each "
+                        "on its own, so parents co-fire), or both, one table after the other (default)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed (0)")
     p.add_argument("--out", default="runs/bench-synthetic", help="output folder (runs/bench-synthetic)")
 
@@ -723,7 +798,7 @@ def run_bench(args) -> int:
 
     from saelab.config import check
     from saelab.sae import ARCHITECTURES
-    from saelab.synthetic.generator import TreeSpec
+    from saelab.synthetic.generator import PARENT_MODES, TreeSpec
     from saelab.synthetic.runner import BenchSpec, figure, run_benchmark
 
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
@@ -737,17 +812,20 @@ def run_bench(args) -> int:
     check(0 <= args.corr < 1, "--corr", f"must be in [0, 1), got {args.corr}")
     check(args.noise >= 0, "--noise", f"must be >= 0, got {args.noise}")
     out = Path(args.out)
-    spec = BenchSpec(tree=TreeSpec(corr=args.corr, noise=args.noise), k=args.k, steps=args.steps, batch=args.batch,
-                     seed=args.seed)
-    rows = run_benchmark(spec, archs, out / "runs")
+    rows = []
+    for parents in (PARENT_MODES if args.parents == "both" else [args.parents]):
+        spec = BenchSpec(tree=TreeSpec(corr=args.corr, noise=args.noise, parents=parents), k=args.k,
+                         steps=args.steps, batch=args.batch, seed=args.seed)
+        rows += run_benchmark(spec, archs, out / "runs" / parents)
     cols = ["absorption", "recovered", "mean_max_cos", "code_f1", "dead", "l0", "fvu"]
-    print(f"{'arch':15}" + "".join(f"{c:>13}" for c in cols))
+    print(f"{'arch':15}{'parents':>13}" + "".join(f"{c:>13}" for c in cols))
     for r in rows:
-        print(f"{r['arch']:15}" + "".join(f"{r[c]:13.4f}" for c in cols))
+        print(f"{r['arch']:15}{r['parents']:>13}" + "".join(f"{r[c]:13.4f}" for c in cols))
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "synthetic.json.tmp"
     tmp.write_text(json.dumps({"spec": {"k": args.k, "steps": args.steps, "batch": args.batch, "corr": args.corr,
-                                        "noise": args.noise, "seed": args.seed}, "rows": rows}, indent=2))
+                                        "noise": args.noise, "parents": args.parents, "seed": args.seed},
+                               "rows": rows}, indent=2))
     tmp.replace(out / "synthetic.json")
     figure(rows).write_html(str(out / "synthetic.html"))
     print(f"wrote {out / 'synthetic.json'} and {out / 'synthetic.html'}")
@@ -782,7 +860,7 @@ def run_doctor(args) -> int:
 
 
 COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache", "dashboard", "patch", "explore", "steer", "bench",
-            "doctor"]
+            "doctor", "calibrate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -837,7 +915,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(sys.modules[__name__], f"run_{args.command}")(args) or 0
     except SaelabError as e:
-        report_error(label, e, debug)
+        from saelab.distributed import reports
+
+        if reports(e):  # under torchrun, an error every rank shares is printed once, by rank 0
+            report_error(label, e, debug)
         return 2
     except KeyboardInterrupt:
         print(f"saelab {label}: interrupted", file=sys.stderr)

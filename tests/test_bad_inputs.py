@@ -68,6 +68,14 @@ CASES = [
     Case("hooks-hub-name-offline", ["hooks", "--model", "saelab-tests/no-such-model"],
          ["saelab-tests/no-such-model", "cannot be reached"], offline=True),
     Case("hooks-bad-model-dtype", ["hooks", "--model-dtype", "int8"], ["'int8'"]),
+    Case("hooks-model-without-weights", ["hooks", "--model", "{tmp}/noweights"], ["noweights", "has no weights"],
+         hint="save_pretrained"),
+    Case("hooks-model-without-tokenizer", ["hooks", "--model", "{tmp}/notokenizer"],
+         ["notokenizer", "has no tokenizer"], hint="tokenizer.save_pretrained"),
+    Case("hooks-model-unknown-architecture", ["hooks", "--model", "{tmp}/nonsense"],
+         ["nonsense", "model_type 'nonsense' is not one transformers knows", "FooForCausalLM"], hint="model_type"),
+    Case("hooks-model-without-adapter", ["hooks", "--model", "{tmp}/resnet"],
+         ["resnet", "TransformerLens has no adapter", "model_type 'resnet'"], hint="list_supported_models"),
     # ------------------------------------------------------------------------------------------ cache
     Case("cache-empty-dataset", ["cache", "--dataset", "{tmp}/empty.txt", "--out", "{tmp}/c"],
          ["empty.txt", "has no text"]),
@@ -95,6 +103,10 @@ CASES = [
     Case("cache-missing-model", ["cache", "--model", "{tmp}/no-model", "--out", "{tmp}/c"], ["no-model"]),
     Case("cache-wrong-hook", ["cache", "--hooks", "blocks.1.hook_resid_pots", "--out", "{tmp}/c"],
          ["'blocks.1.hook_resid_pots'", "did you mean blocks.1.hook_resid_post"], hint="saelab hooks", model=True),
+    Case("cache-model-without-weights", ["cache", "--model", "{tmp}/noweights", "--out", "{tmp}/c"], ["no weights"]),
+    Case("cache-hook-the-family-lacks", ["cache", "--model", "{neox}", "--hooks", "blocks.0.hook_resid_mid",
+                                         "--out", "{tmp}/c"],
+         ["'blocks.0.hook_resid_mid'", "in parallel", "did you mean blocks.0.hook_resid_p"], hint="saelab hooks"),
     Case("cache-context-longer-than-model", ["cache", "--context-size", "4096", "--hooks", HOOK, "--out", "{tmp}/c"],
          ["4096", "longer than the model's context"], model=True),
     Case("cache-info-missing", ["cache", "info", "{tmp}/nope"], ["nope", "no activation cache here"]),
@@ -140,6 +152,8 @@ CASES = [
     Case("train-threads-negative", ["train", "--threads", "-1"], ["threads", "got -1"]),
     Case("train-cache-tokens-zero", ["train", "--cache-tokens", "0"], ["cache_tokens", "got 0"]),
     Case("train-missing-model", ["train", "--model", "{tmp}/no-model"], ["no-model"]),
+    Case("train-model-without-tokenizer", ["train", "--model", "{tmp}/notokenizer"], ["notokenizer", "no tokenizer"]),
+    Case("train-model-unknown-architecture", ["train", "--model", "{tmp}/nonsense"], ["nonsense", "model_type"]),
     Case("train-empty-dataset", ["train", "--dataset", "{tmp}/empty.txt"], ["empty.txt", "has no text"]),
     Case("train-out-is-a-file", ["train", "--out", "{tmp}/notes.txt"], ["notes.txt", "a file"]),
     Case("train-out-not-a-run", ["train", "--out", "{tmp}/stuff"], ["stuff", "not a run directory"]),
@@ -181,6 +195,12 @@ CASES = [
     Case("bench-synthetic-bad-arch", ["bench", "synthetic", "--archs", "bogus"], ["--archs", "'bogus'"]),
     Case("dashboard-missing-run", ["dashboard", "{tmp}/nope"], ["nope", "neither a run directory"]),
     # ------------------------------------------------------------------------------------------ eval
+    Case("calibrate-topk-has-no-threshold", ["calibrate", "{sae_sound}", "--dataset", "{tmp}/stuff"],
+         ["no inference threshold"]),
+    Case("calibrate-missing-dataset", ["calibrate", "{sae_sound}", "--dataset", "{tmp}/nope"], ["nope"]),
+    Case("calibrate-missing-run", ["calibrate", "{tmp}/nope", "--dataset", "{tmp}/stuff"], ["nope"]),
+    Case("calibrate-tokens-zero", ["calibrate", "{sae_sound}", "--dataset", "{tmp}/stuff", "--tokens", "0"],
+         ["--tokens", "got 0"]),
     Case("eval-missing", ["eval", "{tmp}/nope"], ["nope", "no such file or directory"]),
     Case("eval-a-file", ["eval", "{tmp}/notes.txt"], ["notes.txt", "a file"]),
     Case("eval-not-a-run", ["eval", "{tmp}/stuff"], ["stuff", "neither a run directory"]),
@@ -200,6 +220,14 @@ CASES = [
          ["floatspan.jsonl:1", "'number'", "integer pairs"]),
     Case("eval-probing-span-line-not-json", [*PROBE_TOKENS, "{tmp}/garbledspans.jsonl"],
          ["garbledspans.jsonl:2", "not JSON"]),
+    Case("eval-probing-max-density-zero", ["eval", "{sae_sound}", "--suite", "probing", "--max-density", "0"],
+         ["--max-density", "(0, 1]", "got 0.0"]),
+    Case("eval-probing-ks-zero", ["eval", "{sae_sound}", "--suite", "probing", "--ks", "1,0"], ["--ks", "[1, 0]"]),
+    Case("eval-probing-ks-not-integers", ["eval", "{sae_sound}", "--suite", "probing", "--ks", "1,two"],
+         ["--ks", "'1,two'"]),
+    Case("eval-probing-bad-selection", ["eval", "{sae_sound}", "--suite", "probing", "--selection", "mean"],
+         ["--selection", "'mean'"]),
+    Case("dashboard-bad-split", ["dashboard", "{sae_sound}", "--split", "test"], ["--split", "'test'", "heldout"]),
     # ------------------------------------------------------------------------------------------ reference train
     Case("reference-heads-do-not-divide", ["reference", "train", "--out", "{tmp}/r", "--n-embd", "100"],
          ["n_embd", "100", "n_head (8)"]),
@@ -245,6 +273,15 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "sweep_batch.yaml").write_text(stream + "saes: [{name: a}, {name: b, batch_size: 128}]\n")
     (tmp / "sweep_hooks.yaml").write_text(stream + "saes: [{name: a, hook_name: blocks.2.hook_resid_pre}, "
                                                    "{name: b, hook_name: blocks.1.hook_resid_pre}]\n")
+    for model, files in {"noweights": ("config.json", "tokenizer.json"),
+                         "notokenizer": ("config.json", "model.safetensors"),
+                         "nonsense": ("config.json", "model.safetensors", "tokenizer.json"),
+                         "resnet": ("config.json", "model.safetensors", "tokenizer.json")}.items():
+        (tmp / model).mkdir()  # model folders missing a part (what is there is never read: the check comes first)
+        for f in files:
+            (tmp / model / f).write_text('{"model_type": "gpt2"}' if f == "config.json" else "{}")
+    (tmp / "nonsense" / "config.json").write_text('{"model_type": "nonsense", "architectures": ["FooForCausalLM"]}')
+    (tmp / "resnet" / "config.json").write_text('{"model_type": "resnet"}')  # transformers knows it, TransformerLens not
     (tmp / "stuff").mkdir()
     (tmp / "stuff" / "readme.md").write_text("not a cache, not a run, not a model\n")
     (tmp / "badmanifest").mkdir()
@@ -344,6 +381,13 @@ def sae_folder(tmp_path_factory):
     return sae.save(tmp_path_factory.mktemp("sae") / "sae")
 
 
+@pytest.fixture(scope="module")
+def neox_folder(tmp_path_factory):
+    from tiny_models import build_family
+
+    return build_family("pythia-70m", tmp_path_factory.mktemp("neox"))
+
+
 def broken_sae(good: Path, dest: Path, how: str) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -384,6 +428,8 @@ def test_bad_input_gives_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys
             fill[f"sae_{how}"] = str(broken_sae(request.getfixturevalue("sae_folder"), tmp_path / f"sae_{how}", how))
     if case.model:
         request.getfixturevalue("shared_model")
+    if "{neox}" in argv_text:  # a tiny GPT-NeoX folder (parallel attention and MLP: no resid_mid)
+        fill["neox"] = str(request.getfixturevalue("neox_folder"))
     if case.offline:
         monkeypatch.setattr("saelab.hub.hub_reachable", lambda *a, **k: False)
     capsys.readouterr()  # whatever the fixtures printed (a model's loading bar) is not the command's output

@@ -81,11 +81,16 @@ class Architecture:
     def after_step(self, sae, out, step: int) -> None:
         """After each optimizer step (e.g. update a threshold from this step's code)."""
 
+    calibrates = False  # True where `calibrate` fits an inference threshold (what `saelab calibrate` re-fits)
+
     @torch.no_grad()
-    def calibrate(self, sae, draw: Callable[[], torch.Tensor | None]) -> dict:
+    def calibrate(self, sae, draw: Callable[[], torch.Tensor | None], target_l0: float | None = None,
+                  tokens: int | None = None) -> dict:
         """Once, after the last step: fit the inference state to the finished SAE on more training activations
-        (`draw()` returns the next raw batch [B, d_in], or None when the source is spent). Returns what it set,
-        for the run's record; the default has nothing to fit."""
+        (`draw()` returns the next raw batch [B, d_in], or None when the source is spent) so that the mean L0 on
+        them is `target_l0` (default k), from `tokens` of them (default the architecture's calibration_tokens).
+        `saelab calibrate` calls it again on a user's own text. Returns what it set, for the run's record; the
+        default has nothing to fit."""
         return {}
 
     # ---------------------------------------------------------------------------------------------- selection
@@ -183,9 +188,21 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
         idx = dead[local]
         vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)).relu()
         e_hat = sparse_decode(idx, vals, sae.W_dec)
-    denom = (err - err.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
+    denom = residual_variance(err).clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
+
+
+def residual_variance(err: torch.Tensor) -> torch.Tensor:
+    """E||e − E e||² over the batch's tokens: under torch.distributed over the global batch (every rank's tokens),
+    so that AuxK's normaliser, and with it the averaged gradient, is what one process holding all rows computes."""
+    if world_size() == 1:
+        return (err - err.mean(0)).pow(2).sum(-1).mean()
+    total = torch.cat([err.sum(0), err.new_tensor([err.shape[0]])])
+    dist.all_reduce(total)
+    sq = (err - total[:-1] / total[-1]).pow(2).sum().reshape(1)
+    dist.all_reduce(sq)
+    return sq[0] / total[-1]
 
 
 class _DeadEncoder(torch.autograd.Function):

@@ -12,6 +12,7 @@ finished SAE on training data k.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,19 +70,21 @@ class BatchTopK(Architecture):
             mom = self.opt.threshold_momentum
             sae.threshold.mul_(mom).add_((1 - mom) * m.to(sae.threshold.dtype))
 
+    calibrates = True
+
     @torch.no_grad()
-    def calibrate(self, sae, draw) -> dict:
-        """θ ← the (k·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
-        exactly: the cut-off c0 of each token's top-2k candidates is a lower bound (the candidates are a subset),
-        and a second pass ranks every entry ≥ c0."""
-        world, k = world_size(), self.cfg.k
-        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens)
+    def calibrate(self, sae, draw, target_l0: float | None = None, tokens: int | None = None) -> dict:
+        """θ ← the (L·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
+        L = target_l0 (default k), exactly: the cut-off c0 of each token's top-2L candidates is a lower bound (the
+        candidates are a subset), and a second pass ranks every entry ≥ c0."""
+        world, k = world_size(), self.cfg.k if target_l0 is None else target_l0
+        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
         n_tok = sum(x.shape[0] for x in xs)
-        cands = [sae.preacts(x).topk(min(self.cfg.n_latents, 2 * k), dim=-1, sorted=False).values.reshape(-1)
-                 for x in xs]
-        want = k * n_tok * world
+        cands = [sae.preacts(x).topk(min(self.cfg.n_latents, 2 * math.ceil(k)), dim=-1, sorted=False).values
+                 .reshape(-1) for x in xs]
+        want = max(1, round(k * n_tok * world))
         lower = global_cut(torch.cat(cands), want, world)
         pool = torch.cat([(p := sae.preacts(x))[p >= lower] for x in xs])
         cut = float(global_cut(pool, want, world))
