@@ -50,6 +50,15 @@ def _resources(cubin: bytes, cuobjdump: str) -> str:
     return " ".join(p for p in line.split() if p.split(":")[0] in ("REG", "LOCAL", "STACK"))
 
 
+def _source(triton, fn, sig: dict, consts: dict):
+    """The kernel with its argument types, in the ASTSource form of the installed triton."""
+    try:  # newer triton: constexprs are part of the signature
+        return triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                                         constexprs=consts)
+    except TypeError:  # triton 3.0-3.2: the signature names the runtime arguments, `constants` the constexprs
+        return triton.compiler.ASTSource(fn=fn, signature=sig, constants=consts)
+
+
 def compile_all(archs=(80, 90)) -> list[str]:
     """Compile every variant for each sm_<arch>; returns one line per variant; raises on the first failure."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -64,9 +73,7 @@ def compile_all(archs=(80, 90)) -> list[str]:
     lines = []
     for arch in archs:
         for name, sig, consts, warps in _variants():
-            fn = getattr(triton_kernels, name)
-            src = triton.compiler.ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
-                                            constexprs=consts)
+            src = _source(triton, getattr(triton_kernels, name), sig, consts)
             kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
             res = _resources(kernel.asm["cubin"], cuobjdump)
             lines.append(f"sm_{arch} {name} {sig.get('w_ptr', sig.get('dense_ptr', ''))} {consts} "
