@@ -62,10 +62,17 @@ def versions() -> dict:
     return out
 
 
+def _cpu_name() -> str:
+    try:  # Linux names the model here; platform.processor() is often empty there
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def devices() -> tuple[list[dict], str]:
     """Every device torch can use, and why CUDA cannot be used ('' when it can, or torch has no CUDA build)."""
-    found = [{"device": "cpu", "name": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads()}]
+    found = [{"device": "cpu", "name": _cpu_name(), "threads": torch.get_num_threads()}]
     with warnings.catch_warnings(record=True) as caught:  # torch explains a failed CUDA start in a warning
         warnings.simplefilter("always")
         usable = torch.cuda.is_available()

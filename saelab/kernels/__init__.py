@@ -38,5 +38,6 @@ def sparse_transpose_matmul(indices: torch.Tensor, weights: torch.Tensor, dense:
     return ops_for(indices, weights, dense).transpose_matmul(indices.long(), weights, dense, n)
 
 
-__all__ = ["ENV_VAR", "EncoderValues", "KernelFallbackWarning", "self_test", "SparseDecode", "backend_for", "decode", "encoder_values", "ops_for",
-           "grouped_decode", "sparse_decode", "sparse_transpose_matmul", "triton_available"]
+__all__ = ["ENV_VAR", "EncoderValues", "KernelFallbackWarning", "SparseDecode", "backend_for", "check_bounds", "decode",
+           "encoder_values", "grouped_decode", "ops_for", "self_test", "sparse_decode", "sparse_transpose_matmul",
+           "triton_available"]
