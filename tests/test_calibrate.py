@@ -51,3 +51,19 @@ def test_an_sae_without_a_threshold_is_refused():
         recalibrate(make("topk"), iter(_shifted_batches()))
     with pytest.raises(ConfigError, match="target-l0"):
         recalibrate(make("batchtopk"), iter(_shifted_batches()), target_l0=97)  # n_latents 96
+
+
+def test_feature_choice_per_latent_thresholds_give_the_target_l0():
+    sae = make("feature_choice")
+    sae.threshold.fill_(0.05)
+    batches = _shifted_batches()
+    info = recalibrate(sae, iter(batches), target_l0=6, tokens=512)
+    # θ_i sits between latent i's m_i-th and (m_i+1)-th largest pre-activation (Σ m_i = 6·N), and never below 0
+    # (a ReLU latent cannot fire on a negative pre-activation): latent i fires on min(m_i, #positive) tokens
+    m = sae.arch.capacities(sae, 512, l0=6)
+    assert int(m.sum()) == 6 * 512
+    with torch.no_grad():
+        pre = torch.cat([sae.preacts(sae.normalize_input(b)[0]) for b in batches])
+    brute = torch.minimum(m, (pre > 0).sum(0)).sum().item() / 512
+    assert info["l0_after"] == pytest.approx(brute) and info["l0_after"] == pytest.approx(mean_l0(sae, batches))
+    assert 4 < brute <= 6

@@ -115,9 +115,11 @@ class FeatureChoice(Architecture):
         return self.opt.capacity == "zipf" or self.opt.aux == "aux_zipf"
 
     # ------------------------------------------------------------------------------------------ selection
-    def capacities(self, sae, batch: int, usage: torch.Tensor | None = None) -> torch.Tensor:
-        """m_i [n] (long) for a (global) batch of `batch` tokens, ranked by `usage` (default: the SAE's)."""
-        return capacities(self.cfg.k * batch, batch, self.cfg.n_latents, self.opt.capacity, self.opt.zipf_exponent,
+    def capacities(self, sae, batch: int, usage: torch.Tensor | None = None, l0: float | None = None) -> torch.Tensor:
+        """m_i [n] (long) for a (global) batch of `batch` tokens summing to l0·batch (default l0 = k), ranked by
+        `usage` (default: the SAE's)."""
+        total = self.cfg.k * batch if l0 is None else max(1, round(l0 * batch))
+        return capacities(total, batch, self.cfg.n_latents, self.opt.capacity, self.opt.zipf_exponent,
                           sae.usage if usage is None else usage)
 
     def select(self, sae, pre, grad, k):
@@ -181,14 +183,17 @@ class FeatureChoice(Architecture):
         mom = self.opt.threshold_momentum if bool((sae.threshold >= 0).all()) else 0.0
         sae.threshold.mul_(mom).add_((1 - mom) * cut)
 
+    calibrates = True
+
     @torch.no_grad()
-    def calibrate(self, sae, draw) -> dict:
+    def calibrate(self, sae, draw, target_l0: float | None = None, tokens: int | None = None) -> dict:
         """θ_i ← latent i's cut on N more training tokens (all ranks' under torch.distributed), exactly as training
-        cuts a batch: with the capacities m_i of a batch of N tokens (Σ m_i = k·N, ranked by the trained usage), the
-        midpoint of its m_i-th and (m_i+1)-th largest pre-activation, so the sample's mean L0 at inference is k.
-        Column blocks of similar capacity keep the memory at N × 256 pre-activations and each sort shallow."""
+        cuts a batch: with the capacities m_i of a batch of N tokens (Σ m_i = L·N, L = target_l0 or k, ranked by the
+        trained usage), the midpoint of its m_i-th and (m_i+1)-th largest pre-activation, so the sample's mean L0 at
+        inference is L. Column blocks of similar capacity keep the memory at N × 256 pre-activations and each sort
+        shallow."""
         world = world_size()
-        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens)
+        xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
         x_c = torch.cat(xs) - sae.b_dec
@@ -197,7 +202,7 @@ class FeatureChoice(Architecture):
             t = torch.tensor(n_tok, device=x_c.device)
             dist.all_reduce(t)
             total = int(t)
-        m = self.capacities(sae, total).to(x_c.device)
+        m = self.capacities(sae, total, l0=target_l0).to(x_c.device)
         cuts = torch.empty(self.cfg.n_latents, dtype=sae.threshold.dtype, device=x_c.device)
         old = _finite(sae.threshold)
         fired_old = fired_new = 0  # the sample's L0 under the EMA thresholds and the calibrated ones, for the record
