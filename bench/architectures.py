@@ -8,7 +8,10 @@ activation cache (with LM-loss gradients, for g-SAE), width, batches and seed fo
 
 For each SAE, on held-out tokens (each SAE's closing core evaluation): explained variance, ΔCE, KL, loss recovered
 (zero / mean ablation), dead latents, mean L0 at inference, and its own training throughput (`sae_tokens_per_s`:
-the time in its own steps, which a sweep logs per SAE). Inference is each architecture's own rule: BatchTopK,
+the time in its own steps, which a sweep logs per SAE). Dead latents in three windows, each labelled: the core
+evaluation's held-out tokens (65k: blind below a density of ~1.5e-5), the dashboard's window (--dead-tokens, 1M
+fresh tokens: the validation split, then train-split rows past the cache; one model pass for all SAEs, per
+Matryoshka group too) and training's own (silent for the last dead_token_threshold tokens). Inference is each architecture's own rule: BatchTopK,
 Matryoshka and mutual choice by their calibrated global threshold, feature choice by its calibrated per-latent
 thresholds, g-SAE without gradients (its documented TopK fallback; the core evaluation passes none), MP by pursuit.
 Then the planted-feature benchmark (`saelab bench synthetic`): recovery, absorption, dead. Writes
@@ -36,7 +39,7 @@ ARCHS = ["topk", "batchtopk", "matryoshka", "gtopk", "mp", "mutual", "feature_ch
 NAMES = {"topk": "TopK", "batchtopk": "BatchTopK", "matryoshka": "Matryoshka", "gtopk": "g-SAE", "mp": "MP",
          "mutual": "mutual choice", "feature_choice": "feature choice"}
 COLS = [("EV", "explained_variance"), ("ΔCE", "delta_ce"), ("KL", "kl_sae"), ("LR zero", "loss_recovered_zero"),
-        ("LR mean", "loss_recovered_mean"), ("dead %", "frac_dead"), ("L0", "l0")]
+        ("LR mean", "loss_recovered_mean"), ("dead % 65k", "frac_dead"), ("L0", "l0")]
 
 
 def sh(cmd: list[str]) -> float:
@@ -94,6 +97,8 @@ def main() -> None:
     ap.add_argument("--cache-tokens", default="2M")
     ap.add_argument("--train-tokens", default="1M")
     ap.add_argument("--eval-tokens", default="65536")
+    ap.add_argument("--dead-tokens", default="1M", help="fresh tokens of the dead-latent count in the dashboard's "
+                                                        "window (0: skip it)")
     ap.add_argument("--ks", default="16,32,64", help="k of every architecture (an L0 sweep)")
     ap.add_argument("--n-latents", default="4096")
     ap.add_argument("--seed", default="0")
@@ -141,12 +146,20 @@ def main() -> None:
                 "arch": entry["sae"]["architecture"], "k": entry["sae"]["k"],
                 "sae_tokens_per_s": round(statistics.median(r["sae_tokens_per_s"] for r in log[1:] or log)),
                 "dead_latents_training": info["training"]["dead_latents"],
+                "dead_training_window": f"training's window: silent for the last "
+                                        f"{info['training']['dead_token_threshold']:,} training tokens",
                 "calibration": info["training"].get("calibration"),
                 "last_logged": log[-1],
                 "core_eval_heldout": json.loads((run / "eval" / "core.json").read_text()),
             }
             for key in ("l0_hist", "log10_density_hist", "latent_density", "mse_per_dim", "l0_quantiles"):
                 rows[entry["name"]]["core_eval_heldout"].pop(key, None)  # per-latent arrays: in the run folder
+        if parse_count(args.dead_tokens) > 0:  # one model pass, every SAE of the sweep on the same fresh rows
+            from saelab.dashboard.run import count_dead
+
+            runs = [work / "runs" / entry["name"] for entry in saes]
+            for entry, dead in zip(saes, count_dead(runs, parse_count(args.dead_tokens), progress=False).values()):
+                rows[entry["name"]]["dead_dashboard_window"] = dead
         synthetic = None
         if int(args.synthetic_steps) > 0:
             syn_cmd = ["saelab", "bench", "synthetic", "--steps", args.synthetic_steps, "--seed", args.seed,
@@ -182,11 +195,24 @@ def report(result: dict, out: Path) -> None:
         fig.write_html(str(full), include_plotlyjs=True)
         drawn = save_png(fig, full, png)
 
-    print(f"\n{'SAE':<20}" + "".join(f"{c:>9}" for c, _ in COLS) + f"{'tok/s':>9}")
+    print(f"\n{'SAE':<20}" + "".join(f"{c:>11}" for c, _ in COLS) + f"{'dead % 1M':>11}{'dead train':>11}"
+          f"{'tok/s':>9}")
     for name, r in rows.items():
         core = r["core_eval_heldout"]
         vals = [core.get(key, float("nan")) * (100 if key == "frac_dead" else 1) for _, key in COLS]
-        print(f"{name:<20}" + "".join(f"{v:>9.4g}" for v in vals) + f"{r['sae_tokens_per_s']:>9,}")
+        wide = r.get("dead_dashboard_window", {})
+        print(f"{name:<20}" + "".join(f"{v:>11.4g}" for v in vals) + f"{100 * wide.get('frac_dead', float('nan')):>11.4g}"
+              f"{r['dead_latents_training']:>11}{r['sae_tokens_per_s']:>9,}")
+    from saelab.dashboard.stats import format_dead
+
+    first = next(iter(rows.values()))
+    wide = first.get("dead_dashboard_window", {}).get("window", "(not counted)")
+    train = first.get("dead_training_window", "training's window")
+    print(f"dead % 65k: never active in the core eval's held-out window ({first['core_eval_heldout']['n_tokens']:,} "
+          f"tokens); dead % 1M: in {wide}; dead train: dead latents in {train}")
+    for name, r in rows.items():
+        if r.get("dead_dashboard_window", {}).get("groups"):
+            print(f"{name}: {format_dead(r['dead_dashboard_window'])}")
     if synthetic:
         print(f"\n{'planted':<20}" + "".join(f"{c:>13}" for c in ("recovered", "absorption", "dead", "code F1")))
         for r in synthetic["rows"]:

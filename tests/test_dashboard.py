@@ -25,27 +25,39 @@ from saelab.sae.code import SparseCode
 T = 9  # tokens per row (BOS + 8 scored positions)
 
 
-def planted_build(out: Path, A: np.ndarray, settings: DashboardSettings | None = None, d: int = 16, V_extra: int = 0,
-                  fail_after_segments: int | None = None, run: Path | None = None, seed: int = 0):
-    """Build a bundle whose codes are the non-zero entries of A [R, T, F] (position 0 ignored)."""
+def planted_pass(A: np.ndarray):
+    """(tokens [R, T], capture, encode) of a fake model and SAE whose codes are the non-zero entries of A."""
     R, _, F = A.shape
-    V = R * T + V_extra
     tokens = (np.arange(R)[:, None] * T + np.arange(T)[None, :]).astype(np.int64)  # token id = r·T + p
     tokens[:, 0] = 0  # "BOS"
     flat = torch.from_numpy(A.reshape(R * T, F).astype(np.float32))
     K = max(1, int((A[:, 1:] != 0).sum(-1).max()))
-    calls = {"n": 0}
 
     def capture(batch):
-        calls["n"] += 1
-        if fail_after_segments is not None and calls["n"] > fail_after_segments:
-            raise KeyboardInterrupt("simulated kill")
         return batch[:, 1:].reshape(-1, 1)  # the global token ids stand in for activations
 
     def encode(x):
         dense = flat[x[:, 0].long()]
         v, i = dense.abs().topk(K, dim=1)
         return SparseCode(i, dense.gather(1, i))
+
+    return tokens, capture, encode
+
+
+def planted_build(out: Path, A: np.ndarray, settings: DashboardSettings | None = None, d: int = 16, V_extra: int = 0,
+                  fail_after_segments: int | None = None, run: Path | None = None, seed: int = 0,
+                  group_ends: list[int] | None = None):
+    """Build a bundle whose codes are the non-zero entries of A [R, T, F] (position 0 ignored)."""
+    R, _, F = A.shape
+    V = R * T + V_extra
+    tokens, capture_ids, encode = planted_pass(A)
+    calls = {"n": 0}
+
+    def capture(batch):
+        calls["n"] += 1
+        if fail_after_segments is not None and calls["n"] > fail_after_segments:
+            raise KeyboardInterrupt("simulated kill")
+        return capture_ids(batch)
 
     g = torch.Generator().manual_seed(seed)
     directions = torch.randn(F, d, generator=g)
@@ -54,7 +66,7 @@ def planted_build(out: Path, A: np.ndarray, settings: DashboardSettings | None =
     settings = settings or DashboardSettings(segment_rows=4, batch_rows=2, n_top=3, n_intervals=4, per_interval=2,
                                              n_random=3, bins=8, n_logits=4, n_neighbours=3, n_coact=3,
                                              latents_per_row_group=2, map_method="pca")
-    info = {"n_latents": F, "hook_name": "blocks.0.hook_resid_pre", "sha256": "planted"}
+    info = {"n_latents": F, "hook_name": "blocks.0.hook_resid_pre", "sha256": "planted", "group_ends": group_ends}
     meta = {"model": {"name": "planted"}, "corpus": {"source": "planted", "split": "validation",
                                                      "requested_tokens": R * (T - 1)}, "spec": {"seed": seed}}
     vocab = [f"t{i}" for i in range(V)]
@@ -396,6 +408,85 @@ def test_reader_rejects_bad_latent_ids(basic):
         b.latent(12)
     with pytest.raises(DataError):
         b.latent("x")
+
+
+# ================================================================================================ dead latents
+def test_dead_latents_by_matryoshka_group_on_a_planted_bundle(tmp_path):
+    A = random_codes(R=16, F=12, density=0.3, seed=4)
+    A[..., [0, 5, 6, 7, 11]] = 0  # dead: 1 of group [0, 2), 3 of [2, 8), 1 of [8, 12)
+    A[3, 4, 6] = 0.5  # ... but latent 6 fires once: alive (density 1/(16·8))
+    ends = [2, 8, 12]
+    path, _ = planted_build(tmp_path / "b", A, group_ends=ends)
+    d = dash.open(path).manifest["dead_latents"]
+    assert d["n_tokens"] == 16 * (T - 1) and d["n_latents"] == 12 and d["lowest_visible_density"] == 1 / (16 * 8)
+    assert d["n_dead"] == 4 and d["frac_dead"] == pytest.approx(4 / 12)
+    assert [(g["latents"], g["n_dead"]) for g in d["groups"]] == [([0, 2], 1), ([2, 8], 2), ([8, 12], 1)]
+    assert [g["frac_dead"] for g in d["groups"]] == pytest.approx([1 / 2, 2 / 6, 1 / 4])
+    assert d["window"].startswith("the dashboard's window: 128 tokens")
+    from saelab.dashboard.stats import format_dead
+
+    assert format_dead(d) == ("4 dead (33.33 %) in " + d["window"] + "; by Matryoshka group [0, 2) 50.0 %, "
+                              "[2, 8) 33.3 %, [8, 12) 25.0 %")
+
+
+def test_streamed_firing_counts_equal_the_bundle_and_a_brute_force_count(tmp_path):
+    from saelab.dashboard.stats import firing_counts
+
+    A = random_codes(R=10, F=9, density=0.05, seed=2)
+    A[..., 3] = 0
+    tokens, capture, encode = planted_pass(A)
+    B = A.copy()
+    B[..., :4] *= 2.0  # a second "SAE" on the same activations: other values, the same firing
+    B[:, 1:, 8] = 0
+    _, _, encode_b = planted_pass(B)
+    (ca, cb), n_tok = firing_counts(iter(list(tokens)), 7, capture, [encode, encode_b], [9, 9], batch_rows=3)
+    assert n_tok == 7 * (T - 1)
+    assert ca.tolist() == (A[:7, 1:] != 0).sum((0, 1)).tolist() and ca[3] == 0  # brute force on the first 7 rows
+    assert cb.tolist() == (B[:7, 1:] != 0).sum((0, 1)).tolist() and cb[8] == 0
+    path, _ = planted_build(tmp_path / "b", A[:7])
+    assert dash.open(path).table()["n_active"].tolist() == ca.tolist()  # the dashboard's count of the same rows
+
+
+def test_matryoshka_groups_and_the_training_rows_a_run_read(tmp_path, reference_tokenizer):
+    import dataclasses
+    import json
+
+    from saelab.activations.format import FORMAT, MANIFEST, SCHEMA_VERSION
+    from saelab.config import SAEConfig
+    from saelab.dashboard.run import heldout_rows, train_rows_read
+    from saelab.dashboard.stats import group_ends
+    from saelab.data.corpus import CorpusSpec
+    from saelab.data.packing import iter_packed_rows
+    from saelab.sae import SparseAutoencoder
+
+    mat = SparseAutoencoder(SAEConfig(d_in=8, n_latents=64, k=4, hook_name="h", architecture="matryoshka"))
+    assert group_ends(mat) == [2, 6, 14, 30, 64]  # 64 × cumulative 1/32, 1/16, 1/8, 1/4, rest
+    assert group_ends(SparseAutoencoder(SAEConfig(d_in=8, n_latents=64, k=4, hook_name="h"))) is None
+    sampled = SAEConfig(d_in=8, n_latents=64, k=4, hook_name="h", architecture="matryoshka",
+                        options={"random_prefixes": 3})
+    assert group_ends(SparseAutoencoder(sampled)) is None  # no fixed groups
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 3)
+    corpus = CorpusSpec(str(docs), validation_per_mille=250)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    spec = {"split": "train", "context_size": 16, "corpus": dataclasses.asdict(corpus)}
+    (cache / MANIFEST).write_text(json.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION, "spec": spec,
+                                              "n_sequences": 5}))
+    run = tmp_path / "run"
+    assert train_rows_read(run, {"cache": str(cache)}, corpus, 16) == 5
+    assert train_rows_read(run, {"cache": str(cache)}, corpus, 32) is None  # another row length
+    assert train_rows_read(run, {"source": "stream"}, corpus, 16) is None
+    assert train_rows_read(run, {}, corpus, 16) is None  # no RUN/cache
+    val = list(iter_packed_rows(corpus, reference_tokenizer, 16, "validation"))
+    train = list(iter_packed_rows(corpus, reference_tokenizer, 16, "train"))
+    got = list(heldout_rows(corpus, reference_tokenizer, 16, 5))
+    assert len(val) > 0 and len(train) > 5 and len(got) == len(val) + len(train) - 5
+    assert all((a == b).all() for a, b in zip(got, val + train[5:]))
+    assert len(list(heldout_rows(corpus, reference_tokenizer, 16, None))) == len(val)
 
 
 # ================================================================================================ real model

@@ -29,7 +29,7 @@ from saelab.dashboard import format as fmt
 from saelab.dashboard.codes import iter_segments, read_tokens, write_codes
 from saelab.dashboard.coact import coactivation_neighbours
 from saelab.dashboard.examples import ExampleSampler, RowActivations, row_peaks
-from saelab.dashboard.stats import LatentStatistics
+from saelab.dashboard.stats import LatentStatistics, dashboard_window, dead_latents
 from saelab.errors import ConfigError, DataError
 
 
@@ -162,6 +162,9 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
     _write_table(out / fmt.LATENTS, table)
     score_report = _write_scores(out, run, F)
     n_tok = R * (T - 1)
+    dead = dead_latents(table["n_active"], n_tok,
+                        dashboard_window(n_tok, meta.get("corpus", {}).get("rows_from", "the rows given")),
+                        sae_info.get("group_ends"))
     timings["total_s"] = time.perf_counter() - t0
     manifest = {
         "format": fmt.FORMAT, "schema_version": fmt.SCHEMA_VERSION,
@@ -174,7 +177,7 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
                      "active": "value != 0, values taken as they are",
                      "example_unit": "a (latent, row) pair centred on the latent's peak in the row",
                      "coact_tokens_counted": coact_tokens},
-        "n_examples": n_examples, "scores": score_report, "timings": timings, "spec": spec,
+        "n_examples": n_examples, "dead_latents": dead, "scores": score_report, "timings": timings, "spec": spec,
         "files": {k: v for k, v in fmt.FILES.items() if (out / k).exists()},
     }
     write_json_atomic(out / fmt.MANIFEST, manifest)

@@ -1,4 +1,5 @@
-"""Per-latent statistics of active values in two streaming reads of the codes, in float64.
+"""Per-latent statistics of active values in two streaming reads of the codes, in float64; dead latents (overall
+and per Matryoshka group) from firing counts, and those counts streamed straight from the model for several SAEs.
 
 Read 1 (`add_first`): count, sum, max, min, rows active. Read 2 (`add_second`, after `ranges()`): the central
 sums Σ(v−μ)², Σ(v−μ)³, Σ(v−μ)⁴ around the exact mean (the two-pass algorithm: no cancellation), the activation
@@ -11,6 +12,8 @@ its left edge; values beyond an end (rounding) go to the end bin.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -116,3 +119,73 @@ class LatentStatistics:
             "interval_contains": (self.interval_tokens.view(self.n_latents, self.n_intervals).double()
                                   / n.clamp_min(1)[:, None]).float().numpy(),
         }
+
+
+# ================================================================================================ dead latents
+def group_ends(sae) -> list[int] | None:
+    """Ends of the nested groups of a Matryoshka SAE with fixed prefixes (latents [0, e₁), [e₁, e₂), …, [.., n));
+    None for other architectures and for sampled prefixes (no fixed groups)."""
+    arch = sae.arch
+    if not hasattr(arch, "prefix_ends") or getattr(arch.opt, "random_prefixes", 0):
+        return None
+    return [int(e) for e in arch.prefix_ends()]
+
+
+def dead_latents(n_active: np.ndarray, n_tokens: int, window: str, ends: Sequence[int] | None = None) -> dict:
+    """Latents never active in a window of n_tokens tokens, from each latent's firing count `n_active` [F].
+
+    `window` names where the count was made (it is part of what "dead" means: a window of N tokens cannot tell a
+    latent of density below 1/N from a dead one). With Matryoshka group ends, also per group:
+        {"window", "n_tokens", "n_latents", "n_dead", "frac_dead", "lowest_visible_density",
+         "groups": [{"latents": [start, end], "n_dead", "frac_dead"}, ...]}
+    """
+    dead = np.asarray(n_active) == 0
+    F = int(dead.size)
+    out = {"window": window, "n_tokens": int(n_tokens), "n_latents": F, "n_dead": int(dead.sum()),
+           "frac_dead": float(dead.mean()) if F else float("nan"),
+           "lowest_visible_density": 1.0 / n_tokens if n_tokens else float("nan")}
+    if ends:
+        starts = [0, *ends[:-1]]
+        out["groups"] = [{"latents": [int(a), int(b)], "n_dead": int(dead[a:b].sum()),
+                          "frac_dead": float(dead[a:b].mean())} for a, b in zip(starts, ends)]
+    return out
+
+
+def dashboard_window(n_tokens: int, rows_from: str) -> str:
+    """The name of a dashboard pass's window, as its dead-latent report states it."""
+    return f"the dashboard's window: {n_tokens:,} tokens of {rows_from}"
+
+
+def format_dead(d: dict) -> str:
+    """One line: '12 dead (0.29 %) in <window>; by group: 0 %, 0 %, 1.2 %, ...'."""
+    text = f"{d['n_dead']:,} dead ({100 * d['frac_dead']:.2f} %) in {d['window']}"
+    if d.get("groups"):
+        text += "; by Matryoshka group " + ", ".join(
+            f"[{g['latents'][0]}, {g['latents'][1]}) {100 * g['frac_dead']:.1f} %" for g in d["groups"])
+    return text
+
+
+@torch.no_grad()
+def firing_counts(rows: Iterable[np.ndarray], n_rows: int, capture: Callable, encoders: Sequence[Callable],
+                  n_latents: Sequence[int], batch_rows: int = 32, progress: bool = False) -> tuple[list[np.ndarray], int]:
+    """Each SAE's per-latent firing count over the first n_rows rows, without writing codes: one model pass
+    (`capture(tokens [B, T]) → acts`, as the dashboard's pass calls it) and every encoder on the same activations.
+    Active is `active_entries`'s (value != 0), as in the dashboard's codes. Returns (counts per SAE, tokens)."""
+    from itertools import islice
+
+    from tqdm.auto import tqdm
+
+    from saelab.data.packing import batched_rows
+    from saelab.eval.core import active_entries
+
+    counts = [torch.zeros(F, dtype=torch.int64) for F in n_latents]
+    n_tok = 0
+    bar = tqdm(total=n_rows, unit="row", desc="firing counts", disable=not progress)
+    for batch in batched_rows(islice(rows, n_rows), batch_rows):
+        acts = capture(torch.from_numpy(batch))
+        n_tok += acts.shape[0]
+        for c, encode, F in zip(counts, encoders, n_latents):
+            c += torch.bincount(active_entries(encode(acts), F)[1].cpu(), minlength=F)
+        bar.update(batch.shape[0])
+    bar.close()
+    return [c.numpy() for c in counts], n_tok
