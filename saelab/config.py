@@ -366,6 +366,7 @@ class TrainConfig:
     resume: bool = False
     eval_tokens: int = 65_536  # held-out tokens for the final core metrics (0 skips)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    wandb: str = ""  # a Weights & Biases project to log to ("" : none); saelab.training.tracking
 
     def __post_init__(self):
         check(self.source in SOURCES, "source", f"must be one of {SOURCES}, got {self.source!r}")

@@ -165,7 +165,10 @@ class ActivationCache:
                               f"blocks of {self.block_rows} rows instead of by shards")
             mine = blocks_arr[self.rank::self.world_size]
         if len(mine) == 0:
-            raise CacheError(f"rank {self.rank} of {self.world_size} gets no rows from the cache at {self.path}")
+            raise CacheError(f"rank {self.rank} of {self.world_size} gets no rows from the cache at {self.path} "
+                             f"(the processes share it in blocks of up to {self.block_rows} rows; it has "
+                             f"{len(blocks_arr)})",
+                             hint="write a larger cache (`saelab cache --tokens`), or start fewer processes")
         self._blocks = mine
         self.n_rows = int(mine[:, 2].sum())
 

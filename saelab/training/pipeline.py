@@ -4,6 +4,9 @@ a cache made for this run, or a live stream), and run the training loop. What `s
 Everything that can be checked without the model is checked in `resolve`, before anything is loaded or written:
 a bad path, a cache that does not hold the hook or whose width, model or corpus disagree with the run, an empty
 dataset, an output directory that cannot hold a run. A run that fails before training starts leaves no folder.
+
+Under torchrun every rank takes these steps; each is `all_or_none`: a bad input stops every rank with one error
+(printed by rank 0), and rank 0 alone writes the run's cache while the others wait for it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ import shutil
 from pathlib import Path
 
 from saelab.config import ModelSpec, TrainConfig
+from saelab.distributed import all_or_none, rank_device, rank_world
 from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
 from saelab.models.loading import locate_model
-from saelab.training.trainer import TrainResult, _world, default_run_name, train
+from saelab.training.trainer import TrainResult, default_run_name, train
 
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "sae", "checkpoints", "cache", "eval"}  # what a run folder holds
 
@@ -122,6 +126,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     from saelab.config import from_dict, to_dict
     from saelab.data.corpus import CorpusSpec, check_source
 
+    if cfg.wandb:  # first: the one check that needs no file
+        from saelab.training.tracking import require_wandb
+
+        require_wandb()
     data = to_dict(cfg)
     if cfg.hook_name and cfg.sae.hook_name and cfg.hook_name != cfg.sae.hook_name:
         raise ConfigError(f"sae.hook_name: {cfg.sae.hook_name!r}, but hook_name is {cfg.hook_name!r}",
@@ -158,7 +166,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 
 def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool = True):
-    """An `ActivationCache` (given, or written into the run directory and resumed if half-written) or a stream."""
+    """An `ActivationCache` (given, or written into the run directory by rank 0 and resumed if half-written) or a
+    stream; rank r of `world` gets its own disjoint part of the data."""
     from saelab.activations import ActivationCache, stream_activations, write_cache
     from saelab.config import CacheConfig
     from saelab.sae.architectures import get_architecture
@@ -166,33 +175,43 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
     grads = get_architecture(cfg.sae.architecture).needs_grads  # g-SAE: LM-loss gradients ride with the batches
     if cfg.source != "stream":
         cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
-        if not cfg.cache and rank == 0:
-            write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name], out=str(cache_dir),
-                                    tokens=cfg.cache_tokens, context_size=cfg.context_size, with_grads=grads),
-                        progress=progress)
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return ActivationCache(cache_dir, hook_name=cfg.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
-                               rank=rank, world_size=world, with_grads=grads)
+        with all_or_none():  # the other ranks wait for rank 0's cache (and stop with it if it cannot be made)
+            if not cfg.cache and rank == 0:
+                write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name],
+                                        out=str(cache_dir), tokens=cfg.cache_tokens, context_size=cfg.context_size,
+                                        with_grads=grads), progress=progress)
+        with all_or_none():  # e.g. a cache with fewer blocks of rows than there are ranks
+            return ActivationCache(cache_dir, hook_name=cfg.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
+                                   rank=rank, world_size=world, with_grads=grads)
     from saelab.models import load_model
 
-    model = load_model(cfg.model.name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
-    return stream_activations(model, cfg.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
-                              batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                              with_grads=grads)
+    with all_or_none():
+        model = load_model(cfg.model.name, device=rank_device(cfg.model.resolved_device()), dtype=cfg.model.dtype)
+        return stream_activations(model, cfg.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
+                                  batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
+                                  with_grads=grads)
+
+
+def prepare(cfgs: list[TrainConfig], source_cfg, check=None, progress: bool = True):
+    """Resolve every config (and `check` them together), then make the one batch source from `source_cfg(cfgs)`;
+    a refusal before training leaves no new folder at the run's (or sweep's) root. → (resolved configs, source)."""
+    rank, world = rank_world()
+    with all_or_none():
+        cfgs = [resolve(c) for c in cfgs]
+        if check is not None:
+            check(cfgs)
+    src = source_cfg(cfgs)
+    root = Path(src.out)
+    fresh = not root.exists()
+    try:
+        return cfgs, make_source(src, rank, world, progress)
+    except SaelabError:
+        if fresh and rank == 0:  # refused before training began: leave no half-made run folder behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
 
 def run_training(cfg: TrainConfig, progress: bool = True) -> TrainResult:
-    cfg = resolve(cfg)
-    rank, world = _world()
-    out = Path(cfg.out)
-    fresh = not out.exists()
-    try:
-        source = make_source(cfg, rank, world, progress)
-    except SaelabError:
-        if fresh and rank == 0:  # refused before training began: leave no half-made run folder behind
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return train(cfg, source, run_dir=cfg.out, progress=progress, device=cfg.model.resolved_device())
+    """Check the settings, get the batches and train one SAE (under torchrun: this rank's part of it)."""
+    (cfg,), source = prepare([cfg], lambda cfgs: cfgs[0], progress=progress)
+    return train(cfg, source, run_dir=cfg.out, progress=progress, device=rank_device(cfg.model.resolved_device()))

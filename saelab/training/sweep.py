@@ -18,13 +18,13 @@ SAE (`SHARED`); a sweep reads one hook, since the cache reader yields one hook p
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 
 from saelab.config import TrainConfig, from_dict, merge, read_file, to_dict
-from saelab.errors import ConfigError, SaelabError
-from saelab.training.pipeline import make_source, resolve
-from saelab.training.trainer import TrainResult, _flatten, _world, train_many
+from saelab.distributed import rank_device
+from saelab.errors import ConfigError
+from saelab.training.pipeline import prepare
+from saelab.training.trainer import TrainResult, _flatten, train_many
 
 # what every SAE of a sweep shares: the batches (source, hook, sizes, seed), the steps and the checkpoint schedule
 SHARED = ("model.name", "model.dtype", "model.device", "corpus", "hook_name", "source", "cache", "cache_tokens",
@@ -101,18 +101,12 @@ def run_sweep(cfgs: list[TrainConfig], progress: bool = True) -> list[TrainResul
     """Check every SAE's settings, make the one batch source, train them all; what `saelab train --sweep` calls."""
     from saelab.sae.architectures import get_architecture
 
-    cfgs = [resolve(c) for c in cfgs]
-    check_shared(cfgs)
-    rank, world = _world()
-    root = Path(cfgs[0].out).parent
-    fresh = not root.exists()
-    # the batches carry LM-loss gradients when an SAE selects with them (g-SAE); the others ignore them
-    source_cfg = next((c for c in cfgs if get_architecture(c.sae.architecture).needs_grads), cfgs[0])
-    try:
-        source = make_source(dataclasses.replace(source_cfg, out=str(root)), rank, world, progress)
-    except SaelabError:
-        if fresh and rank == 0:  # refused before training began: leave no half-made sweep folder behind
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+    def source_cfg(cfgs: list[TrainConfig]) -> TrainConfig:
+        # the batches carry LM-loss gradients when an SAE selects with them (g-SAE); the others ignore them
+        src = next((c for c in cfgs if get_architecture(c.sae.architecture).needs_grads), cfgs[0])
+        return dataclasses.replace(src, out=str(Path(cfgs[0].out).parent))  # a cache it makes: in the sweep's root
+
+    cfgs, source = prepare(cfgs, source_cfg, check=check_shared, progress=progress)
     return train_many(cfgs, [c.out for c in cfgs], source, progress=progress,
-                      device=cfgs[0].model.resolved_device(), labels=[f" (SAE {c.name!r})" for c in cfgs])
+                      device=rank_device(cfgs[0].model.resolved_device()),
+                      labels=[f" (SAE {c.name!r})" for c in cfgs])

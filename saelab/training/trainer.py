@@ -1,6 +1,7 @@
 """The training loop: batches → SAE → losses → Adam, with the decoder-norm constraint, dead-latent tracking
 (in tokens), AuxK, gradient clipping, a metrics log, atomic checkpoints and bit-exact resume, and
-`torch.distributed` data parallelism (launch with `torchrun`; gloo on CPU, NCCL on GPU).
+`torch.distributed` data parallelism (launch with `torchrun`; gloo on CPU, NCCL on GPU: `saelab.distributed`), and
+experiment tracking (`cfg.wandb`: `tracking.WandbRun`, rank 0 only).
 
 `train(cfg, source)` takes any iterable of `Batch` (an `ActivationCache`, `stream_activations`, in-memory
 activations); it neither knows nor cares where they come from. `train_many(cfgs, run_dirs, source)` trains several
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from saelab.config import SAEConfig, TrainConfig, from_dict, save_config, to_dict
+from saelab.distributed import rank_world
 from saelab.sae import SparseAutoencoder
 from saelab.training import checkpoint as ckpt
 
@@ -33,12 +35,13 @@ class TrainResult:
     steps: int
     tokens: int
     last: dict  # the last logged metrics
+    tracker: object | None = None  # the SAE's open wandb run (rank 0, cfg.wandb), for the closing evaluation
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    def close_tracking(self, evaluation: dict | None = None) -> None:
+        """Log the closing evaluation (core metrics, as a dict) to the run's wandb run, if any, and finish it."""
+        if self.tracker is not None:
+            self.tracker.finish(evaluation)
+            self.tracker = None
 
 
 def lr_at(step: int, steps: int, cfg: TrainConfig, base_lr: float) -> float:
@@ -77,7 +80,7 @@ class MetricsLog:
 
 # fields that may change on --resume without changing what is trained
 RESUME_FREE = {"resume", "out", "name", "threads", "log_every", "checkpoint_every", "keep_checkpoints", "eval_tokens",
-               "model.device", "source", "cache"}
+               "model.device", "source", "cache", "wandb"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -129,9 +132,11 @@ class SAERun:
     work, so an architecture that draws random numbers (Matryoshka's sampled prefixes) gets the stream it would get
     alone, whatever the other SAEs of a sweep draw."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, device: str | torch.device, label: str = ""):
-        self.cfg, self.run_dir, self.device, self.label = cfg, Path(run_dir), device, label
-        self.rank, self.world = _world()
+    def __init__(self, cfg: TrainConfig, run_dir: Path, device: str | torch.device, label: str = "",
+                 group: str | None = None):
+        self.cfg, self.run_dir, self.device, self.label, self.group = cfg, Path(run_dir), device, label, group
+        self.rank, self.world = rank_world()
+        self.tracker = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         outer = ckpt.rng_state(device)
         torch.manual_seed(cfg.seed)
@@ -169,7 +174,7 @@ class SAERun:
             if world > 1:  # and every rank holds exactly rank 0's parameters
                 for t in [*sae.parameters(), sae.loss_normalizer]:
                     dist.broadcast(t.data, 0)
-                scale = torch.tensor([sae.cfg.input_scale], dtype=torch.float64)
+                scale = torch.tensor([sae.cfg.input_scale], dtype=torch.float64, device=device)
                 dist.broadcast(scale, 0)
                 sae.cfg.input_scale = float(scale)
         self.sae, self.start_step, self.tokens_seen = sae, 0, 0
@@ -204,6 +209,12 @@ class SAERun:
         self.threshold = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size * self.world, cfg.tokens // 4))
         self.steps = max(1, cfg.tokens // (cfg.batch_size * self.world))
         self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None, self.rank == 0)
+        if cfg.wandb and self.rank == 0:
+            from saelab.training.tracking import WandbRun
+
+            self.tracker = WandbRun(cfg.wandb, cfg.name or self.run_dir.name,
+                                    {**to_dict(cfg), "sae": to_dict(self.sae.cfg), "world_size": self.world,
+                                     "resumed_from_step": self.start_step if resumed else None}, group=self.group)
         self.t_last, self.tok_last = time.perf_counter(), self.tokens_seen
         self.busy = 0.0  # seconds in this SAE's own steps since the last log line (a sweep's other SAEs excluded)
 
@@ -273,6 +284,8 @@ class SAERun:
                         tokens_per_s=(self.tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9),
                         sae_tokens_per_s=(self.tokens_seen - self.tok_last) / max(self.busy, 1e-9))
             self.log.write(last)
+            if self.tracker is not None:
+                self.tracker.log(last)
             self.last, self.accum, self.n_accum, self.t_last, self.tok_last = last, {}, 0, now, self.tokens_seen
             self.busy = 0.0
 
@@ -298,14 +311,15 @@ class SAERun:
         if calibration and rank == 0:
             print(f"calibrated {sae.arch.name} inference{self.label}: "
                   + ", ".join(f"{k} {v:.4g}" for k, v in calibration.items()))
+        training = {"steps": self.steps, "tokens": self.tokens_seen, "calibration": calibration,
+                    "dead_token_threshold": self.threshold,
+                    "dead_latents": int((self.since_fired > self.threshold).sum())}
         if rank == 0:
             sae.save(self.run_dir / "sae",
-                     extra={"training": {"steps": self.steps, "tokens": self.tokens_seen, "calibration": calibration,
-                                         "dead_token_threshold": self.threshold,
-                                         "dead_latents": int((self.since_fired > self.threshold).sum()),
-                                         "final_metrics": self.last},
-                            "train_config": to_dict(self.cfg)})
-        return TrainResult(self.run_dir, sae, self.steps, self.tokens_seen, self.last)
+                     extra={"training": {**training, "final_metrics": self.last}, "train_config": to_dict(self.cfg)})
+        if self.tracker is not None:
+            self.tracker.summarize(training, "train/")
+        return TrainResult(self.run_dir, sae, self.steps, self.tokens_seen, self.last, self.tracker)
 
 
 class CalibrationDraws:
@@ -363,12 +377,27 @@ def train_many(cfgs: list[TrainConfig], run_dirs: list[str | Path], source: Iter
     in turn; each SAE has its own optimizer, RNG stream, run folder, checkpoints and metrics. They must share what
     decides the batches and the schedule of steps and checkpoints (`saelab.training.sweep` checks it): tokens,
     batch_size, seed, checkpoint_every, keep_checkpoints, resume, threads. Each SAE ends bit-identical to the same
-    SAE trained alone on these batches."""
-    rank, world = _world()
+    SAE trained alone on these batches. With `cfg.wandb`, each SAE's wandb run is left open for the closing
+    evaluation (`TrainResult.close_tracking`), or finished as failed if training raises."""
     cfg = cfgs[0]
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    runs = [SAERun(c, Path(d), device, label) for c, d, label in zip(cfgs, run_dirs, labels or [""] * len(cfgs))]
+    group = Path(run_dirs[0]).parent.name if len(cfgs) > 1 else None  # a sweep's SAEs: one wandb group
+    runs = [SAERun(c, Path(d), device, label, group)
+            for c, d, label in zip(cfgs, run_dirs, labels or [""] * len(cfgs))]
+    try:
+        return _train_runs(runs, cfg, source, progress, device)
+    except BaseException:
+        for r in runs:
+            if r.tracker is not None:
+                r.tracker.finish(failed=True)
+        raise
+
+
+def _train_runs(runs: list[SAERun], cfg: TrainConfig, source: Iterable, progress: bool,
+                device: str | torch.device) -> list[TrainResult]:
+    """`train_many`'s loop: initialise (or resume), step every SAE on each batch, checkpoint, calibrate, save."""
+    rank, world = rank_world()
     it = iter(source)
 
     start = common_checkpoint_step([r.run_dir for r in runs]) if cfg.resume else None
