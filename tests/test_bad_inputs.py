@@ -178,6 +178,8 @@ CASES = [
          ["--config", "--sweep"]),
     # ------------------------------------------------------------------------------------------ later commands
     Case("steer-missing-run", ["steer", "{tmp}/nope", "--latent", "1"], ["nope", "no such file or directory"]),
+    Case("steer-bad-strength-scale", ["steer", "{sae_sound}", "--latent", "1", "--strength-scale", "logits"],
+         ["--strength-scale", "'logits'"]),
     Case("patch-unknown-task", ["patch", "--task", "brackets"], ["'brackets'", "built-in tasks"]),
     Case("patch-missing-pairs-file", ["patch", "--task", "{tmp}/nope.jsonl"], ["nope.jsonl", "does not exist"]),
     Case("patch-pairs-not-json", ["patch", "--task", "{tmp}/garbled.jsonl"], ["garbled.jsonl:2", "not JSON"]),

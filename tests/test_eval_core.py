@@ -337,3 +337,88 @@ def test_last_layer_hook_and_corpus_rows(model, d_model):
     m = evaluate_core(model, sae, n_tokens=64, context_size=32)  # standard-library validation rows
     assert m.n_rows == 2 and m.context_size == 32
     assert m.explained_variance == 1.0 and m.delta_ce == 0.0
+
+
+# ------------------------------------------------------------------------------------------ g-SAE: both rules
+def _gsae(d_model, beta=4.0, n=64, k=4, seed=3):
+    from saelab.config import SAEConfig
+    from saelab.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(SAEConfig(architecture="gtopk", d_in=d_model, n_latents=n, k=k, hook_name=HOOK,
+                                      normalize="none", options={"beta": beta}))
+    sae.reset_parameters(seed=seed)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)  # most pre-activations positive, so the gradient term has room to reorder them
+    return sae
+
+
+def _hand_gradient(model, rows):
+    """d/d(activation at HOOK) of the next-token CE summed over every predicted position (the cache's loss),
+    written out here with a retained activation gradient, independent of saelab's helpers."""
+    box = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        box["a"] = act
+        return act
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(rows, fwd_hooks=[(HOOK, keep)])
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                          reduction="sum").backward()
+    return box["a"].detach(), box["a"].grad.detach()
+
+
+def test_gsae_eval_uses_the_gradient_selection_built_by_hand(model, rows, d_model):
+    sae = _gsae(d_model)
+    m = evaluate_core(model, sae, rows=rows, batch_rows=len(rows))  # one batch: the RMS scale spans all its tokens
+    act, grad = _hand_gradient(model, rows)
+    keep = ~special_mask(rows, [0])
+    x, g = act[keep], grad[keep]
+    W_dec, W_enc, b_enc, b_dec = (t.detach() for t in (sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec))
+    z = ((x - b_dec) @ W_enc + b_enc).relu()
+    att = (g @ W_dec.T).abs() / (g.pow(2).sum(1).mean() / d_model).sqrt()  # |d_i·g| over the batch RMS of g
+    chosen = (z + 4.0 * z * att).topk(4, dim=1).indices  # the paper's score z + β·z·|W_dec g|
+    plain = z.topk(4, dim=1).indices
+    changed = (chosen.sort(1).values != plain.sort(1).values).any(1)
+    assert changed.float().mean() > 0.2  # the two rules really differ on these tokens
+    x_hat = (z.gather(1, chosen).unsqueeze(-1) * W_dec[chosen]).sum(1) + b_dec  # values stay z
+    x_top = (z.gather(1, plain).unsqueeze(-1) * W_dec[plain]).sum(1) + b_dec
+    n_tok = x.shape[0]
+    for got, idx, xh in ((m, chosen, x_hat), (m.topk_fallback, plain, x_top)):
+        assert got.n_tokens == n_tok
+        density = torch.bincount(idx.reshape(-1), minlength=64).double() / n_tok
+        assert got.latent_density == density.tolist()  # the very latents chosen, token by token
+        assert got.mse == pytest.approx(float((x - xh).pow(2).sum(1).mean()), rel=1e-4)
+        # CE with the hand reconstruction spliced in at the scored positions
+        patched = act.clone()
+        patched[keep] = xh
+        with torch.no_grad():
+            logits = model.run_with_hooks(rows, fwd_hooks=[(HOOK, lambda a, hook: patched)])
+        lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, rows[:, 1:, None]).squeeze(-1)
+        assert got.ce_sae == pytest.approx(float(-lp[prediction_mask(special_mask(rows, [0]))].mean()), rel=1e-5)
+    assert m.rule == "with gradient" and m.topk_fallback.rule == "TopK fallback"
+    assert m.ce_clean == m.topk_fallback.ce_clean and m.kl_zero == m.topk_fallback.kl_zero  # shared baselines
+    assert m.mse != m.topk_fallback.mse
+    # both rules in the JSON and the printed table; an ordinary SAE's output has neither
+    d = _json_roundtrip(m)
+    assert d["rule"] == "with gradient" and d["topk_fallback"]["rule"] == "TopK fallback"
+    assert d["topk_fallback"]["delta_ce"] == pytest.approx(m.topk_fallback.delta_ce)
+    back = CoreMetrics.from_dict(d)
+    assert back.topk_fallback.mse == m.topk_fallback.mse and back.rule == m.rule
+    assert "latent_density" not in m.to_dict(per_latent=False)["topk_fallback"]
+    text = format_core(m)
+    assert "with gradient" in text.splitlines()[1] and "TopK fallback" in text.splitlines()[1]
+    plain_d = evaluate_core(model, IdentitySAE(d_model), rows=rows, n_ce_tokens=0).to_dict()
+    assert "topk_fallback" not in plain_d and "rule" not in plain_d
+
+
+def test_gsae_without_inference_grads_or_beta_is_scored_once(model, rows, d_model):
+    from saelab.eval.splice import infers_with_grad
+
+    assert infers_with_grad(_gsae(d_model))
+    off = _gsae(d_model)
+    off.arch.opt.inference_grads = False
+    assert not infers_with_grad(off) and not infers_with_grad(_gsae(d_model, beta=0.0))
+    m = evaluate_core(model, off, rows=rows, n_ce_tokens=0)
+    assert m.topk_fallback is None and m.rule == ""

@@ -10,8 +10,10 @@ import torch
 from saelab.config import SAEConfig
 from saelab.errors import ConfigError
 from saelab.eval.splice import decoder_directions, splice
-from saelab.eval.steering import (ActivationSweep, Steer, activation_sweep, generate, input_scores, lens_tokens,
-                                  output_scores, prompt_tokens, steer_directions)
+from saelab.eval.steering import (ActivationSweep, Steer, _forward, activation_sweep, concept_hits,
+                                  continuation_loss, format_scores, generate, input_scores, lens_tokens,
+                                  output_scores, position_scale, prompt_tokens, score_latents, steer_directions,
+                                  steering_success)
 from saelab.sae import SparseAutoencoder
 
 LAST = "blocks.3.hook_resid_post"
@@ -158,6 +160,117 @@ def test_activation_sweep_against_brute_force(model):
         for v, r, p, t in zip(*(a[sw.top_latent == f] for a in (sw.top_value, sw.top_row, sw.top_position,
                                                                    sw.top_token))):
             assert dense[r, p - 1, f] == pytest.approx(v) and rows[r, p] == t
+
+
+# ------------------------------------------------------------------------------------------ strength rule
+def _hand_steered(model, sae, tokens, latent, alpha, start):
+    """The activation at LAST with the paper's rule applied by hand: x_t + α · max_j f_j(x_t) · d_f, t >= start."""
+    _, cache = model.run_with_cache(tokens, names_filter=[LAST])
+    x = cache[LAST][0]
+    top = torch.stack([sae.encode(x[t:t + 1]).values.max().clamp_min(0) for t in range(x.shape[0])])
+    out = x.clone()
+    out[start:] += alpha * top[start:, None] * sae.W_dec[latent]
+    return out.unsqueeze(0), top
+
+
+@torch.no_grad()
+def test_position_strength_is_alpha_times_the_largest_latent_at_each_position(model, tokens):
+    sae = _sae(model)
+    steered_act, top = _hand_steered(model, sae, tokens, latent=5, alpha=3.0, start=2)
+    assert top[2:].std() > 0.1 * top[2:].mean()  # the unit changes from position to position
+    want = model.run_with_hooks(tokens, fwd_hooks=[(LAST, lambda a, hook: steered_act)])
+    rule = Steer(LAST, steer_directions(sae, [5], [3.0]), start=2, scale_sae=sae)
+    got = model.run_with_hooks(tokens, fwd_hooks=[(LAST, rule.hook)])
+    assert torch.allclose(got, want, atol=1e-4)
+    assert torch.allclose(position_scale(sae, model.run_with_cache(tokens, names_filter=[LAST])[1][LAST]), top[None])
+    # clamp: latent 5 set to α · max_j f_j(x_t) at every position (error term kept)
+    _, cache = model.run_with_cache(tokens, names_filter=[LAST])
+    x = cache[LAST][0]
+    f5 = sae.encode(x).to_dense(64)[:, 5]
+    clamped = (x + (3.0 * top - f5)[:, None] * sae.W_dec[5]).unsqueeze(0)
+    want = model.run_with_hooks(tokens, fwd_hooks=[(LAST, lambda a, hook: clamped)])
+    got = _forward(model, tokens, None, (sae, torch.tensor([5]), torch.tensor([3.0]), 0, True))
+    assert torch.allclose(got, want, atol=1e-3)
+
+
+@torch.no_grad()
+def test_steering_success_generates_with_the_position_rule(model):
+    sae = _sae(model)
+    lens = lens_tokens(model, sae)
+    tok = prompt_tokens(model, "def ")
+    P = tok.shape[1]
+    seq = tok.clone()
+    for _ in range(4):  # greedy generation, the rule applied by hand from the last prompt token on
+        steered_act, _ = _hand_steered(model, sae, seq, latent=9, alpha=6.0, start=P - 1)
+        logits = model.run_with_hooks(seq, fwd_hooks=[(LAST, lambda a, hook: steered_act)])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    res = steering_success(model, sae, [9], [6.0], None, lens, prompts=["def "], max_new_tokens=4, temperature=0)
+    assert res["strength_scale"] == "position"
+    assert res["fluency_nats"][0][0] == pytest.approx(float(continuation_loss(model, seq, P)[0]), rel=1e-5)
+    assert res["success"][0][0] == float(concept_hits(seq, P, lens[9:10])[0])
+    corpus = steering_success(model, sae, [9], [6.0], np.ones(64), lens, prompts=["def "], max_new_tokens=4,
+                              temperature=0, strength_scale="corpus")  # α × 1: a constant 6·d_f
+    const = generate(model, tok, 4, temperature=0, steer=Steer(LAST, steer_directions(sae, [9], [6.0]), start=P - 1))
+    assert corpus["fluency_nats"][0][0] == pytest.approx(float(continuation_loss(model, const, P)[0]), rel=1e-5)
+    with pytest.raises(ConfigError, match="strength scale"):
+        steering_success(model, sae, [9], [1.0], None, lens, strength_scale="logits")
+    with pytest.raises(ConfigError, match="max activation"):
+        steering_success(model, sae, [9], [1.0], None, lens, strength_scale="corpus")
+
+
+# ------------------------------------------------------------------------------------------ g-SAE scores
+def _gsae(model, hook="blocks.1.hook_resid_post", n=32):
+    sae = SparseAutoencoder(SAEConfig(architecture="gtopk", d_in=model.cfg.d_model, n_latents=n, k=4,
+                                      hook_name=hook, normalize="none", model_name="reference",
+                                      options={"beta": 4.0}))
+    sae.reset_parameters(seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.5)
+    return sae
+
+
+def test_gsae_scores_use_the_gradient_and_report_the_fallback(model):
+    from saelab.eval.splice import lm_loss_grad
+
+    sae = _gsae(model)
+    hook = sae.cfg.hook_name
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(1, 8192, (4, 24), generator=g)
+    rows[:, 0] = 0
+    sw = activation_sweep(model, sae, rows, batch_rows=4, with_grad=True)
+    plain = activation_sweep(model, sae, rows, batch_rows=4)
+    # brute force: the gradient of the summed next-token CE by autograd, the code by encode(x, grad=g)
+    box = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        box["a"] = act
+        return act
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(rows, fwd_hooks=[(hook, keep)])
+        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                          reduction="sum").backward()
+    x, grad = box["a"].detach()[:, 1:].reshape(-1, 256), box["a"].grad[:, 1:].reshape(-1, 256)
+    with torch.no_grad():
+        with_g = sae.encode(x, grad=grad).to_dense(32)
+        without = sae.encode(x).to_dense(32)
+    assert not torch.equal(with_g != 0, without != 0)  # the rules pick different latents here
+    assert np.allclose(sw.max_activation, with_g.amax(0).clamp_min(0).double().numpy(), atol=1e-5)
+    assert np.allclose(plain.max_activation, without.amax(0).clamp_min(0).double().numpy(), atol=1e-6)
+    # the output score's prompt position predicts nothing: its gradient is exactly 0, so both rules agree there
+    tok = prompt_tokens(model, "import os\n\n")
+    _, act, gl = lm_loss_grad(model, tok, hook)
+    assert torch.count_nonzero(gl[0, -1]) == 0 and torch.count_nonzero(gl[0, :-1]) > 0
+    with torch.no_grad():
+        last = act[0, -1:]
+        assert torch.equal(sae.encode(last, grad=gl[0, -1:]).indices, sae.encode(last).indices)
+    scores, _ = score_latents(model, sae, rows=rows)
+    assert scores.fallback is not None and np.array_equal(scores.max_activation, sw.max_activation)
+    assert np.array_equal(scores.fallback["max_activation"], plain.max_activation)
+    df = scores.to_frame()
+    assert {"input_score_topk_fallback", "max_activation_topk_fallback", "n_examples_topk_fallback"} <= set(df)
+    assert scores.meta["rule"] == "with gradient" and "TopK fallback" in format_scores(scores)
 
 
 # ------------------------------------------------------------------------------------------ CLI and errors

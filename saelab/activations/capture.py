@@ -31,6 +31,17 @@ GRAD_LOSS = {
 }
 
 
+def grad_loss(logits: torch.Tensor, tokens: torch.Tensor, target_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss whose gradient the cache stores (`GRAD_LOSS`): next-token cross-entropy, float32 logits, summed over
+    the predicted positions (targets tokens[:, 1:]). `target_mask [B, T]` (for padded rows, not the cache's packed
+    ones) keeps only the targets where it is True. Evaluators take the same gradient (`saelab.eval.splice`)."""
+    z, t = logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1)
+    if target_mask is None:
+        return F.cross_entropy(z, t, reduction="sum")
+    keep = target_mask[:, 1:].reshape(-1).to(z.device)
+    return F.cross_entropy(z[keep], t[keep], reduction="sum")
+
+
 def _is_embedding_stage(name: str) -> bool:
     return name in ("hook_embed", "hook_pos_embed", "hook_tokens") or name.startswith(("embed.", "pos_embed."))
 
@@ -93,8 +104,7 @@ class HookCapture:
             with torch.enable_grad(), self.model.hooks(fwd_hooks=fwd):
                 logits = self.model(tokens, return_type="logits")
             self._check_fired(caps, bad)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                   tokens[:, 1:].reshape(-1), reduction="sum")
+            loss = grad_loss(logits, tokens)
             inputs = [caps[h] for h in self.hooks]
             missing = [h for h, t in zip(self.hooks, inputs) if not t.requires_grad]
             if missing:

@@ -42,6 +42,15 @@ Downstream (natural log, nats):
     loss_recovered_zero = (ce_zero − ce_sae) / (ce_zero − ce_clean);  loss_recovered_mean likewise with ce_mean.
     kl_sae / kl_zero / kl_mean = mean over counted predictions of KL(p_clean ‖ p_patched) = Σ_v p_c (log p_c − log p_p).
 A ratio with a zero denominator is NaN in `CoreMetrics` and null in `to_dict()`.
+
+SAEs with two inference rules. A g-SAE (`gtopk`) selects its latents with the LM-loss gradient g at the hook, as it
+was trained to; `encode(x)` without g falls back to plain TopK. Its core metrics are measured under both rules on the
+same tokens: per batch one full forward and one backward of the clean LM loss to the hook (the gradient the
+activation cache stores: next-token CE summed over the batch's predicted positions, `lm_loss_grad`), then
+x̂ = decode(encode(x, grad=g)) for the headline numbers (`rule` "with gradient") and decode(encode(x)) for
+`topk_fallback` (a `CoreMetrics` of its own, `rule` "TopK fallback"). Clean, zero- and mean-ablation numbers are
+shared. With `grad_norm="rms"` the gradient's scale is its RMS over the batch's scored tokens, so a g-SAE's numbers
+depend slightly on `batch_rows` (as its training selection depends on the training batch).
 """
 
 from __future__ import annotations
@@ -53,8 +62,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from saelab.eval.splice import (as_rows, batches, capture, corpus_rows, default_special_ids, model_device,
-                                prediction_mask, replace_rows, run_with_replacement, sae_reconstruct, special_mask)
+from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, as_rows, batches, capture, corpus_rows, default_special_ids,
+                                infers_with_grad, lm_loss_grad, model_device, prediction_mask, replace_rows,
+                                run_with_replacement, sae_reconstruct, special_mask)
 
 if TYPE_CHECKING:  # only the `indices` / `values` of a code are read here
     from saelab.sae.code import SparseCode
@@ -264,17 +274,17 @@ class ReconstructionStats:
 class DownstreamStats:
     """Streaming float64 sums of per-prediction CE (clean / SAE / zero / mean) and KL(clean ‖ patched).
 
-    Per batch: `begin(logits_clean, tokens, pred_mask)`, then `add(kind, logits)` for kind in sae/zero/mean, one
-    at a time (so only two [B, L, V] logit tensors are alive at once). `pred_mask [B, L-1]` is True where the
-    prediction at t (of token t+1) counts.
+    Per batch: `begin(logits_clean, tokens, pred_mask)`, then `add(kind, logits)` for kind in the SAE kinds
+    (`sae_kinds`, default just "sae"; a g-SAE also has its fallback rule) and zero/mean, one at a time (so only two
+    [B, L, V] logit tensors are alive at once). `pred_mask [B, L-1]` is True where the prediction at t (of token
+    t+1) counts.
     """
 
-    KEYS = ("clean", "sae", "zero", "mean")
-
-    def __init__(self):
+    def __init__(self, sae_kinds: Sequence[str] = ("sae",)):
         self.n = 0
-        self.ce = {k: 0.0 for k in self.KEYS}
-        self.kl = {k: 0.0 for k in self.KEYS if k != "clean"}
+        self.kinds = ("clean", *sae_kinds, "zero", "mean")
+        self.ce = {k: 0.0 for k in self.kinds}
+        self.kl = {k: 0.0 for k in self.kinds if k != "clean"}
         self._batch = None
 
     def begin(self, logits_clean: torch.Tensor, tokens: torch.Tensor, pred_mask: torch.Tensor) -> None:
@@ -313,20 +323,21 @@ class DownstreamStats:
     def end(self) -> None:
         self._batch = self._self_cross = None
 
-    def compute(self) -> dict[str, Any]:
+    def compute(self, sae_kind: str = "sae") -> dict[str, Any]:
+        """The metrics with `sae_kind`'s sums as the SAE's (ce_sae, delta_ce, loss recovered, kl_sae)."""
         n = self.n
         ce = {k: _div(v, n) for k, v in self.ce.items()}
         kl = {k: _div(v, n) for k, v in self.kl.items()}
         return {
             "n_predictions": n,
             "ce_clean": ce["clean"],
-            "ce_sae": ce["sae"],
+            "ce_sae": ce[sae_kind],
             "ce_zero_ablation": ce["zero"],
             "ce_mean_ablation": ce["mean"],
-            "delta_ce": ce["sae"] - ce["clean"],
-            "loss_recovered_zero": _div(ce["zero"] - ce["sae"], ce["zero"] - ce["clean"]),
-            "loss_recovered_mean": _div(ce["mean"] - ce["sae"], ce["mean"] - ce["clean"]),
-            "kl_sae": kl["sae"],
+            "delta_ce": ce[sae_kind] - ce["clean"],
+            "loss_recovered_zero": _div(ce["zero"] - ce[sae_kind], ce["zero"] - ce["clean"]),
+            "loss_recovered_mean": _div(ce["mean"] - ce[sae_kind], ce["mean"] - ce["clean"]),
+            "kl_sae": kl[sae_kind],
             "kl_zero": kl["zero"],
             "kl_mean": kl["mean"],
         }
@@ -394,30 +405,46 @@ class CoreMetrics:
     log10_density_hist: dict[str, Any] = field(default_factory=dict)
     latent_density: list[float] = field(default_factory=list)
     mse_per_dim: list[float] = field(default_factory=list)
+    # an SAE with two inference rules (g-SAE): these numbers' rule ("with gradient"), and the other rule's metrics
+    rule: str = ""
+    topk_fallback: "CoreMetrics | None" = None
 
     def to_dict(self, per_latent: bool = True) -> dict[str, Any]:
-        """JSON-serialisable (numbers, lists, dicts; NaN → None). `per_latent=False` drops `latent_density`."""
+        """JSON-serialisable (numbers, lists, dicts; NaN → None). `per_latent=False` drops `latent_density`.
+        `rule` and `topk_fallback` (nested, the same keys) appear only for an SAE with two inference rules."""
         d = asdict(self)
+        if self.topk_fallback is None:
+            del d["topk_fallback"]
+            if not self.rule:
+                del d["rule"]
+        else:
+            d["topk_fallback"] = self.topk_fallback.to_dict(per_latent)
         if not per_latent:
             d.pop("latent_density")
         return _json_clean(d)
 
     def _repr_html_(self) -> str:  # Jupyter: the headline numbers as a table
-        from saelab.display import table_html
+        from saelab.display import grid_html, table_html
 
-        rows = [("explained variance", self.explained_variance), ("FVU", self.fvu), ("L0", self.l0),
-                ("dead latents", self.n_dead), ("dense latents", self.n_dense), ("cosine similarity", self.cossim)]
+        fields = [("explained variance", "explained_variance"), ("FVU", "fvu"), ("L0", "l0"),
+                  ("dead latents", "n_dead"), ("dense latents", "n_dense"), ("cosine similarity", "cossim")]
         if self.n_predictions:
-            rows += [("CE clean (nats)", self.ce_clean), ("CE with SAE (nats)", self.ce_sae),
-                     ("ΔCE (nats)", self.delta_ce), ("KL (nats)", self.kl_sae),
-                     ("loss recovered (zero abl.)", self.loss_recovered_zero),
-                     ("loss recovered (mean abl.)", self.loss_recovered_mean)]
-        return table_html(rows, title=f"core metrics · {self.hook_name} · {self.n_tokens:,} held-out tokens")
+            fields += [("CE clean (nats)", "ce_clean"), ("CE with SAE (nats)", "ce_sae"), ("ΔCE (nats)", "delta_ce"),
+                       ("KL (nats)", "kl_sae"), ("loss recovered (zero abl.)", "loss_recovered_zero"),
+                       ("loss recovered (mean abl.)", "loss_recovered_mean")]
+        title = f"core metrics · {self.hook_name} · {self.n_tokens:,} held-out tokens"
+        if self.topk_fallback is None:
+            return table_html([(label, getattr(self, k)) for label, k in fields], title=title)
+        return grid_html(["", self.rule, self.topk_fallback.rule],
+                         [[label, getattr(self, k), getattr(self.topk_fallback, k)] for label, k in fields], title)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CoreMetrics":
-        names = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: (math.nan if v is None else v) for k, v in d.items() if k in names})
+        names = {f for f in cls.__dataclass_fields__} - {"topk_fallback"}
+        m = cls(**{k: (math.nan if v is None else v) for k, v in d.items() if k in names})
+        if d.get("topk_fallback"):
+            m.topk_fallback = cls.from_dict(d["topk_fallback"])
+        return m
 
 
 # ================================================================================================ entry points
@@ -468,7 +495,9 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
 
     Cost: a pass of forwards truncated after the hook (reconstruction metrics and the mean), then per batch of
     CE rows four full forwards (clean, SAE, zero, mean); the SAE is not run again on rows whose activation and
-    x̂ the first pass kept (`keep_bytes`).
+    x̂ the first pass kept (`keep_bytes`). A g-SAE (`infers_with_grad`) is scored under both its rules (module
+    docstring): its first pass runs full forwards with one backward each, and the CE pass one more forward (the
+    fallback's splice).
     """
     from saelab.data.corpus import CorpusSpec
 
@@ -490,33 +519,50 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
     ce_rows = n_rows if n_ce_tokens is None else min(n_rows, math.ceil(n_ce_tokens / L))
     specials = default_special_ids(model) if special_token_ids is None else sorted(int(i) for i in special_token_ids)
     dev = model_device(model)
-    recon = ReconstructionStats(getattr(sae, "n_latents", None), dense_threshold)
-    down = DownstreamStats()
+    with_grad = infers_with_grad(sae)
+    kinds = ("sae", "fallback") if with_grad else ("sae",)  # the SAE's rule (with gradient), its TopK fallback
+    recon = {kind: ReconstructionStats(getattr(sae, "n_latents", None), dense_threshold) for kind in kinds}
+    down = DownstreamStats(kinds)
 
     def batches_of(start, stop):
         """Batches of rows[start:stop], split at ce_rows so both passes cut the CE rows alike."""
         for lo, hi in ((start, min(stop, ce_rows)), (max(start, ce_rows), stop)):
             yield from batches(rows, batch_rows, dev, specials, exclude_special, start=lo, stop=hi)
 
+    def forward(tok, full: bool):
+        """(clean logits, or None when truncated after the hook; activation [b, L, ...]; its LM-loss gradient, for
+        a g-SAE only, which needs the full forward)."""
+        if with_grad:
+            return lm_loss_grad(model, tok, hook)
+        logits, acts = capture(model, tok, hook, stop_at_layer=None if full else "auto")
+        return logits, acts[hook], None
+
+    def reconstruct(act, grad, keep):
+        """x [n, d] at the kept positions and {kind: (code, x̂)}: the g-SAE's own rule gets the gradient."""
+        x = act.reshape(*keep.shape, -1)[keep]
+        g = None if grad is None else grad.reshape(*keep.shape, -1)[keep]
+        return x, {kind: sae_reconstruct(sae, x, g if kind == "sae" else None) for kind in kinds}
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n_rows + ce_rows if (mean_activation is None and ce_rows) else n_rows, unit="row",
                desc="core eval", disable=not progress)
-    kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # first row of a batch → (activation, x̂)
+    kept: dict[int, tuple[torch.Tensor, dict]] = {}  # first row of a batch → (activation, {kind: x̂})
 
     def act_pass(start_row: int, keep_for_ce: bool):
-        """Truncated forwards over rows[start_row:]: reconstruction stats (and the activation mean); keeps each
-        CE batch's activation and x̂ for the CE pass while they fit in keep_bytes."""
+        """Forwards over rows[start_row:] (truncated after the hook unless the SAE needs the gradient):
+        reconstruction stats (and the activation mean); keeps each CE batch's activation and x̂ for the CE pass
+        while they fit in keep_bytes."""
         total, count, held = None, 0, 0
         for i, tok, spec in batches_of(start_row, n_rows):
-            _, acts = capture(model, tok, hook)
-            act = acts[hook]
-            x = act.reshape(*tok.shape, -1)[~spec]
-            code, x_hat = sae_reconstruct(sae, x)
-            recon.update(x, x_hat, code)
-            size = act.numel() * act.element_size() + x_hat.numel() * x_hat.element_size()
+            _, act, grad = forward(tok, full=False)
+            x, codes = reconstruct(act, grad, ~spec)
+            for kind, (code, x_hat) in codes.items():
+                recon[kind].update(x, x_hat, code)
+            x_hats = {kind: x_hat for kind, (_, x_hat) in codes.items()}
+            size = act.numel() * act.element_size() + sum(v.numel() * v.element_size() for v in x_hats.values())
             if keep_for_ce and i < ce_rows and held + size <= keep_bytes:
-                kept[i] = (act, x_hat)
+                kept[i] = (act, x_hats)
                 held += size
             xd = x.double().sum(0)
             total = xd if total is None else total + xd
@@ -538,18 +584,18 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         for i, tok, spec in batches_of(0, ce_rows):
             keep = ~spec
             if i in kept:
-                act, x_hat = kept.pop(i)
+                act, x_hats = kept.pop(i)
                 logits_clean = model(tok)  # act is bitwise the activation of this forward
             else:
-                logits_clean, acts = capture(model, tok, hook, stop_at_layer=None)
-                act = acts[hook]
-                x = act.reshape(*tok.shape, -1)[keep]
-                code, x_hat = sae_reconstruct(sae, x)
+                logits_clean, act, grad = forward(tok, full=True)
+                x, codes = reconstruct(act, grad, keep)
                 if not recon_done:
-                    recon.update(x, x_hat, code)
+                    for kind, (code, x_hat) in codes.items():
+                        recon[kind].update(x, x_hat, code)
+                x_hats = {kind: x_hat for kind, (_, x_hat) in codes.items()}
             down.begin(logits_clean, tok, prediction_mask(spec))
             del logits_clean
-            for kind, value in (("sae", x_hat), ("zero", torch.zeros(())), ("mean", mean)):
+            for kind, value in (*x_hats.items(), ("zero", torch.zeros(())), ("mean", mean)):
                 down.add(kind, run_with_replacement(model, tok, hook, replace_rows(act, keep, value.to(act.device))))
             down.end()
             bar.update(tok.shape[0])
@@ -557,46 +603,67 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         act_pass(ce_rows, keep_for_ce=False)
     bar.close()
 
-    r = recon.compute()
-    if not recon.has_code:
-        raise ValueError("the SAE produced no SparseCode")
-    d = down.compute() if ce_rows else {}
-    fields = CoreMetrics.__dataclass_fields__
-    values = {k: v for k, v in {**r, **d}.items() if k in fields}
-    values["n_predictions"] = d.get("n_predictions", 0)
-    return CoreMetrics(hook_name=hook, n_rows=n_rows, context_size=L, exclude_special=exclude_special,
-                       special_token_ids=list(specials) if exclude_special else [], **values)
+    def metrics(kind: str) -> CoreMetrics:
+        r = recon[kind].compute()
+        if not recon[kind].has_code:
+            raise ValueError("the SAE produced no SparseCode")
+        d = down.compute(kind) if ce_rows else {}
+        fields = CoreMetrics.__dataclass_fields__
+        values = {k: v for k, v in {**r, **d}.items() if k in fields}
+        values["n_predictions"] = d.get("n_predictions", 0)
+        return CoreMetrics(hook_name=hook, n_rows=n_rows, context_size=L, exclude_special=exclude_special,
+                           special_token_ids=list(specials) if exclude_special else [], **values)
+
+    result = metrics("sae")
+    if with_grad:
+        result.rule = GRAD_RULE
+        result.topk_fallback = metrics("fallback")
+        result.topk_fallback.rule = FALLBACK_RULE
+    return result
 
 
 # ================================================================================================ formatting
 def format_core(m: CoreMetrics) -> str:
-    """A short human-readable table of the headline numbers."""
+    """A short human-readable table of the headline numbers; for an SAE with two inference rules (g-SAE) a column
+    per rule, its own first."""
+    ms = [m] if m.topk_fallback is None else [m, m.topk_fallback]
+    cols = [_core_lines(x) for x in ms]
+    head = (f"core metrics  {m.hook_name}  ({m.n_tokens:,} tokens, {m.n_predictions:,} predictions, "
+            f"{m.n_latents:,} latents)")
+    if len(cols) == 1:
+        return "\n".join([head] + [f"  {label:<21}{value}" for label, value in cols[0]])
+    width = max(len(v) for _, v in cols[0]) + 3
+    lines = [head, f"  {'':<21}{m.rule:<{width}}{m.topk_fallback.rule}"]
+    lines += [f"  {label:<21}{a:<{width}}{b}" for (label, a), (_, b) in zip(*cols)]
+    return "\n".join(lines)
+
+
+def _core_lines(m: CoreMetrics) -> list[tuple[str, str]]:
+    """(label, value text) of each headline line of `format_core`."""
 
     def f(v, spec=".4f"):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
     q = m.l0_quantiles
     lines = [
-        f"core metrics  {m.hook_name}  ({m.n_tokens:,} tokens, {m.n_predictions:,} predictions, "
-        f"{m.n_latents:,} latents)",
-        f"  explained variance   {f(m.explained_variance)}   (FVU {f(m.fvu)}; "
-        f"uncentred EV {f(m.explained_variance_uncentred)})",
-        f"  MSE                  {f(m.mse, '.6g')}   (total variance {f(m.total_variance, '.6g')})",
-        f"  cosine / l2 ratio    {f(m.cossim)} / {f(m.l2_ratio)}   (shrinkage γ {f(m.relative_reconstruction_bias)})",
-        f"  L0                   {f(m.l0, '.2f')}   (p10 {q.get('p10', 'n/a')}, median {q.get('p50', 'n/a')}, "
-        f"p90 {q.get('p90', 'n/a')}, max {m.l0_max})",
-        f"  dead latents         {m.n_dead:,} ({f(100 * m.frac_dead, '.2f')} %)",
-        f"  dense latents        {m.n_dense:,} ({f(100 * m.frac_dense, '.2f')} %, density > {m.dense_threshold:g})",
+        ("explained variance", f"{f(m.explained_variance)}   (FVU {f(m.fvu)}; uncentred EV "
+                               f"{f(m.explained_variance_uncentred)})"),
+        ("MSE", f"{f(m.mse, '.6g')}   (total variance {f(m.total_variance, '.6g')})"),
+        ("cosine / l2 ratio", f"{f(m.cossim)} / {f(m.l2_ratio)}   (shrinkage γ {f(m.relative_reconstruction_bias)})"),
+        ("L0", f"{f(m.l0, '.2f')}   (p10 {q.get('p10', 'n/a')}, median {q.get('p50', 'n/a')}, "
+               f"p90 {q.get('p90', 'n/a')}, max {m.l0_max})"),
+        ("dead latents", f"{m.n_dead:,} ({f(100 * m.frac_dead, '.2f')} %) never active in these {m.n_tokens:,} tokens"),
+        ("dense latents", f"{m.n_dense:,} ({f(100 * m.frac_dense, '.2f')} %, density > {m.dense_threshold:g})"),
     ]
     if m.n_predictions:
         lines += [
-            f"  CE clean / SAE       {f(m.ce_clean)} / {f(m.ce_sae)} nats   (ΔCE {'+' if m.delta_ce >= 0 else ''}"
-            f"{f(m.delta_ce)})",
-            f"  CE zero / mean abl.  {f(m.ce_zero_ablation)} / {f(m.ce_mean_ablation)} nats",
-            f"  loss recovered       {f(m.loss_recovered_zero)} (zero abl.) / {f(m.loss_recovered_mean)} (mean abl.)",
-            f"  KL SAE / zero / mean {f(m.kl_sae)} / {f(m.kl_zero)} / {f(m.kl_mean)} nats",
+            ("CE clean / SAE", f"{f(m.ce_clean)} / {f(m.ce_sae)} nats   (ΔCE {'+' if m.delta_ce >= 0 else ''}"
+                               f"{f(m.delta_ce)})"),
+            ("CE zero / mean abl.", f"{f(m.ce_zero_ablation)} / {f(m.ce_mean_ablation)} nats"),
+            ("loss recovered", f"{f(m.loss_recovered_zero)} (zero abl.) / {f(m.loss_recovered_mean)} (mean abl.)"),
+            ("KL SAE / zero / mean", f"{f(m.kl_sae)} / {f(m.kl_zero)} / {f(m.kl_mean)} nats"),
         ]
-    return "\n".join(lines)
+    return lines
 
 
 # ================================================================================================ helpers

@@ -35,7 +35,8 @@ def load_run(run: Path):
 
 def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
     """Core metrics of the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained
-    on → (CoreMetrics, RUN/eval/core.json). `loaded`: `load_run(run)`'s result, to load the model once."""
+    on → (CoreMetrics, RUN/eval/core.json); a g-SAE's with the LM-loss gradient and, in `topk_fallback`, without.
+    `loaded`: `load_run(run)`'s result, to load the model once."""
     from saelab.eval.core import evaluate_core
 
     sae, model, cfg, out_dir = loaded or load_run(run)
@@ -96,11 +97,13 @@ def _write_json(path: Path, obj, indent: int = 1) -> Path:
 
 def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, max_new_tokens: int = 30,
               temperature: float = 0.7, seed: int = 0, sweep: bool = False, mode: str = "add",
-              tokens: int = 16_384) -> tuple[dict, list[Path]]:
-    """`saelab steer`: steered vs unsteered generations of a prompt (several latents at once, amounts α × each
-    latent's max activation), or with sweep=True concept success and fluency over a strength grid per latent,
-    written to RUN/eval/steer_sweep_<latents>.json and .html (Plotly). An empty prompt is a newline, or for a
-    sweep the neutral code prefixes STEER_PROMPTS. → (result, files written): the result is
+              tokens: int = 16_384, strength_scale: str = "position") -> tuple[dict, list[Path]]:
+    """`saelab steer`: steered vs unsteered generations of a prompt (several latents at once), or with sweep=True
+    concept success and fluency over a strength grid per latent (default: the paper's, `ALPHAS`), written to
+    RUN/eval/steer_sweep_<latents>.json and .html (Plotly). Amounts are α × the largest latent activation at each
+    position (strength_scale "position", the paper's rule) or α × each latent's max activation over `tokens`
+    held-out tokens ("corpus"; read from RUN/eval/steering_scores.parquet when there). An empty prompt is a
+    newline, or for a sweep the neutral code prefixes STEER_PROMPTS. → (result, files written): the result is
     `steering_success`'s dict (+ lens_tokens) for a sweep, else the settings with the `steered` and `unsteered`
     continuations; `format_steer` turns it into the command's text."""
     import os
@@ -110,9 +113,10 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     from saelab.config import check
     from saelab.errors import ConfigError
     from saelab.eval.splice import check_sae_fits
-    from saelab.eval.steering import (ALPHAS, Steer, generate, lens_tokens, prompt_tokens, steer_directions,
-                                      steering_success)
+    from saelab.eval.steering import (ALPHAS, Steer, check_strength_scale, generate, lens_tokens, prompt_tokens,
+                                      steer_directions, steering_success)
 
+    check_strength_scale(strength_scale)
     check(max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {max_new_tokens}")
     check(temperature >= 0, "--temperature", f"must be >= 0, got {temperature}")
     check(mode in ("add", "clamp"), "--mode", f"{mode!r}; use add or clamp")
@@ -127,34 +131,35 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     if tok.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ConfigError(f"the prompt is {tok.shape[1]} tokens with BOS; with {max_new_tokens} new tokens that "
                           f"exceeds the model's context ({model.cfg.n_ctx})", hint="shorten --prompt")
-    max_act = _max_activations(out_dir, model, sae, cfg, tokens)
+    per_position = strength_scale == "position"
+    max_act = None if per_position else _max_activations(out_dir, model, sae, cfg, tokens)
     lat = torch.as_tensor(latents)
     if not sweep:
         if len(alphas) not in (1, len(latents)):
             raise ConfigError(f"give one --alpha, or one per latent ({len(latents)}); got {len(alphas)}")
         al = torch.as_tensor(alphas * len(latents) if len(alphas) == 1 else alphas, dtype=torch.float32)
-        amounts = al * torch.as_tensor(max_act, dtype=torch.float32)[lat]
+        amounts = al if per_position else al * torch.as_tensor(max_act, dtype=torch.float32)[lat]
         direction = steer_directions(sae, lat, amounts).sum(0, keepdim=True)
         if mode == "clamp":
             if len(latents) != 1:
                 raise ConfigError("--mode clamp steers one latent at a time", hint="give a single --latent")
             steered = generate(model, tok, max_new_tokens, temperature, seed,
-                               clamp=(sae, lat[:1], amounts[:1], 0))
+                               clamp=(sae, lat[:1], amounts[:1], 0, per_position))
         else:
             steered = generate(model, tok, max_new_tokens, temperature, seed,
-                               steer=Steer(sae.cfg.hook_name, direction))
+                               steer=Steer(sae.cfg.hook_name, direction, scale_sae=sae if per_position else None))
         plain = generate(model, tok, max_new_tokens, temperature, seed)
         P = tok.shape[1]
         dec = model.tokenizer.decode
-        return {"prompt": prompt, "latents": list(latents), "alphas": al.tolist(),
-                "max_activation": [round(float(max_act[f]), 3) for f in latents], "mode": mode, "seed": seed,
-                "temperature": temperature, "max_new_tokens": max_new_tokens,
+        return {"prompt": prompt, "latents": list(latents), "alphas": al.tolist(), "strength_scale": strength_scale,
+                "max_activation": None if per_position else [round(float(max_act[f]), 3) for f in latents],
+                "mode": mode, "seed": seed, "temperature": temperature, "max_new_tokens": max_new_tokens,
                 "unsteered": dec(plain[0, P:].tolist()), "steered": dec(steered[0, P:].tolist())}, []
     grid = sorted(set(alphas)) if len(alphas) > 1 else list(ALPHAS)
     lens = lens_tokens(model, sae)
     kw = {"prompts": [prompt]} if prompt else {}  # no prompt: the neutral code prefixes STEER_PROMPTS
     res = steering_success(model, sae, latents, grid, max_act, lens, max_new_tokens=max_new_tokens,
-                           temperature=temperature, seed=seed, **kw)
+                           temperature=temperature, seed=seed, strength_scale=strength_scale, **kw)
     res["lens_tokens"] = {str(f): [model.tokenizer.decode([t]) for t in lens[f][:10].tolist()] for f in latents}
     name = "steer_sweep_" + "_".join(str(f) for f in latents)
     path = _write_json(out_dir / f"{name}.json", res)
@@ -167,8 +172,8 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
 def format_steer(res: dict) -> str:
     """`saelab steer`'s text for `steer_run`'s result: the two continuations, or the sweep's table."""
     if "success" not in res:
-        return "\n".join([f"prompt: {res['prompt']!r}   latents {res['latents']}, α {res['alphas']} × max activation "
-                          f"{res['max_activation']} ({res['mode']}, all positions; seed {res['seed']}, "
+        return "\n".join([f"prompt: {res['prompt']!r}   latents {res['latents']}, α {res['alphas']} × "
+                          f"{_strength_unit(res)} ({res['mode']}, all positions; seed {res['seed']}, "
                           f"temperature {res['temperature']})",
                           "--- unsteered ---", res["unsteered"], "--- steered ---", res["steered"]])
     lines = [f"{'latent':>7} {'alpha':>6} {'success@' + str(res['k']):>11} {'rate':>6} {'fluency (nats)':>15}"]
@@ -176,7 +181,16 @@ def format_steer(res: dict) -> str:
         for j, a in enumerate(res["alphas"]):
             lines.append(f"{f:>7} {a:>6g} {res['success'][i][j]:>11.2f} {res['rate'][i][j]:>6.3f} "
                          f"{res['fluency_nats'][i][j]:>15.3f}")
+    lines.append(f"(alpha × {_strength_unit(res)})")
     return "\n".join(lines)
+
+
+def _strength_unit(res: dict) -> str:
+    """What α multiplies, in words."""
+    if res.get("strength_scale", "corpus") == "position":
+        return "the largest latent activation at each position"
+    ma = res.get("max_activation")
+    return "each latent's max activation over a corpus sample" + (f" {ma}" if ma else "")
 
 
 def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
@@ -208,5 +222,5 @@ def _sweep_figure(res: dict):
                       row=1, col=1)
         fig.add_trace(go.Scatter(x=res["alphas"], y=res["fluency_nats"][i], name=f"latent {f}",
                                  legendgroup=str(f), showlegend=False), row=1, col=2)
-    fig.update_xaxes(title_text="α (× the latent's max activation)")
+    fig.update_xaxes(title_text=f"α (× {_strength_unit({**res, 'max_activation': None})})")
     return fig

@@ -21,6 +21,8 @@ Forwards
 
 SAEs
     sae_reconstruct(sae, x)          (code, x̂) of raw activations [n, d]
+    infers_with_grad(sae)            whether the SAE's encode selects with the LM-loss gradient (g-SAE)
+    lm_loss_grad(model, tokens, h)   (logits, activation, gradient) at h of the clean LM loss, one backward
     decoder_directions(sae)          W_dec rows in raw activation space [n_latents, d]
     check_sae_fits(model, sae)       ModelError unless the SAE's hook, width and model name fit the model
     add_latents(code, ids, amounts)  a code with extra (latent, value) entries per token (decode sums repeats)
@@ -210,10 +212,48 @@ def run_with_replacement(model, tokens: torch.Tensor, hook_name: str, replacemen
 
 
 # ================================================================================================ SAEs
-def sae_reconstruct(sae, x: torch.Tensor) -> tuple[SparseCode, torch.Tensor]:
-    """(code, x̂) of raw activations x [n, d]: x̂ = sae.decode(sae.encode(x)) in raw space."""
-    code = sae.encode(x)
+def sae_reconstruct(sae, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[SparseCode, torch.Tensor]:
+    """(code, x̂) of raw activations x [n, d]: x̂ = sae.decode(sae.encode(x)) in raw space; with `grad` (the LM-loss
+    gradient at x, [n, d]) the code is sae.encode(x, grad=grad)."""
+    code = sae.encode(x) if grad is None else sae.encode(x, grad=grad)
     return code, sae.decode(code)
+
+
+# The two inference rules of an SAE whose encode takes the LM-loss gradient (g-SAE): its own, and what encode(x)
+# does without a gradient. Evaluators report both, side by side, under these names.
+GRAD_RULE, FALLBACK_RULE = "with gradient", "TopK fallback"
+
+
+def infers_with_grad(sae) -> bool:
+    """True when `sae.encode(x, grad=g)` selects latents with the LM-loss gradient g at the hook (a g-SAE with
+    `inference_grads` and β > 0): evaluators then take that gradient and report the gradient-free rule beside it."""
+    arch = getattr(sae, "arch", None)
+    opt = getattr(arch, "opt", None)
+    return bool(getattr(arch, "needs_grads", False) and getattr(opt, "inference_grads", False)
+                and getattr(opt, "beta", 0) > 0)
+
+
+def lm_loss_grad(model, tokens: torch.Tensor, hook_name: str, target_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits [B, L, V], activation at `hook_name` [B, L, ...], its gradient, same shape) of one full forward of
+    `tokens` and one backward cut at the hook. The loss is the activation cache's (`saelab cache --with-grads`,
+    `saelab.activations.capture.grad_loss`): next-token cross-entropy summed over the predicted positions, or only
+    over the targets where `target_mask [B, L]` is True (padded rows). All three are detached."""
+    from saelab.activations.capture import grad_loss
+
+    box: dict[str, torch.Tensor] = {}
+
+    def leaf(act, hook):  # a leaf here: the backward stops at the hook and no parameter gradient is formed
+        box["act"] = act.detach().requires_grad_(True)
+        return box["act"]
+
+    with torch.enable_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook_name, leaf)])
+        if "act" not in box:
+            raise RuntimeError(f"hook {hook_name!r} did not fire in the forward pass")
+        (grad,) = torch.autograd.grad(grad_loss(logits, tokens, target_mask), box["act"], allow_unused=True)
+    act = box["act"].detach()
+    return logits.detach(), act, torch.zeros_like(act) if grad is None else grad
 
 
 def decoder_directions(sae) -> torch.Tensor:
@@ -404,4 +444,5 @@ def splice(model, saes, keep_error: bool = True, positions: Positions | dict[str
 
 __all__ = ["as_rows", "corpus_rows", "model_device", "batches", "default_special_ids", "special_mask",
            "prediction_mask", "gather_rows", "replace_rows", "stop_layer_for", "capture", "run_with_replacement",
-           "sae_reconstruct", "decoder_directions", "check_sae_fits", "add_latents", "SpliceSite", "splice"]
+           "sae_reconstruct", "GRAD_RULE", "FALLBACK_RULE", "infers_with_grad", "lm_loss_grad",
+           "decoder_directions", "check_sae_fits", "add_latents", "SpliceSite", "splice"]

@@ -3,11 +3,18 @@
 
 Steering. At the SAE's hook, add `amount · d_f` to the activation, d_f = W_dec[f] in raw activation space
 (`splice.decoder_directions`). With the SAE's error term kept this is exactly "raise latent f by `amount` and
-decode" (decoding is linear in the code), so no SAE pass is needed; `mode="clamp"` instead sets latent f to
-`amount` (x ← x + (amount − f(x))·d_f, the error term kept) through `splice.splice`. The amount is
-    amount = α · max_activation[f]       (α relative to the latent's largest activation over a corpus sample)
-on the chosen positions (all by default, or from a position on: `start`). Generation (`generate`) recomputes the
-whole sequence each step (no KV cache), so a steered position is steered identically at every step.
+decode" (decoding is linear in the code); `mode="clamp"` instead sets latent f to `amount`
+(x ← x + (amount − f(x))·d_f, the error term kept) through `splice.splice`. The amount at a steered position t is
+(`strength_scale`, `STRENGTH_SCALES`):
+    "position" (default, the paper's rule):  amount_t = α · max_j f_j(x_t)
+        the largest latent activation of the SAE at that very position (x_t the unsteered activation there);
+    "corpus" (saelab's earlier rule):        amount = α · max_activation[f]
+        the latent's own largest activation over a corpus sample, the same at every position.
+On the chosen positions (all by default, or from a position on: `start`). Generation (`generate`) recomputes the
+whole sequence each step (no KV cache), so a steered position is steered identically at every step; the paper
+steers the last position of each KV-cached step, which is the same thing. The paper's α grid is `ALPHAS`. For a
+g-SAE, f(x_t) is its gradient-free encode: at the position being generated the LM-loss gradient is exactly 0 (it
+predicts nothing yet), where its gradient rule is plain TopK.
 
 Logit lens of latent f:  LL_f = softmax(W_U · ln_final(d_f) + b_U);  T_f = its top-20 tokens.
 Input score (is the latent about its input?):
@@ -18,6 +25,12 @@ Output score (does amplifying it make the model say T_f?), the paper's code adap
     f ← f + 10 · max_j f_j(last) (error term kept), p = next-token distribution, r_t = rank of t in p (0 = top):
     output_score_f = (1 − min_{t∈T_f} r_t / V) · max_{t∈T_f} p_t.
     All latents are scored in batches of prompt copies (one latent per row), never one forward per latent.
+    A g-SAE has one output score: the last position predicts nothing, so its LM-loss gradient is exactly 0 and the
+    gradient rule picks what TopK picks there.
+g-SAEs (`splice.infers_with_grad`): the corpus sweep behind the input score and max activation encodes with the
+LM-loss gradient at the hook (one backward per batch, the activation cache's loss); the TopK fallback's input
+score, max activation and example count are reported beside it (`SteeringScores.fallback`, columns
+`*_topk_fallback`).
 Steering success (the paper's automatic metric, generation_success@k): over generations from neutral code
 prefixes (`STEER_PROMPTS`), the mean number of generated tokens in T_f[:k]; we also report it as a rate per
 generated token, and fluency = the unsteered model's cross-entropy (nats/token) of the generated tokens.
@@ -33,14 +46,16 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError
-from saelab.eval.splice import (add_latents, capture, check_sae_fits, corpus_rows, decoder_directions,
-                                default_special_ids, gather_rows, model_device, special_mask, splice)
+from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, add_latents, capture, check_sae_fits, corpus_rows,
+                                decoder_directions, default_special_ids, gather_rows, infers_with_grad, lm_loss_grad,
+                                model_device, special_mask, splice)
 
 SCORE_PROMPT = "import os\n\n"
 AMP_FACTOR = 10.0
 N_LENS_TOKENS = 20
 STEER_PROMPTS = ("\n", "def ", "import ", "class ", "    return ", "x = ", "# ", "if ")
-ALPHAS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+ALPHAS = (0.0, 0.2, 0.4, 0.8, 1.2, 1.6, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0, 20.0)  # the paper's grid
+STRENGTH_SCALES = ("position", "corpus")
 
 
 # ================================================================================================ logit lens
@@ -80,8 +95,10 @@ class ActivationSweep:
 
 @torch.no_grad()
 def activation_sweep(model, sae, rows: torch.Tensor, n_top: int = 100, batch_rows: int = 16,
-                     progress: bool = False) -> ActivationSweep:
-    """One pass over token rows [R, L]: every latent's max activation and top-activating rows (BOS/EOS excluded)."""
+                     progress: bool = False, with_grad: bool = False) -> ActivationSweep:
+    """One pass over token rows [R, L]: every latent's max activation and top-activating rows (BOS/EOS excluded).
+    with_grad: encode with the LM-loss gradient at the hook (a g-SAE's own rule; full forward + one backward per
+    batch) instead of `encode(x)`."""
     hook, n = sae.cfg.hook_name, sae.cfg.n_latents
     specials = default_special_ids(model)
     dev = model_device(model)
@@ -95,8 +112,12 @@ def activation_sweep(model, sae, rows: torch.Tensor, n_top: int = 100, batch_row
     for i in it:
         tok = rows[i:i + batch_rows].to(dev)
         keep = ~special_mask(tok, specials)
-        _, acts = capture(model, tok, hook)
-        code = sae.encode(gather_rows(acts[hook], keep))
+        if with_grad:
+            _, act, grad = lm_loss_grad(model, tok, hook)
+            code = sae.encode(gather_rows(act, keep), grad=gather_rows(grad, keep))
+        else:
+            _, acts = capture(model, tok, hook)
+            code = sae.encode(gather_rows(acts[hook], keep))
         where = keep.nonzero()  # [m, 2] (row, position) of each kept token, row-major like gather_rows
         act = code.values != 0
         k = code.indices.shape[1]
@@ -200,6 +221,9 @@ class SteeringScores:
     n_examples: np.ndarray  # top-activating rows found (≤ 100): the input score's sample size
     lens_tokens: np.ndarray  # [n, 20]
     meta: dict
+    # a g-SAE: the columns above are its gradient rule's; {"input_score", "max_activation", "n_examples"} of the
+    # TopK fallback
+    fallback: dict | None = None
 
     def _repr_html_(self) -> str:  # Jupyter: the ten latents with the largest output score
         from saelab.display import grid_html
@@ -216,6 +240,8 @@ class SteeringScores:
         df = pd.DataFrame({"latent": self.latent, "output_score": self.output_score,
                            "input_score": self.input_score, "max_activation": self.max_activation,
                            "n_examples": self.n_examples, "lens_tokens": [list(map(int, r)) for r in self.lens_tokens]})
+        for name, values in (self.fallback or {}).items():
+            df[f"{name}_topk_fallback"] = values
         if tokenizer is not None:
             df["lens_text"] = [[tokenizer.decode([t]) for t in r[:5]] for r in self.lens_tokens]
         return df
@@ -232,23 +258,36 @@ def score_latents(model, sae, rows: torch.Tensor | None = None, n_tokens: int = 
     if rows is None:
         rows = corpus_rows(model, corpus if corpus is not None else CorpusSpec(), "validation", context_size,
                            max(1, math.ceil(n_tokens / context_size)))
-    sweep = activation_sweep(model, sae, rows, progress=progress)
+    with_grad = infers_with_grad(sae)
+    sweep = activation_sweep(model, sae, rows, progress=progress, with_grad=with_grad)
     lens = lens_tokens(model, sae)
     out = output_scores(model, sae, lens, prompt=prompt, batch=batch, progress=progress)
-    inp = input_scores(sweep, lens)
-    counts = np.bincount(sweep.top_latent, minlength=sae.cfg.n_latents)
+    n = sae.cfg.n_latents
     meta = {"prompt": prompt, "amp_factor": AMP_FACTOR, "n_lens_tokens": N_LENS_TOKENS, "n_tokens": sweep.n_tokens,
             "hook_name": sae.cfg.hook_name, "n_top_examples": 100, "min_examples": 10,
             "definitions": "saelab.eval.steering module docstring"}
-    return SteeringScores(np.arange(sae.cfg.n_latents), out, inp, sweep.max_activation, counts,
-                          lens.numpy(), meta), sweep
+    fallback = None
+    if with_grad:
+        plain = activation_sweep(model, sae, rows, progress=progress)
+        fallback = {"input_score": input_scores(plain, lens), "max_activation": plain.max_activation,
+                    "n_examples": np.bincount(plain.top_latent, minlength=n)}
+        meta["rule"], meta["fallback_rule"] = GRAD_RULE, FALLBACK_RULE
+    return SteeringScores(np.arange(n), out, input_scores(sweep, lens), sweep.max_activation,
+                          np.bincount(sweep.top_latent, minlength=n), lens.numpy(), meta, fallback), sweep
 
 
 def format_scores(scores: SteeringScores) -> str:
-    o, i = scores.output_score, scores.input_score
-    return (f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
-            f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} latents "
-            f"with < 10 examples)")
+    o = scores.output_score
+
+    def inputs(i):
+        return (f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} "
+                f"latents with < 10 examples)")
+
+    text = f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
+    if scores.fallback is None:
+        return text + inputs(scores.input_score)
+    return (text + f"\n  {GRAD_RULE}: {inputs(scores.input_score)}"
+                   f"\n  {FALLBACK_RULE}: {inputs(scores.fallback['input_score'])}")
 
 
 def write_scores(scores: SteeringScores, out_dir, tokenizer=None):
@@ -273,17 +312,39 @@ def write_scores(scores: SteeringScores, out_dir, tokenizer=None):
 # ================================================================================================ steering
 @dataclass
 class Steer:
-    """Add `directions[b]` ([B, d], the amount included) at the hook on positions >= start of every row b."""
+    """Add `directions[b]` ([B, d]) at the hook on positions >= start of every row b: as they are (the amount
+    included), or with `scale_sae` times that SAE's largest latent activation at each position (`position_scale`:
+    the paper's strength rule, directions then hold α·d_f)."""
 
     hook_name: str
     directions: torch.Tensor
     start: int = 0
+    scale_sae: object = None
 
     def hook(self, act, hook):
         new = act.clone()
         flat = new.reshape(*act.shape[:2], -1)
-        flat[:, self.start:] += self.directions.to(act.device, act.dtype).unsqueeze(1)
+        add = self.directions.to(act.device, act.dtype).unsqueeze(1)
+        if self.scale_sae is not None:
+            add = add * position_scale(self.scale_sae, flat[:, self.start:]).unsqueeze(-1).to(act.dtype)
+        flat[:, self.start:] += add
         return new
+
+
+def position_scale(sae, act: torch.Tensor) -> torch.Tensor:
+    """[B, L]: max_j f_j(x) of the SAE's code at each position of act [B, L, d] (0 where no latent is active), the
+    unit of the paper's steering strength."""
+    B, L = act.shape[:2]
+    if L == 0:
+        return act.new_zeros(B, 0)
+    return sae.encode(act.reshape(B * L, -1)).values.amax(1).clamp_min(0).reshape(B, L)
+
+
+def check_strength_scale(strength_scale: str) -> None:
+    if strength_scale not in STRENGTH_SCALES:
+        raise ConfigError(f"strength scale {strength_scale!r}; use one of {', '.join(STRENGTH_SCALES)}",
+                          hint="position: α × the largest latent activation at each position (the paper's rule); "
+                               "corpus: α × the latent's largest activation over a corpus sample")
 
 
 def steer_directions(sae, latents: Sequence[int] | torch.Tensor, amounts) -> torch.Tensor:
@@ -303,8 +364,9 @@ def steer_directions(sae, latents: Sequence[int] | torch.Tensor, amounts) -> tor
 def generate(model, tokens: torch.Tensor, max_new_tokens: int = 20, temperature: float = 0.7, seed: int = 0,
              steer: Steer | None = None, clamp: tuple | None = None) -> torch.Tensor:
     """Sample continuations of token rows [B, P] (all of the same length), recomputing the whole sequence each
-    step, with the steering hook (or a clamp: (sae, latents [B], values [B], start)) active. Temperature 0 is
-    greedy. Returns [B, P + max_new_tokens]."""
+    step, with the steering hook (or a clamp: (sae, latents [B], values [B], start[, per_position]); per_position:
+    each value times the SAE's largest latent activation at the position) active. Temperature 0 is greedy.
+    Returns [B, P + max_new_tokens]."""
     if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ConfigError(f"prompt ({tokens.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
                           f"context ({model.cfg.n_ctx})", hint="shorten the prompt or --max-new-tokens")
@@ -323,7 +385,7 @@ def generate(model, tokens: torch.Tensor, max_new_tokens: int = 20, temperature:
 
 def _forward(model, seq, steer: Steer | None, clamp):
     if clamp is not None:
-        sae, lat, val, start = clamp
+        sae, lat, val, start, *per_position = clamp
         lat, val = torch.as_tensor(lat).long(), torch.as_tensor(val, dtype=torch.float32)
 
         def edit(site):
@@ -332,7 +394,10 @@ def _forward(model, seq, steer: Steer | None, clamp):
             row = torch.arange(B).unsqueeze(1).expand(B, L)[site.positions.cpu()]
             on = pos >= start
             cur = site.code.to_dense(sae.cfg.n_latents).gather(1, lat[row].unsqueeze(1).to(site.code.values.device))
-            delta = torch.where(on.to(cur.device), val[row].to(cur.device) - cur.squeeze(1), torch.zeros(()))
+            target = val[row].to(cur.device)
+            if per_position and per_position[0]:  # the code of each position is the one just encoded
+                target = target * site.code.values.amax(1).clamp_min(0).to(cur.device)
+            delta = torch.where(on.to(cur.device), target - cur.squeeze(1), torch.zeros(()))
             site.code = add_latents(site.code, lat[row].unsqueeze(1), delta.unsqueeze(1))
 
         with splice(model, sae, keep_error=True, edit=edit):
@@ -356,19 +421,26 @@ def concept_hits(seq: torch.Tensor, n_prompt: int, targets: torch.Tensor) -> tor
     return (gen.unsqueeze(-1) == targets.cpu().unsqueeze(1)).any(-1).sum(1)
 
 
-def steering_success(model, sae, latents: Sequence[int], alphas: Sequence[float], max_activation: np.ndarray,
+def steering_success(model, sae, latents: Sequence[int], alphas: Sequence[float], max_activation: np.ndarray | None,
                      lens: torch.Tensor, prompts: Sequence[str] = STEER_PROMPTS, max_new_tokens: int = 20,
                      temperature: float = 0.7, seed: int = 0, k: int = N_LENS_TOKENS, batch: int = 256,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, strength_scale: str = "position") -> dict:
     """Generation success@k (mean count of generated tokens in T_f[:k]), its per-token rate, and fluency (the
     unsteered model's nats/token on the generations), per latent × α, over the prompts. Steering starts at the
     last prompt token (as in the paper, which steers the last position of each KV-cached step). All
-    (latent, α) pairs of a prompt run in batched generations."""
+    (latent, α) pairs of a prompt run in batched generations. The strength is α × the largest latent activation at
+    each position (strength_scale "position", the paper's rule), or α × max_activation[f] ("corpus"; then
+    max_activation, each latent's largest activation over a corpus sample, is needed)."""
+    check_strength_scale(strength_scale)
+    if strength_scale == "corpus" and max_activation is None:
+        raise ConfigError("strength scale 'corpus' needs each latent's max activation")
     lat = torch.as_tensor(list(latents)).long()
     al = torch.as_tensor(list(alphas), dtype=torch.float32)
     pairs_lat = lat.repeat_interleave(len(al))
     pairs_alpha = al.repeat(len(lat))
-    amounts = pairs_alpha * torch.as_tensor(max_activation, dtype=torch.float32)[pairs_lat]
+    per_position = strength_scale == "position"
+    amounts = pairs_alpha if per_position else \
+        pairs_alpha * torch.as_tensor(max_activation, dtype=torch.float32)[pairs_lat]
     dirs = steer_directions(sae, pairs_lat, amounts)
     targets = lens[pairs_lat][:, :k]
     hits = torch.zeros(len(pairs_lat))
@@ -385,13 +457,14 @@ def steering_success(model, sae, latents: Sequence[int], alphas: Sequence[float]
             sl = slice(i, i + batch)
             rows = tok.expand(len(pairs_lat[sl]), -1)
             seq = generate(model, rows, max_new_tokens, temperature, seed + j,
-                           steer=Steer(sae.cfg.hook_name, dirs[sl], start=P - 1))
+                           steer=Steer(sae.cfg.hook_name, dirs[sl], start=P - 1,
+                                       scale_sae=sae if per_position else None))
             hits[sl] += concept_hits(seq, P, targets[sl]).float()
             ce[sl] += continuation_loss(model, seq, P)
     n = len(prompts)
     success = (hits / n).reshape(len(lat), len(al))
-    return {"latents": lat.tolist(), "alphas": al.tolist(), "k": k, "n_prompts": n,
-            "max_new_tokens": max_new_tokens, "temperature": temperature,
+    return {"latents": lat.tolist(), "alphas": al.tolist(), "strength_scale": strength_scale, "k": k,
+            "n_prompts": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
             "success": success.tolist(), "rate": (success / max_new_tokens).tolist(),
             "fluency_nats": (ce / n).reshape(len(lat), len(al)).tolist()}
 
@@ -418,7 +491,39 @@ def ranking_experiment(model, sae, scores: SteeringScores, n: int = 20, alphas: 
             "input_score_of_top_output": [float(scores.input_score[i]) for i in by_out], "detail": res}
 
 
-__all__ = ["SCORE_PROMPT", "STEER_PROMPTS", "ALPHAS", "logit_lens", "lens_tokens", "ActivationSweep",
-           "activation_sweep", "input_scores", "output_scores", "prompt_tokens", "SteeringScores", "score_latents",
-           "write_scores", "Steer", "steer_directions", "generate", "continuation_loss", "concept_hits",
-           "steering_success", "ranking_experiment"]
+def output_score_correlation(model, sae, scores: SteeringScores, n: int = 64, alphas: Sequence[float] = ALPHAS,
+                             **kw) -> dict:
+    """The paper's qualitative finding (high output score → steering success), measured on this SAE: `n` live
+    latents spread evenly over the output-score ranking are each steered at every α (`steering_success`, keywords
+    passed on, e.g. strength_scale, prompts, max_new_tokens); Spearman's ρ between output score and success@k at
+    each latent's best α, and at each α alone (α = 0, no steering, is the control: ρ ≈ 0 expected)."""
+    from scipy.stats import spearmanr
+
+    alive = np.flatnonzero(scores.max_activation > 0)
+    if len(alive) < 3:
+        raise ConfigError(f"only {len(alive)} latents ever fire in the scores' corpus sample; nothing to rank")
+    order = alive[np.argsort(-scores.output_score[alive], kind="stable")]
+    pick = order[np.unique(np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int))]
+    res = steering_success(model, sae, pick.tolist(), alphas, scores.max_activation,
+                           torch.as_tensor(scores.lens_tokens), **kw)
+    success = np.asarray(res["success"])
+    out = scores.output_score[pick]
+    best = success.max(1)
+
+    def rho(y):
+        return math.nan if np.ptp(y) == 0 else float(spearmanr(out, y)[0])
+
+    half = len(pick) // 2  # pick is in descending output score
+    return {"n": len(pick), "latents": pick.tolist(), "output_score": out.tolist(), "alphas": list(alphas),
+            "strength_scale": res["strength_scale"], "best_success": best.tolist(),
+            "best_alpha": [float(alphas[j]) for j in success.argmax(1)],
+            "spearman_best": rho(best), "spearman_per_alpha": [rho(success[:, j]) for j in range(len(alphas))],
+            "success_top_half": float(best[:half].mean()), "success_bottom_half": float(best[half:].mean()),
+            "detail": res}
+
+
+__all__ = ["SCORE_PROMPT", "STEER_PROMPTS", "ALPHAS", "STRENGTH_SCALES", "logit_lens", "lens_tokens",
+           "ActivationSweep", "activation_sweep", "input_scores", "output_scores", "prompt_tokens", "SteeringScores",
+           "score_latents", "write_scores", "Steer", "position_scale", "check_strength_scale", "steer_directions",
+           "generate", "continuation_loss", "concept_hits", "steering_success", "ranking_experiment",
+           "output_score_correlation"]
