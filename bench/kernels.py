@@ -4,8 +4,11 @@
     python bench/kernels.py --quick              # shape a, shape b and d=768 n=32k k=32
     python bench/kernels.py --device cuda --dtype bfloat16
     python bench/kernels.py --candidates         # CPU candidates for sparse_transpose_matmul (shapes a and b)
+    python bench/kernels.py --cases 64x512x8     # only these d×n×k cases (bench/gpu.sh --dry-run uses tiny ones)
 
-B = 4096 tokens. Each case: warm-up, then the median of --repeats timed runs. The dense side is the pure GEMM path
+B = 4096 tokens. Each case: warm-up, then the median of --repeats timed runs (CUDA-synchronised on a GPU). Each
+sparse run decodes a fresh copy of the indices, so the Triton path's counting sort (kept per indices tensor, to be
+shared by the decoder and encoder backward of one step) is counted every run. The dense side is the pure GEMM path
 (z is a leaf [B, n] tensor that requires grad; building it from the code is not counted), so the speed-up is
 conservative. Dense cases whose memory or estimated time would be absurd on this device are skipped and marked.
 Prints a table and writes bench/results/kernels-<device>.json (device name, torch/triton versions, threads, date).
@@ -31,27 +34,29 @@ QUICK = [(256, 4096, 32), (768, 24576, 32), (768, 32768, 32)]  # shape a, shape 
 CANDIDATE_SHAPES = {"a": (256, 4096, 32), "b": (768, 24576, 32)}
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; a timer must not stop before it ends)."""
     import torch
 
-    if device.startswith("cuda"):
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, device: str, repeats: int, warmup: int) -> float:
+def median_ms(fn, device: str, repeats: int, warmup: int) -> float:
+    """Median wall time of `fn` in ms over `repeats` runs after `warmup` untimed ones, synchronised on CUDA."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     runs = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         runs.append(time.perf_counter() - t)
     return statistics.median(runs) * 1e3
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     import torch
 
     if device.startswith("cuda"):
@@ -81,7 +86,7 @@ def _gemm_flops(device: str, dtype) -> float:
     import torch
 
     a = torch.randn(1024, 1024, device=device, dtype=dtype)
-    ms = _median_ms(lambda: a @ a, device, repeats=3, warmup=1)
+    ms = median_ms(lambda: a @ a, device, repeats=3, warmup=1)
     return 2 * 1024 ** 3 / (ms / 1e3)
 
 
@@ -108,9 +113,9 @@ def bench_case(d: int, n: int, k: int, device: str, dtype, repeats: int, warmup:
 
     def sparse():
         W.grad = vals.grad = None
-        sparse_decode(idx, vals, W).backward(g)
+        sparse_decode(idx.clone(), vals, W).backward(g)  # a fresh indices tensor: the sort is not reused
 
-    row["sparse_ms"] = _median_ms(sparse, device, repeats, warmup)
+    row["sparse_ms"] = median_ms(sparse, device, repeats, warmup)
 
     dense_bytes = (2 * B * n + 2 * n * d + 2 * B * d) * el  # z, dz, W, dW, out, grad
     dense_s = 3 * 2 * B * n * d / flops  # forward GEMM + two backward GEMMs
@@ -125,13 +130,23 @@ def bench_case(d: int, n: int, k: int, device: str, dtype, repeats: int, warmup:
             W.grad = z.grad = None
             (z @ W).backward(g)
 
-        row["dense_ms"] = _median_ms(dense, device, repeats, warmup)
+        row["dense_ms"] = median_ms(dense, device, repeats, warmup)
         row["speedup"] = row["dense_ms"] / row["sparse_ms"]
         del z
     del W, idx, vals, g
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
+
+
+def _cases(text: str) -> list[tuple[int, int, int]]:
+    try:
+        cases = [tuple(int(v) for v in case.lower().split("x")) for case in text.split(",")]
+    except ValueError:
+        cases = []
+    if not cases or any(len(c) != 3 or min(c) < 1 for c in cases):
+        raise argparse.ArgumentTypeError(f"--cases {text!r}: expected DxNxK[,DxNxK...], e.g. 768x32768x32")
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------ CPU candidates
@@ -206,9 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="float32 (default on cpu) | bfloat16 (default on cuda) | float16")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median; default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--quick", action="store_true", help="shape a, shape b and d=768 n=32k k=32 only")
+    p.add_argument("--cases", type=_cases, default=None, metavar="DxNxK,...",
+                   help="only these cases, e.g. 768x131072x32,2304x131072x64 (default: the full grid)")
     p.add_argument("--max-dense-s", type=float, default=None,
                    help="skip dense cases predicted to take longer per run (default 30 on cpu, 60 on cuda)")
     p.add_argument("--backend", choices=["auto", "torch", "triton"], default=None, help="sets SAELAB_KERNELS")
@@ -233,7 +250,7 @@ def main(argv=None) -> int:
     except Exception:
         triton_version = None
 
-    result = {"device": device, "device_name": _device_name(device), "dtype": str(dtype).replace("torch.", ""),
+    result = {"device": device, "device_name": device_name(device), "dtype": str(dtype).replace("torch.", ""),
               "torch": torch.__version__, "triton": triton_version, "threads": torch.get_num_threads(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "B": B, "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
@@ -253,7 +270,7 @@ def main(argv=None) -> int:
     print(f"\nsparse decode fwd+bwd vs dense, {result['device_name']}, {result['dtype']}, B={B}, "
           f"threads={result['threads']}, median of {args.repeats}")
     print(f"{'d':>5} {'n':>7} {'k':>4} {'dense ms':>10} {'sparse ms':>10} {'speed-up':>9}  backend / note")
-    for d, n, k in (QUICK if args.quick else GRID):
+    for d, n, k in args.cases or (QUICK if args.quick else GRID):
         row = bench_case(d, n, k, device, dtype, args.repeats, args.warmup, flops, max_dense_s)
         rows.append(row)
         dense = f"{row['dense_ms']:10.1f}" if "dense_ms" in row else f"{'skipped':>10}"

@@ -5,9 +5,13 @@ same run: BatchTopK / TopK, Matryoshka (5 prefixes) / BatchTopK, g-SAE (cached g
 
     python bench/train_step.py                 # shapes a and b of research/peer_numbers.md, 2 threads
     python bench/train_step.py --quick         # shape a only, fewer repeats
+    python bench/train_step.py --device cuda --shapes b --archs all    # every trainable architecture on a GPU
+    python bench/train_step.py --shapes 64x512 --batch 256             # any d×n (bench/gpu.sh --dry-run)
 
-Prints a table and writes bench/results/train_step-<device>.json. Each variant runs in its own subprocess so
-its peak RSS is its own.
+Prints a table and writes bench/results/train_step-<device>.json (rewritten after every variant, so a run cut
+short keeps what it measured). Each variant runs in its own subprocess so its peak RSS (and peak CUDA memory) is
+its own; a variant that fails is recorded with its error and the others still run (exit status 1 at the end).
+On CUDA every timing is synchronised.
 """
 
 from __future__ import annotations
@@ -23,28 +27,46 @@ import sys
 import time
 from pathlib import Path
 
+from kernels import device_name, sync  # bench/kernels.py (this folder is on sys.path when run as a script)
+
 SHAPES = {"a": (256, 4096), "b": (768, 24576)}
-
-
-def _sync(device):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+COMPARED = ["batchtopk", "matryoshka", "gtopk"]  # the default comparison: each against the one it builds on
 
 
 def _time(fn, device, steps, repeats, warmup=3):
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     runs = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync(device)
         runs.append((time.perf_counter() - t) / steps)
     return statistics.median(runs)
+
+
+def _shape(name: str) -> tuple[int, int]:
+    if name in SHAPES:
+        return SHAPES[name]
+    try:
+        d, n = (int(v) for v in name.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"train_step.py: error: shape {name!r}: expected a, b or DxN (e.g. 64x512)") from None
+    return d, n
+
+
+def _archs(text: str) -> list[str]:
+    from saelab.sae.architectures import registry
+
+    trainable = [name for name, arch in registry().items() if arch.trainable and name != "topk"]
+    if text == "all":
+        return trainable
+    names = [a for a in text.split(",") if a]
+    if bad := [a for a in names if a not in trainable and a != "topk"]:
+        raise SystemExit(f"train_step.py: error: --archs: unknown {bad}; choose from topk, {', '.join(trainable)}")
+    return [a for a in names if a != "topk"]  # TopK always runs: it is every ratio's baseline
 
 
 def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, device: str, threads: int,
@@ -84,7 +106,9 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
             sae.normalize_decoder_()
 
         out["step_s"] = _time(step, device, steps, repeats)
-        # breakdown, each part timed alone on the same tensors
+        if arch != "topk":
+            return _finish(out, B, device)
+        # TopK's breakdown, each part timed alone on the same tensors
         x_c = (x - sae.b_dec).detach()
         with torch.no_grad():
             pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
@@ -141,6 +165,12 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
                 W_dec.div_(W_dec.norm(dim=1, keepdim=True))
 
         out["step_s"] = _time(step, device, steps, repeats)
+    return _finish(out, B, device)
+
+
+def _finish(out: dict, B: int, device: str) -> dict:
+    import torch
+
     out["tokens_per_s"] = B / out["step_s"]
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
@@ -148,18 +178,50 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
     return out
 
 
+BASE = {"matryoshka": "batchtopk", "mutual": "batchtopk"}  # the architecture each one builds on (else TopK)
+
+
+def _variants(archs: list[str]) -> list[tuple[str, float, str, dict]]:
+    """(variant, dead fraction, architecture, options): TopK against the plain loop, with and without AuxK, then
+    each further architecture (g-SAE also with its candidates approximation)."""
+    out = [("plain_dense", 0.0, "topk", {}), ("saelab", 0.0, "topk", {}), ("plain_dense", 0.1, "topk", {}),
+           ("saelab", 0.1, "topk", {})]
+    for arch in archs:
+        out.append(("saelab", 0.0, arch, {}))
+        if arch == "gtopk":
+            out.append(("saelab", 0.0, arch, {"candidates": 4}))
+    return out
+
+
+def _ratios(rows: list[dict], shape: str) -> dict:
+    """Step-time ratios of one shape: AuxK's overhead, and each architecture against the one it builds on."""
+    def step_s(arch, dead=0.0, opts=None):
+        return next((r["step_s"] for r in rows if r["shape"] == shape and r["variant"] == "saelab" and "step_s" in r
+                     and r["arch"] == arch and r["dead_frac"] == dead and r["options"] == (opts or {})), None)
+
+    pairs = {"auxk_10pct_dead / topk": (step_s("topk", 0.1), step_s("topk"))}
+    for r in rows:
+        if r["shape"] == shape and r["variant"] == "saelab" and r["arch"] != "topk":
+            label = r["arch"] + (f"({json.dumps(r['options'])})" if r["options"] else "")
+            base = BASE.get(r["arch"], "topk")
+            pairs[f"{label} / {base}"] = (r.get("step_s"), step_s(base))
+    return {label: a / b for label, (a, b) in pairs.items() if a and b}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="a,b", help="comma list of a (d 256, n 4096) and b (d 768, n 24576)")
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--shapes", default="a,b", help="comma list of a (d 256, n 4096), b (d 768, n 24576) or DxN")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (32)")
+    p.add_argument("--batch", type=int, default=4096, help="tokens per step (4096)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads; 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--steps", type=int, default=10, help="steps per timed run (10)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant, median (3)")
     p.add_argument("--quick", action="store_true", help="shape a only, 5 steps × 2 repeats")
+    p.add_argument("--archs", default=",".join(COMPARED),
+                   help=f"architectures compared with TopK, comma list or 'all' (default {','.join(COMPARED)})")
     p.add_argument("--no-archs", action="store_true", help="TopK only (skip the architecture comparison)")
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--out", default="bench/results", help="folder of the JSON (default bench/results)")
     p.add_argument("--_one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:  # child process: one variant
@@ -167,65 +229,60 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.shapes, args.steps, args.repeats = "a", 5, 2
-    rows = []
-    for shape in args.shapes.split(","):
-        d, n = SHAPES[shape]
-        variants = [("plain_dense", 0.0, "topk", {}), ("saelab", 0.0, "topk", {}), ("plain_dense", 0.1, "topk", {}),
-                    ("saelab", 0.1, "topk", {})]
-        if not args.no_archs:
-            variants += [("saelab", 0.0, "batchtopk", {}), ("saelab", 0.0, "matryoshka", {}),
-                         ("saelab", 0.0, "gtopk", {}), ("saelab", 0.0, "gtopk", {"candidates": 4})]
-        for variant, dead, arch, options in variants:
-            spec = dict(variant=variant, d=d, n=n, k=args.k, B=args.batch, dead_frac=dead, device=args.device,
-                        threads=args.threads, steps=args.steps, repeats=args.repeats, arch=arch, options=options)
-            res = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)], capture_output=True, text=True)
-            if res.returncode:
-                print(res.stderr, file=sys.stderr)
-                return 1
-            row = json.loads(res.stdout.strip().splitlines()[-1])
-            row["shape"] = shape
-            rows.append(row)
-            print(f"shape {shape} {variant:11s} {arch:10s} {json.dumps(options) if options else '':18s} "
-                  f"dead {dead:.0%}: {row['tokens_per_s']:9,.0f} tok/s  "
-                  f"peak RSS {row['peak_rss_mb']:7.0f} MB", flush=True)
-    print()
-    print(f"{'shape':5} {'dead':>5} {'plain dense tok/s':>18} {'saelab tok/s':>13} {'speed-up':>9} {'GEMM share':>11}")
-    for shape in args.shapes.split(","):
-        for dead in (0.0, 0.1):
-            base = next(r for r in rows if r["shape"] == shape and r["variant"] == "plain_dense" and r["dead_frac"] == dead)
-            ours = next(r for r in rows if r["shape"] == shape and r["variant"] == "saelab" and r["dead_frac"] == dead
-                        and r["arch"] == "topk")
-            print(f"{shape:5} {dead:5.0%} {base['tokens_per_s']:18,.0f} {ours['tokens_per_s']:13,.0f} "
-                  f"{ours['tokens_per_s'] / base['tokens_per_s']:8.2f}× {ours['encoder_gemm_fraction']:10.0%}")
-    ratios = {}
-    for shape in args.shapes.split(","):
-        def step_s(arch, dead=0.0, **opts):
-            return next(r["step_s"] for r in rows if r["shape"] == shape and r["variant"] == "saelab"
-                        and r["arch"] == arch and r["dead_frac"] == dead and r["options"] == opts)
-        ratios[shape] = {"auxk_10pct_dead / topk": step_s("topk", 0.1) / step_s("topk")}
-        if not args.no_archs:
-            ratios[shape].update({
-                "batchtopk / topk": step_s("batchtopk") / step_s("topk"),
-                "matryoshka(5 prefixes) / batchtopk": step_s("matryoshka") / step_s("batchtopk"),
-                "gtopk(exact) / topk": step_s("gtopk") / step_s("topk"),
-                "gtopk(candidates=4) / topk": step_s("gtopk", candidates=4) / step_s("topk")})
-        print("step-time ratios, shape " + shape + ": " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios[shape].items()))
-    for r in rows:
-        if r["variant"] == "saelab" and r["arch"] == "topk":
-            parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["breakdown_s"].items())
-            print(f"breakdown shape {r['shape']} dead {r['dead_frac']:.0%}: step {r['step_s'] * 1e3:.1f} ms = {parts}")
+    shapes = args.shapes.split(",")
+    archs = [] if args.no_archs else _archs(args.archs)
     import torch
 
     result = {"bench": "train_step", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
-              "threads": args.threads, "torch": torch.__version__, "k": args.k, "batch": args.batch, "ratios": ratios,
-              "rows": rows}
+              "device": f"cpu ({platform.processor() or platform.machine()})" if args.device == "cpu" else args.device,
+              "device_name": device_name(args.device), "threads": args.threads, "torch": torch.__version__,
+              "k": args.k, "batch": args.batch, "complete": False, "ratios": {}, "rows": []}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"train_step-{args.device.split(':')[0]}.json"
+    rows = result["rows"]
+    for shape in shapes:
+        d, n = _shape(shape)
+        for variant, dead, arch, options in _variants(archs):
+            spec = dict(variant=variant, d=d, n=n, k=args.k, B=args.batch, dead_frac=dead, device=args.device,
+                        threads=args.threads, steps=args.steps, repeats=args.repeats, arch=arch, options=options)
+            res = subprocess.run([sys.executable, __file__, "--_one", json.dumps(spec)], capture_output=True, text=True)
+            opts = json.dumps(options) if options else ""
+            label = f"shape {shape} {variant:11s} {arch:14s} {opts:18s} dead {dead:.0%}"
+            if res.returncode:
+                row = {**spec, "error": res.stderr.strip()[-2000:]}
+                print(f"{label}: FAILED\n{row['error']}", flush=True)
+            else:
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                print(f"{label}: {row['tokens_per_s']:11,.0f} tok/s  peak RSS {row['peak_rss_mb']:7.0f} MB"
+                      + (f"  peak CUDA {row['peak_cuda_mb']:7.0f} MB" if "peak_cuda_mb" in row else ""), flush=True)
+            row["shape"] = shape
+            rows.append(row)
+            path.write_text(json.dumps(result, indent=2))  # after every variant: a run cut short keeps its rows
+    print()
+    print(f"{'shape':5} {'dead':>5} {'plain dense tok/s':>18} {'saelab tok/s':>13} {'speed-up':>9} {'GEMM share':>11}")
+    for shape in shapes:
+        for dead in (0.0, 0.1):
+            base, ours = (next((r for r in rows if r["shape"] == shape and r["variant"] == v and r["arch"] == "topk"
+                                and r["dead_frac"] == dead and "error" not in r), None)
+                          for v in ("plain_dense", "saelab"))
+            if base and ours:
+                print(f"{shape:5} {dead:5.0%} {base['tokens_per_s']:18,.0f} {ours['tokens_per_s']:13,.0f} "
+                      f"{ours['tokens_per_s'] / base['tokens_per_s']:8.2f}× {ours['encoder_gemm_fraction']:10.0%}")
+    for shape in shapes:
+        result["ratios"][shape] = ratios = _ratios(rows, shape)
+        print("step-time ratios, shape " + shape + ": " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.items()))
+    for r in rows:
+        if "breakdown_s" in r:
+            parts = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in r["breakdown_s"].items())
+            print(f"breakdown shape {r['shape']} dead {r['dead_frac']:.0%}: step {r['step_s'] * 1e3:.1f} ms = {parts}")
+    result["complete"] = True
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
-    return 0
+    failed = sum("error" in r for r in rows)
+    if failed:
+        print(f"{failed} variant(s) failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
