@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from saelab.distributed import rank_world
 from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
 from saelab.sae.code import SparseCode
@@ -283,7 +284,7 @@ def global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
 
 def world_size() -> int:
     """Ranks of the torch.distributed group (1 without one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_world()[1]
 
 
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
