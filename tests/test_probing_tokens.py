@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from saelab.data.labels import span_labels
 from saelab.eval.probing import gather_span_data, load_spans
@@ -104,3 +105,28 @@ def test_token_level_probing_end_to_end(span_file, reference_model, tmp_path):
         assert t["dense"]["accuracy"] > 0.8, (task, t["dense"])
         best20 = max(t["k"]["20"]["sae"]["accuracy"], t["k"]["20"]["neurons"]["accuracy"])
         assert best20 > 0.7, (task, t["k"]["20"])
+
+
+def test_sequence_level_density_counts_every_token_of_the_train_texts(reference_model):
+    """Pooled data keeps each latent's per-token density over the probe-train texts: a brute-force count, one
+    text at a time, agrees."""
+    from saelab.data.packing import special_ids
+    from saelab.eval.probing import gather_sequence_data
+    from saelab.eval.splice import capture
+
+    texts = [f"value_{i} = compute({i}, 'x' * {i})" if i % 3 else f"# note {i}: nothing here" for i in range(24)]
+    rows = [(t, "code" if i % 3 else "comment") for i, t in enumerate(texts)]
+    sae = _random_sae(reference_model.cfg.d_model)
+    data = gather_sequence_data(reference_model, sae, HOOK, rows, context_size=16, batch_rows=5)
+    bos, _ = special_ids(reference_model.tokenizer)
+    fired, n = np.zeros(sae.cfg.n_latents), 0
+    for (text, _), test in zip(rows, data.is_test):
+        if test:
+            continue
+        ids = [bos] + reference_model.tokenizer(text, add_special_tokens=False)["input_ids"][:15]
+        _, acts = capture(reference_model, torch.tensor([ids]), HOOK)
+        z = sae.encode(acts[HOOK].reshape(len(ids), -1)[1:]).to_dense(sae.cfg.n_latents)  # BOS is not a token
+        fired += (z != 0).sum(0).numpy()
+        n += len(ids) - 1
+    assert 0 < data.is_test.sum() < len(rows) and data.density_tokens == n
+    assert data.density == pytest.approx(fired / n, abs=1e-12)

@@ -260,6 +260,7 @@ class ReconstructionStats:
             "n_latents": n_lat,
             "n_dead": int(dead.sum()),
             "frac_dead": _div(float(dead.sum()), n_lat),
+            "dead_window": f"core eval's held-out window: {n:,} tokens",  # what "dead" was counted on
             "n_dense": int(dense.sum()),
             "frac_dense": _div(float(dense.sum()), n_lat),
             "dense_threshold": self.dense_threshold,
@@ -405,6 +406,7 @@ class CoreMetrics:
     log10_density_hist: dict[str, Any] = field(default_factory=dict)
     latent_density: list[float] = field(default_factory=list)
     mse_per_dim: list[float] = field(default_factory=list)
+    dead_window: str = ""  # the tokens n_dead was counted on (never active there; rarer latents look dead too)
     # an SAE with two inference rules (g-SAE): these numbers' rule ("with gradient"), and the other rule's metrics
     rule: str = ""
     topk_fallback: "CoreMetrics | None" = None

@@ -2,9 +2,24 @@
 
 Method (Gurnee et al. 2023 as SAEBench applies it, evals notes §1.3 and §2):
     for each binary task, on a class-balanced TRAIN set:
-        rank features by |mean_pos − mean_neg| ("mean_diff", default) or by the ANOVA F-statistic ("f_stat")
+        rank features by one of SELECTIONS (below), keep the top k
         for k in KS = (1, 2, 5, 10, 20): fit an L2 logistic regression (scikit-learn, C=1) on the top-k features
-    report on a class-balanced TEST set (other files than train): accuracy, F1 and AUROC.
+    report on a class-balanced TEST set (other files than train): accuracy, F1 and AUROC. (Test sets are balanced,
+    so accuracy is balanced accuracy.)
+Selections (how the k features are ranked, best first; train examples only):
+    mean_diff    |mean_pos − mean_neg|: Gurnee's default heuristic, SAEBench's sparse probing. Scale-dependent: a
+                 dense latent with large values can top it while separating the classes worse than chance.
+    f_stat       the ANOVA F-statistic (Gurnee's f_stat). On balanced classes it is a monotone function of
+                 |mean_pos − mean_neg| / std, the mean difference of standardised features (Gurnee's scaling before
+                 mean_dif): the std-normalised mean difference, so it is not listed twice.
+    probe_loss   the training loss of a 1-D probe on the feature alone (the same L2 logistic regression, C=1, on
+                 the standardised feature), lowest first: Gao et al. 2024 ("Scaling and evaluating sparse
+                 autoencoders", the "probe loss" metric) score each task by the best such single-latent probe. Scale-free,
+                 and a latent that fires on most tokens ranks by how well it separates the classes, not by its size.
+    max_density  (with any selection) SAE latents active on more than this share of the probe-train tokens are left
+                 out of the ranking.
+Each selected SAE latent is reported with its density (share of the probe-train tokens it is active on, value != 0)
+and flagged dense above DENSE_DENSITY, so a k = 1 result carried by one dense latent shows as such.
 The same k-sparse probe runs in the same pass on three other bases of the same activations:
     neurons   the raw activation dimensions of the hook
     rotation  the activations in a random orthonormal basis (x @ Q, Q from the QR of a seeded Gaussian matrix):
@@ -47,8 +62,9 @@ from saelab.eval.splice import capture, default_special_ids, model_device, speci
 
 KS = (1, 2, 5, 10, 20)
 LEVELS = ("sequence", "token")  # of a user's labelled data
-SELECTIONS = ("mean_diff", "f_stat")
+SELECTIONS = ("mean_diff", "f_stat", "probe_loss")
 BASES = ("sae", "neurons", "rotation")
+DENSE_DENSITY = 0.1  # a selected latent active on more than this share of tokens is flagged dense (as `eval`)
 
 
 # ================================================================================================ data
@@ -61,6 +77,9 @@ class ProbeData:
         token data the SAE is applied lazily to the rows a task uses (see `sae_features`).
     labels {task: int8 [N]}: 1 / 0, or −1 where the example has no label for that task.
     is_test [N] bool: held-out examples (whole files or sequences).
+    density [n_latents] or None: share of the probe-train tokens each SAE latent is active on, with the number of
+        those tokens in `density_tokens` (pooled data fills it while encoding; for token data `probe_tasks`
+        counts it from x).
     """
 
     x: torch.Tensor
@@ -68,6 +87,8 @@ class ProbeData:
     is_test: np.ndarray
     z: torch.Tensor | None = None
     kind: str = "token"
+    density: np.ndarray | None = None
+    density_tokens: int = 0
 
 
 def _is_test_key(key: str, test_frac: float) -> bool:
@@ -288,7 +309,10 @@ def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]],
     bos, eos = special_ids(model.tokenizer)
     specials = default_special_ids(model)
     dev = model_device(model)
+    is_test = np.array([_is_test_key(f"{i}:{t}", test_frac) for i, (t, _) in enumerate(rows)])
     xs, zs = [], []
+    fired = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)  # per-token activity over the train sequences
+    n_train_tokens = 0
     for i in range(0, len(rows), batch_rows):
         chunk = rows[i:i + batch_rows]
         ids = [[bos] + model.tokenizer(t, add_special_tokens=False)["input_ids"][:context_size - 1] for t, _ in chunk]
@@ -315,14 +339,17 @@ def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]],
         seq = torch.repeat_interleave(torch.arange(len(ids)), keep.sum(1))
         z = torch.zeros(len(ids), sae.cfg.n_latents).index_add_(0, seq, dense) / keep.sum(1, keepdim=True)
         zs.append(z)
+        train_tok = ~torch.as_tensor(is_test[i:i + batch_rows])[seq]
+        fired += (dense[train_tok] != 0).sum(0)
+        n_train_tokens += int(train_tok.sum())
     labels = np.array([lab for _, lab in rows])
     classes = sorted(set(labels.tolist()))
     if len(classes) < 2:
         raise DataError(f"labelled data has a single label {classes}; probing needs two classes or more")
     tasks = {name: (labels == classes[-1]).astype(np.int8)} if len(classes) == 2 else \
         {f"{name}:{c}": (labels == c).astype(np.int8) for c in classes}
-    is_test = np.array([_is_test_key(f"{i}:{t}", test_frac) for i, (t, _) in enumerate(rows)])
-    return ProbeData(x=torch.cat(xs), labels=tasks, is_test=is_test, z=torch.cat(zs), kind="sequence")
+    return ProbeData(x=torch.cat(xs), labels=tasks, is_test=is_test, z=torch.cat(zs), kind="sequence",
+                     density=(fired.double() / max(n_train_tokens, 1)).numpy(), density_tokens=n_train_tokens)
 
 
 # ================================================================================================ probing
@@ -336,19 +363,83 @@ def balanced_indices(y: np.ndarray, pool: np.ndarray, n_per_class: int, rng: np.
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
-def rank_features(X: np.ndarray, y: np.ndarray, selection: str = "mean_diff") -> np.ndarray:
-    """Feature indices, best first, by |mean_pos − mean_neg| or by the ANOVA F-statistic (ties: lower index)."""
+def rank_features(X: np.ndarray, y: np.ndarray, selection: str = "mean_diff",
+                  exclude: np.ndarray | None = None) -> np.ndarray:
+    """Feature indices, best first (ties: lower index), by `selection` (one of SELECTIONS, module docstring);
+    features where `exclude` [n_features] bool is True are left out."""
     if selection == "mean_diff":
         score = np.abs(X[y == 1].mean(0) - X[y == 0].mean(0))
     elif selection == "f_stat":
         from sklearn.feature_selection import f_classif
 
-        with np.errstate(divide="ignore", invalid="ignore"):
+        import warnings
+
+        with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "features are constant": a latent silent on the sample
             score, _ = f_classif(X, y)
         score = np.nan_to_num(score, nan=0.0, posinf=np.finfo(np.float64).max)
+    elif selection == "probe_loss":
+        score = -probe_losses(X, y)
     else:
         raise ConfigError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-    return np.argsort(-score, kind="stable")
+    order = np.argsort(-score, kind="stable")
+    return order if exclude is None else order[~np.asarray(exclude, dtype=bool)[order]]
+
+
+def probe_losses(X: np.ndarray, y: np.ndarray, C: float = 1.0, max_steps: int = 100) -> np.ndarray:
+    """Mean training log-loss [n_features] of a 1-D probe on each feature alone: the L2 logistic regression of
+    `fit_probe` (objective ½w² + C·Σ log-loss, intercept unpenalised, feature standardised), fitted for all
+    features at once by Newton steps (a 2×2 solve per feature) with step halving. Sums run over the non-zero
+    entries only, the zeros of a column entering through their count per class (they share one standardised
+    value), so a sparse SAE code costs its non-zeros, not n × n_features."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, F = X.shape
+    mu, sd = X.mean(0), X.std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    col, row = np.nonzero(X.T)  # non-zero entries, column by column
+    v = (X[row, col] - mu[col]) / sd[col]  # their standardised values
+    yv = y[row]
+    z0 = -mu / sd  # the standardised value of a raw 0, per column
+    n0 = n - np.bincount(col, minlength=F)  # zeros per column, and how many of them are positives
+    n0_pos = y.sum() - np.bincount(col, weights=yv, minlength=F)
+
+    def colsum(nz_terms: np.ndarray, zero_terms: np.ndarray) -> np.ndarray:
+        return np.bincount(col, weights=nz_terms, minlength=F) + zero_terms
+
+    def losses(w, b):  # Σ log-loss per column
+        z, zz = w[col] * v + b[col], w * z0 + b
+        return colsum(np.logaddexp(0.0, z) - yv * z, n0 * np.logaddexp(0.0, zz) - n0_pos * zz)
+
+    def logistic(z):
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # without overflow
+
+    p_all = min(max(y.mean(), 1e-12), 1 - 1e-12)
+    w, b = np.zeros(F), np.full(F, math.log(p_all / (1 - p_all)))
+    f = 0.5 * w * w + C * losses(w, b)
+    for _ in range(max_steps):
+        p, p0 = logistic(w[col] * v + b[col]), logistic(w * z0 + b)
+        r, s, s0 = p - yv, p * (1 - p), p0 * (1 - p0)
+        r0 = n0 * p0 - n0_pos  # Σ (p − y) over the zeros
+        gw = w + C * colsum(r * v, r0 * z0)
+        gb = C * colsum(r, r0)
+        hww = 1.0 + C * colsum(s * v * v, n0 * s0 * z0 * z0)
+        hwb = C * colsum(s * v, n0 * s0 * z0)
+        hbb = C * colsum(s, n0 * s0) + 1e-12
+        det = hww * hbb - hwb * hwb
+        dw, db = (hbb * gw - hwb * gb) / det, (hww * gb - hwb * gw) / det
+        t = np.ones(F)
+        for _ in range(40):  # halve the step of each feature whose objective would rise
+            f_new = 0.5 * (w - t * dw) ** 2 + C * losses(w - t * dw, b - t * db)
+            worse = f_new > f + 1e-12 * np.abs(f)  # (a rise within rounding counts as no rise)
+            if not worse.any():
+                break
+            t = np.where(worse, 0.5 * t, t)
+        t = np.where(worse, 0.0, t)  # (no decrease in 40 halvings: that feature is at its optimum)
+        w, b, f = w - t * dw, b - t * db, np.where(worse, f, f_new)
+        if np.max(np.abs(t * dw) + np.abs(t * db)) < 1e-9:
+            break
+    return losses(w, b) / n
 
 
 def fit_probe(Xtr: np.ndarray, ytr: np.ndarray, Xte: np.ndarray, yte: np.ndarray, C: float = 1.0
@@ -396,23 +487,26 @@ class ProbingResult:
     tasks: dict[str, Any] = field(default_factory=dict)
     mean: dict[str, Any] = field(default_factory=dict)
     level: str = "token"  # the examples: tokens (the code tasks, span data) or pooled sequences
+    max_density: float | None = None  # SAE latents denser than this were left out of the selection
+    density_tokens: int = 0  # the probe-train tokens each latent's density is counted on
 
     def to_dict(self) -> dict[str, Any]:
         from saelab.eval.core import _json_clean
 
         return _json_clean({"hook_name": self.hook_name, "n_latents": self.n_latents, "selection": self.selection,
-                            "level": self.level, "ks": self.ks, "bases": list(BASES) + ["dense"], "tasks": self.tasks,
-                            "mean": self.mean})
+                            "max_density": self.max_density, "level": self.level, "ks": self.ks,
+                            "bases": list(BASES) + ["dense"], "density_tokens": self.density_tokens,
+                            "dense_density": DENSE_DENSITY, "tasks": self.tasks, "mean": self.mean})
 
     def _repr_html_(self) -> str:  # Jupyter: mean test accuracy per k of the SAE probe and its baselines
         from saelab.display import grid_html
 
         m = self.mean
-        rows = [[k, m[str(k)]["sae_accuracy"], m[str(k)]["neurons_accuracy"], m[str(k)]["rotation_accuracy"]]
-                for k in self.ks if str(k) in m]
-        return grid_html(["k", "SAE latents", "neurons", "random rotation"], rows,
-                         title=f"sparse probing · {len(self.tasks)} {self.level}-level tasks · mean test accuracy "
-                               f"(dense probe {m['dense']['accuracy']:.3f})")
+        rows = [[k, m[str(k)]["sae_accuracy"], m[str(k)]["neurons_accuracy"], m[str(k)]["rotation_accuracy"],
+                 m[str(k)]["sae_tasks_with_dense"]] for k in self.ks if str(k) in m]
+        return grid_html(["k", "SAE latents", "neurons", "random rotation", "tasks with a dense latent"], rows,
+                         title=f"sparse probing · {len(self.tasks)} {self.level}-level tasks · {_settings(self)} · "
+                               f"mean test accuracy (dense probe {m['dense']['accuracy']:.3f})")
 
 
 def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
@@ -425,32 +519,67 @@ def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def latent_density(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
+    """Share of the rows of x [n, d] on which each SAE latent is active (value != 0, as `active_entries` counts)."""
+    from saelab.eval.core import active_entries
+
+    F = sae.cfg.n_latents
+    counts = torch.zeros(F, dtype=torch.int64)
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch):
+            _, lat, _ = active_entries(sae.encode(x[i:i + batch].to(sae.W_dec.device)), F)
+            counts += torch.bincount(lat.cpu(), minlength=F)
+    return (counts.double() / max(x.shape[0], 1)).numpy()
+
+
+def train_density(data: ProbeData, sae) -> tuple[np.ndarray, int]:
+    """(density of each SAE latent over the probe-train tokens, how many tokens): `data.density` when gathered
+    with the data, else counted from the train rows (of z for pre-pooled latents, else of x through the SAE)."""
+    if data.density is not None:
+        return data.density, data.density_tokens
+    train = ~np.asarray(data.is_test, dtype=bool)
+    if data.z is not None:
+        return (data.z[torch.from_numpy(train)] != 0).double().mean(0).numpy(), int(train.sum())
+    return latent_density(sae, data.x[torch.from_numpy(train)]), int(train.sum())
+
+
 def probe_tasks(data: ProbeData, sae, ks: Sequence[int] = KS, selection: str = "mean_diff",
                 n_train: int = 2000, n_test: int = 500, seed: int = 0, rotation_seed: int = 0,
-                hook_name: str = "", progress: bool = False) -> ProbingResult:
+                hook_name: str = "", progress: bool = False, max_density: float | None = None) -> ProbingResult:
     """Run every task of `data`: k-sparse probes on SAE latents, neurons and a random rotation, and a dense probe.
 
     n_train / n_test: examples per class (balanced), at most; a task with fewer than 5 of either class in train
-    or test is reported as skipped.
+    or test is reported as skipped. max_density: SAE latents active on more than this share of the probe-train
+    tokens are not selected (None: all may be).
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ConfigError(f"ks must be positive integers, got {ks}")
     if selection not in SELECTIONS:
         raise ConfigError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    if max_density is not None and not 0 < max_density <= 1:
+        raise ConfigError(f"max_density must be in (0, 1] (a share of tokens), got {max_density}",
+                          hint="e.g. 0.1 leaves out latents active on more than 10 % of tokens")
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):  # the fits are small: BLAS threads only add overhead (and contend on a busy CPU)
-        return _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress)
+        return _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress,
+                            max_density)
 
 
-def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress):
+def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed, hook_name, progress, max_density):
     rng = np.random.default_rng(seed)
     X_all = data.x.numpy()
     Q = random_rotation(X_all.shape[1], rotation_seed).numpy()
     train_pool = np.flatnonzero(~data.is_test)
     test_pool = np.flatnonzero(data.is_test)
-    result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks, level=data.kind)
+    density, n_density = train_density(data, sae)
+    too_dense = None if max_density is None else density > max_density
+    if too_dense is not None and too_dense.all():
+        raise ConfigError(f"max_density {max_density} leaves no latent to select: the least dense is active on "
+                          f"{100 * density.min():.3g} % of the probe-train tokens", hint="raise max_density")
+    result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks, level=data.kind,
+                           max_density=max_density, density_tokens=n_density)
     items = list(data.labels.items())
     if progress:
         from tqdm.auto import tqdm
@@ -470,7 +599,8 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
             feats["sae"] = (sae_features(sae, data.x[tr]), sae_features(sae, data.x[te]))
         entry: dict[str, Any] = {"n_train": int(len(tr)), "n_test": int(len(te)),
                                  "positive_rate": float(y[y >= 0].mean()), "k": {}}
-        order = {b: rank_features(f[0], ytr, selection)[:max(ks)] for b, f in feats.items()}
+        order = {b: rank_features(f[0], ytr, selection, exclude=too_dense if b == "sae" else None)[:max(ks)]
+                 for b, f in feats.items()}
         for k in ks:
             row = {}
             for b in BASES:
@@ -478,6 +608,8 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
                 idx = order[b][:k]
                 row[b] = fit_probe(Xtr[:, idx], ytr, Xte[:, idx], yte)
                 row[b]["features"] = [int(i) for i in idx]  # latent ids (sae) / dimensions (neurons, rotation)
+            row["sae"]["densities"] = [float(density[i]) for i in row["sae"]["features"]]
+            row["sae"]["n_dense"] = sum(d > DENSE_DENSITY for d in row["sae"]["densities"])
             entry["k"][str(k)] = row
         entry["dense"] = fit_probe(X_all[tr], ytr, X_all[te], yte)
         result.tasks[task] = entry
@@ -487,6 +619,7 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
     for k in ks:
         result.mean[str(k)] = {f"{b}_{m}": float(np.mean([t["k"][str(k)][b][m] for t in done]))
                                for b in BASES for m in ("accuracy", "f1", "auroc")}
+        result.mean[str(k)]["sae_tasks_with_dense"] = sum(t["k"][str(k)]["sae"]["n_dense"] > 0 for t in done)
     result.mean["dense"] = {m: float(np.mean([t["dense"][m] for t in done])) for m in ("accuracy", "f1", "auroc")}
     k1 = str(ks[0])
     result.mean["sae_beats_neurons_at_k"] = {str(k): result.mean[str(k)]["sae_accuracy"]
@@ -496,13 +629,20 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
     return result
 
 
+def _settings(r: ProbingResult) -> str:
+    return f"selection {r.selection}" + (f", max density {r.max_density:g}" if r.max_density is not None else "")
+
+
 def format_probing(r: ProbingResult) -> str:
-    """Table: per task test accuracy of the SAE / neuron / rotation probes at the smallest and a middle k."""
+    """Table: per task test accuracy of the SAE / neuron / rotation probes at the smallest, a middle and the
+    largest k, and the smallest k's SAE latents with their densities (DENSE above DENSE_DENSITY)."""
     ks = [str(k) for k in r.ks]
     shown = [ks[0]] + ([ks[len(ks) // 2]] if len(ks) > 2 else []) + ([ks[-1]] if len(ks) > 1 else [])
-    head = f"{'task':<14}" + "".join(f"  k={k:<3} sae  neur  rot " for k in shown) + "  dense"
-    lines = [f"sparse probing  {r.hook_name}  ({r.n_latents:,} latents, {r.level} level, selection {r.selection}; "
-             f"test accuracy)",
+    k1 = ks[0]
+    head = (f"{'task':<14}" + "".join(f"  k={k:<3} sae  neur  rot " for k in shown)
+            + f"  dense   k={k1} latents (density)")
+    lines = [f"sparse probing  {r.hook_name}  ({r.n_latents:,} latents, {r.level} level, {_settings(r)}; "
+             f"test accuracy; densities over {r.density_tokens:,} probe-train tokens)",
              head]
     for task, t in r.tasks.items():
         if "k" not in t:
@@ -510,20 +650,31 @@ def format_probing(r: ProbingResult) -> str:
             continue
         cells = "".join(f"        {t['k'][k]['sae']['accuracy']:.3f} {t['k'][k]['neurons']['accuracy']:.3f} "
                         f"{t['k'][k]['rotation']['accuracy']:.3f}" for k in shown)
-        lines.append(f"{task:<14}{cells}  {t['dense']['accuracy']:.3f}")
+        sel = t["k"][k1]["sae"]
+        latents = ", ".join(f"#{i} ({_pct(d)}{' DENSE' if d > DENSE_DENSITY else ''})"
+                            for i, d in zip(sel["features"], sel["densities"]))
+        lines.append(f"{task:<14}{cells}  {t['dense']['accuracy']:.3f}   {latents}")
     m = r.mean
     cells = "".join(f"        {m[k]['sae_accuracy']:.3f} {m[k]['neurons_accuracy']:.3f} "
                     f"{m[k]['rotation_accuracy']:.3f}" for k in shown)
     lines.append(f"{'mean':<14}{cells}  {m['dense']['accuracy']:.3f}")
-    k1 = ks[0]
     verdict = "beats" if m["sae_beats_neurons_at_k"][k1] else "does NOT beat"
     lines.append(f"k={k1}: the SAE probe {verdict} the neuron probe on average "
                  f"({m[k1]['sae_accuracy']:.3f} vs {m[k1]['neurons_accuracy']:.3f} accuracy, "
                  f"AUROC {m[k1]['sae_auroc']:.3f} vs {m[k1]['neurons_auroc']:.3f})")
+    n_dense = m[k1]["sae_tasks_with_dense"]
+    if n_dense:
+        lines.append(f"k={k1}: {n_dense} of {m['n_tasks']} tasks select a dense latent (active on more than "
+                     f"{100 * DENSE_DENSITY:g} % of tokens); --max-density {DENSE_DENSITY:g} leaves such latents out, "
+                     f"--selection probe_loss ranks by what one latent alone predicts")
     return "\n".join(lines)
+
+
+def _pct(share: float) -> str:
+    return f"{100 * share:.2g} %" if share < 0.1 else f"{100 * share:.0f} %"
 
 
 __all__ = ["KS", "SELECTIONS", "LEVELS", "ProbeData", "ProbingResult", "gather_token_data", "reference_data",
            "gather_sequence_data", "load_labelled", "read_rows", "load_spans", "gather_span_data", "balanced_indices",
-           "rank_features", "fit_probe", "binary_metrics", "random_rotation", "sae_features", "probe_tasks",
-           "format_probing", "hook_rows"]
+           "rank_features", "probe_losses", "fit_probe", "binary_metrics", "random_rotation", "sae_features",
+           "latent_density", "train_density", "probe_tasks", "format_probing", "hook_rows", "DENSE_DENSITY"]

@@ -47,15 +47,22 @@ def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
 
 def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
               text_field: str = "text", label_field: str | None = None, pooling: str = "mean",
-              progress: bool = True, loaded=None, level: str = "sequence"):
+              progress: bool = True, loaded=None, level: str = "sequence", max_density: float | None = None,
+              ks=None):
     """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data at
     `level` "sequence": text + label rows, or "token": text + character spans per task; label_field defaults to
-    "label" / "spans") → (ProbingResult, RUN/eval/probing.json)."""
+    "label" / "spans") → (ProbingResult, RUN/eval/probing.json). selection, max_density, ks: `probe_tasks`'s
+    (ks None: its KS)."""
     from saelab.config import check
-    from saelab.eval.probing import (LEVELS, gather_sequence_data, gather_span_data, load_labelled, load_spans,
-                                     probe_tasks, reference_data)
+    from saelab.eval.probing import (KS, LEVELS, SELECTIONS, gather_sequence_data, gather_span_data, load_labelled,
+                                     load_spans, probe_tasks, reference_data)
 
-    check(level in LEVELS, "--level", f"{level!r}; use sequence or token")
+    check(level in LEVELS, "--level", f"{level!r}; use {' or '.join(LEVELS)}")
+    check(selection in SELECTIONS, "--selection", f"{selection!r}; use {', '.join(SELECTIONS)}")
+    check(max_density is None or 0 < max_density <= 1, "--max-density", f"must be in (0, 1], got {max_density}")
+    ks = list(KS) if ks is None else list(ks)
+    check(len(ks) > 0 and all(isinstance(k, int) and k >= 1 for k in ks), "--ks",
+          f"must be positive integers, got {ks}")
     if data and level == "token":  # the data is read (and checked) before the model loads: a bad line fails at once
         rows, tasks = load_spans(data, text_field, label_field or "spans")
     elif data:
@@ -69,7 +76,7 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
     else:
         pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
                             progress=progress)
-    result = probe_tasks(pd, sae, selection=selection, progress=progress)
+    result = probe_tasks(pd, sae, ks=ks, selection=selection, progress=progress, max_density=max_density)
     return result, _write_json(out_dir / "probing.json", result.to_dict())
 
 
