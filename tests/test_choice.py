@@ -14,7 +14,8 @@ from saelab.activations.in_memory import InMemoryActivations
 from saelab.config import ConfigError, SAEConfig
 from saelab.sae import SparseAutoencoder
 from saelab.sae.batchtopk import BatchTopK
-from saelab.sae.choice import FeatureChoice, MutualChoice, capacities, feature_choice_indices, zipf_by_rank
+from saelab.sae.choice import (FeatureChoice, MutualChoice, capacities, feature_choice_indices, fitted_exponent,
+                               zipf_by_rank)
 from saelab.training import train
 from saelab.training.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -125,6 +126,24 @@ def test_capacities_rank_latents_by_usage():
         capacities(11 * 8, 8, 10)  # more matches than latents × tokens
 
 
+def test_fitted_exponent_is_the_zipf_slope_of_the_used_half():
+    n = 400
+    rank = torch.arange(1, n + 1).double()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    for s in (0.45, 1.0, 1.7):
+        usage = torch.empty(n)
+        usage[perm] = (0.3 * rank.pow(-s)).float()  # an exact Zipf law, in shuffled latent order
+        assert fitted_exponent(usage) == pytest.approx(s, abs=0.01)
+        tail = usage.clone()
+        tail[perm[n // 2:]] = 1e-7  # the rare half below the law (the paper's "dying" tail) does not move the fit
+        assert fitted_exponent(tail) == pytest.approx(s, abs=0.01)
+        # the default capacities (exponent 0) are the Zipf capacities at the fitted s
+        fitted, fixed = (capacities(4 * 100, 100, n, "zipf", e, usage) for e in (0.0, s))
+        assert torch.equal(fitted, fixed)
+    assert fitted_exponent(torch.full((n,), 0.01)) == 0.0  # flat usage: uniform capacities
+    assert fitted_exponent(torch.zeros(n)) == 1.0  # nothing used yet
+
+
 CAPACITY_CASES = {  # B = 50 tokens, n = 40 latents
     "uniform": lambda u: capacities(3 * 50, 50, 40, "uniform"),
     "zipf": lambda u: capacities(3 * 50, 50, 40, "zipf", 1.0, u),
@@ -166,7 +185,7 @@ def test_feature_choice_forward_matches_dense_reference():
     pre = ((xn - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
     usage = brute_usage(pre, 4)
     torch.testing.assert_close(sae.arch.step_usage, usage)  # the first batch sets the usage
-    m = capacities(4 * 64, 64, 96, "zipf", 1.0, usage)
+    m = capacities(4 * 64, 64, 96, "zipf", fitted_exponent(usage), usage)  # the default: s fitted to the usage
     assert torch.equal(sae.arch.step_capacity, m) and int(m.max()) > 2 * int(m.min())
     dense = out.code.to_dense(96)
     fires = (dense != 0).sum(0)
@@ -288,7 +307,7 @@ def test_feature_choice_calibration_sets_each_threshold_to_the_sample_cut(capaci
     assert info["tokens"] == 384  # whole batches until ≥ 300 tokens
     with torch.no_grad():
         pre = torch.cat([sae.preacts(sae.normalize_input(b)[0]) for b in batches[:3]])
-    m = capacities(4 * 384, 384, 96, capacity, 1.0, sae.usage)
+    m = capacities(4 * 384, 384, 96, capacity, fitted_exponent(sae.usage), sae.usage)
     col = pre.sort(dim=0, descending=True).values  # brute force: every column fully sorted
     for i in range(96):
         q = int(m[i])

@@ -72,7 +72,9 @@ class FeatureChoiceOptions:
     capacity: str = option("zipf", "per-latent token capacity m_i (Σ m_i = k·B exactly): zipf (m_i ∝ rank^-s over "
                                    "latents ranked by usage, i.e. their share of the batch's mutual-choice "
                                    "matches; each ≤ B, the excess redistributed) or uniform (k·B/n each)")
-    zipf_exponent: float = option(1.0, "s of the Zipf capacities m_i ∝ rank^-s (capacity=zipf)")
+    zipf_exponent: float = option(0.0, "s of the Zipf capacities m_i ∝ rank^-s (capacity=zipf); 0 (default): "
+                                       "fitted to the usage at every step (least squares of log usage on log rank "
+                                       "over the most-used half of the latents)")
     aux: str = option("aux_zipf", "auxiliary loss: aux_zipf (AuxK on dead latents and on under-used ones, whose "
                                   "usage is below --underuse × their capacity share m_i/B; our version of the "
                                   "paper's aux_zipf_loss) or auxk (plain AuxK on dead latents)")
@@ -88,7 +90,8 @@ class FeatureChoiceOptions:
         from saelab.config import check
 
         check(self.capacity in ("uniform", "zipf"), "capacity", f"must be uniform or zipf, got {self.capacity!r}")
-        check(0 < self.zipf_exponent <= 10, "zipf_exponent", f"must be in (0, 10], got {self.zipf_exponent}")
+        check(0 <= self.zipf_exponent <= 10, "zipf_exponent",
+              f"must be in [0, 10] (0: fitted to the usage), got {self.zipf_exponent}")
         check(self.aux in ("aux_zipf", "auxk"), "aux", f"must be aux_zipf or auxk, got {self.aux!r}")
         check(0 <= self.underuse <= 1, "underuse", f"must be in [0, 1], got {self.underuse}")
         for name in ("usage_momentum", "threshold_momentum"):
@@ -230,12 +233,12 @@ def _finite(threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(threshold >= 0, threshold, torch.full_like(threshold, float("inf")))
 
 
-def capacities(total: int, batch: int, n: int, kind: str = "zipf", exponent: float = 1.0,
+def capacities(total: int, batch: int, n: int, kind: str = "zipf", exponent: float = 0.0,
                usage: torch.Tensor | None = None) -> torch.Tensor:
     """Per-latent capacities m_i (long [n]) summing to exactly `total` (= k·B), each in [lo, batch] with lo = 1 when
-    total ≥ n, else 0. zipf: `zipf_by_rank` over the latents ranked by `usage` (most used first, ties by index);
-    without a usage yet (None or unset, −1) the capacities are uniform. uniform: total // n each, the remainder one
-    each over the first latents."""
+    total ≥ n, else 0. zipf: `zipf_by_rank` over the latents ranked by `usage` (most used first, ties by index),
+    with the exponent `exponent`, or 0: `fitted_exponent(usage)`; without a usage yet (None or unset, −1) the
+    capacities are uniform. uniform: total // n each, the remainder one each over the first latents."""
     if not 0 <= total <= n * batch:
         raise ValueError(f"{total} matches cannot be spread over {n} latents of at most {batch} tokens each")
     device = usage.device if usage is not None else "cpu"
@@ -245,8 +248,24 @@ def capacities(total: int, batch: int, n: int, kind: str = "zipf", exponent: flo
         return m
     order = torch.argsort(-usage, stable=True)
     m = torch.empty(n, dtype=torch.long, device=device)
-    m[order] = zipf_by_rank(total, batch, n, float(exponent)).to(device)
+    m[order] = zipf_by_rank(total, batch, n, float(exponent) or fitted_exponent(usage)).to(device)
     return m
+
+
+def fitted_exponent(usage: torch.Tensor) -> float:
+    """The Zipf exponent s of the usage: minus the least-squares slope of log usage against log rank over the
+    most-used half of the latents (those with usage > 0; the paper finds Zipf fits feature densities except in the
+    rare tail), clamped to [0, 3] and rounded to 0.01 (so the by-rank capacities come from a small cache). 1 when
+    fewer than two latents are used."""
+    u = usage.detach().double().cpu().sort(descending=True).values[: max(2, usage.numel() // 2)]
+    rank = torch.arange(1, u.numel() + 1, dtype=torch.float64)
+    used = u > 0
+    if int(used.sum()) < 2:
+        return 1.0
+    x, y = rank[used].log(), u[used].log()
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / x.pow(2).sum())
+    return round(min(max(-slope, 0.0), 3.0), 2)
 
 
 @functools.lru_cache(maxsize=16)
