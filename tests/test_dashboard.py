@@ -427,6 +427,9 @@ def test_dead_latents_by_matryoshka_group_on_a_planted_bundle(tmp_path):
 
     assert format_dead(d) == ("4 dead (33.33 %) in " + d["window"] + "; by Matryoshka group [0, 2) 50.0 %, "
                               "[2, 8) 33.3 %, [8, 12) 25.0 %")
+    from saelab.dashboard.run import summary
+
+    assert f"dead       {format_dead(d)}" in summary(path).splitlines()  # the CLI's summary says the window
 
 
 def test_streamed_firing_counts_equal_the_bundle_and_a_brute_force_count(tmp_path):

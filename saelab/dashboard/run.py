@@ -178,8 +178,8 @@ def summary(path: Path) -> str:
             else f"{int(t['dead'].sum()):,} dead in the dashboard's {c['tokens']:,} tokens")
     return "\n".join([
         f"bundle     {path}: {b.n_latents:,} latents of {m['sae']['hook_name']} on {m['model']['name']}",
-        f"tokens     {c['tokens']:,} scored tokens ({c['rows']:,} rows of {c['tokens_per_row']}) from "
-        f"{c.get('rows_from', 'the ' + c['split'] + ' split')} of {c['source']}"
+        f"tokens     {c['tokens']:,} scored tokens ({c['rows']:,} rows of {c['tokens_per_row']}) of {c['source']}: "
+        f"{c.get('rows_from', 'the ' + c['split'] + ' split')}"
         + (f" (asked for {c['requested_tokens']:,}; the split has no more)"
            if c['tokens'] < c['requested_tokens'] else ""),
         f"dead       {dead}",
