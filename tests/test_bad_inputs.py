@@ -103,6 +103,8 @@ CASES = [
     Case("cache-missing-model", ["cache", "--model", "{tmp}/no-model", "--out", "{tmp}/c"], ["no-model"]),
     Case("cache-wrong-hook", ["cache", "--hooks", "blocks.1.hook_resid_pots", "--out", "{tmp}/c"],
          ["'blocks.1.hook_resid_pots'", "did you mean blocks.1.hook_resid_post"], hint="saelab hooks", model=True),
+    Case("cache-hook-that-never-fires", ["cache", "--hooks", "blocks.0.hook_mlp_in", "--out", "{tmp}/c"],
+         ["'blocks.0.hook_mlp_in'", "carries no activation", "did you mean"], model=True),
     Case("cache-model-without-weights", ["cache", "--model", "{tmp}/noweights", "--out", "{tmp}/c"], ["no weights"]),
     Case("cache-hook-the-family-lacks", ["cache", "--model", "{neox}", "--hooks", "blocks.0.hook_resid_mid",
                                          "--out", "{tmp}/c"],

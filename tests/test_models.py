@@ -3,6 +3,7 @@ reference model's quality numbers (recomputed on a sample and compared with its 
 
 import json
 import math
+import shutil
 import time
 
 import pytest
@@ -108,6 +109,22 @@ def test_hook_names_list_canonical_and_alias_names(reference_model):
     assert check_hook_names(reference_model, "blocks.1.hook_resid_post") == ["blocks.1.hook_resid_post"]
 
 
+def test_listed_hooks_fire_and_silent_ones_are_refused(reference_model):
+    """`hook_names` lists only hooks a forward pass reaches (every one of them is in a run_with_cache of them all);
+    TransformerLens's hook_dict also holds hooks that never fire here (GPT-2's fused attn.qkv) or only when switched
+    on (hook_mlp_in): asking for one is a did-you-mean error, not a failed run."""
+    names = hook_names(reference_model)
+    tokens = random_tokens(1, 4, reference_model.cfg.d_vocab, 0)
+    with torch.no_grad():
+        _, cache = reference_model.run_with_cache(tokens, names_filter=names)
+    got = set(cache.cache_dict)
+    assert not [n for n in names if n not in got and reference_model.hook_dict[n].name not in got]
+    for silent in ("blocks.0.attn.qkv.hook_in", "blocks.0.hook_mlp_in"):
+        assert silent in reference_model.hook_dict and silent not in names
+        with pytest.raises(ModelError, match=rf"'{silent}' is listed by TransformerLens but carries no activation"):
+            check_hook_names(reference_model, silent)
+
+
 def test_alias_and_canonical_hooks_see_the_same_activation(reference_model, reference_tokenizer):
     tokens = random_tokens(1, 16, reference_model.cfg.d_vocab, reference_tokenizer.bos_token_id)
     names = ["blocks.1.hook_resid_post", "blocks.1.hook_out", "blocks.2.hook_resid_pre"]
@@ -150,8 +167,41 @@ def test_missing_local_path_is_not_sent_to_the_hub(tmp_path):
     assert loading.resolve_model_path("org/model") == "org/model"
     with pytest.raises(ModelError, match="without config.json"):  # a folder, but not a model's
         loading.resolve_model_path(str(tmp_path))
-    (tmp_path / "config.json").write_text("{}")
-    assert loading.resolve_model_path(str(tmp_path)) == str(tmp_path)
+
+
+def test_a_model_folder_is_checked_before_loading(tmp_path):
+    """config.json, weights, a tokenizer and a model_type transformers knows, each named when missing."""
+    m = tmp_path / "m"
+    m.mkdir()
+    steps = [("config.json", "not valid JSON", "{"), ("config.json", "no weights", '{"model_type": "gpt2"}'),
+             ("model.safetensors", "no tokenizer", ""), ("tokenizer.json", None, "{}")]
+    for file, error, text in steps:
+        (m / file).write_text(text)
+        if error:
+            with pytest.raises(ModelError, match=error):
+                loading.resolve_model_path(str(m))
+    assert loading.resolve_model_path(str(m)) == str(m.resolve())
+    (m / "config.json").write_text('{"model_type": "lama", "architectures": ["FooForCausalLM"]}')
+    with pytest.raises(ModelError, match=r"model_type 'lama' is not one transformers knows.*did you mean llama"):
+        loading.resolve_model_path(str(m))
+    (m / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    with pytest.raises(ModelError, match="has no model_type"):
+        loading.resolve_model_path(str(m))
+
+
+def test_a_local_folder_is_named_by_its_absolute_path(tmp_path, monkeypatch):
+    """A folder wins over a hub name (or a TransformerLens alias) of the same name, and goes on, and is recorded,
+    as its absolute path, symlinks resolved; 'reference' and hub names stay as they are."""
+    real = tmp_path / "models" / "v3"
+    shutil.copytree(reference_dir(), real, ignore=shutil.ignore_patterns("*.md", "quality.json", "recipe.json"))
+    (tmp_path / "pythia-70m").symlink_to(real)
+    monkeypatch.chdir(tmp_path)
+    for name in ("pythia-70m", "./pythia-70m", "models/../pythia-70m", "models/v3"):
+        assert loading.resolve_model_path(name) == loading.model_id(name) == str(real.resolve()), name
+    assert loading.model_id("reference") == "reference"
+    assert loading.resolve_model_path("reference") == str(reference_dir())
+    assert loading.model_id("EleutherAI/pythia-160m") == "EleutherAI/pythia-160m"
+    assert loading.model_fingerprint("pythia-70m") == loading.model_fingerprint("reference")
 
 
 def test_missing_reference_weights_name_the_recipe(monkeypatch, tmp_path):

@@ -370,6 +370,10 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
     batch)` is a test hook called after each batch ("batch") and around each shard's commit ("renamed",
     "committed"); raising in it simulates a crash at that point.
     """
+    from saelab.models.loading import model_id
+
+    # the manifest names the model as later commands must load it: a local folder by its absolute path
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model_id(cfg.model.name)))
     if model is None:
         done = _finished_without_model(cfg)
         if done is not None:
@@ -425,7 +429,9 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None,
         else:
             manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION,
                         # a summary for readers that need no more (the authoritative values are in "spec")
-                        "model": cfg.model.name, "hooks": hooks, "d_in": spec["d_in"], "dtype": cfg.dtype,
+                        "model": cfg.model.name,
+                        "model_source": getattr(model, "saelab_model_source", cfg.model.name),  # a hub alias resolved
+                        "hooks": hooks, "d_in": spec["d_in"], "dtype": cfg.dtype,
                         "context_size": T, "with_grads": cfg.with_grads,
                         "spec": spec, "layout": layout(spec), "shards": [], "corpus_exhausted": False}
         shards = manifest["shards"]

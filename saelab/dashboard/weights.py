@@ -24,7 +24,9 @@ def decoder_rows(sae) -> torch.Tensor:
 
 
 def unembed_of(model) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(W_U [d_model, V] float32, final-norm gain γ [d_model] or None, whether the final norm centres (LayerNorm))."""
+    """(W_U [d_model, V] float32, final-norm gain γ [d_model] or None, whether the final norm centres (LayerNorm)).
+    The gain is what the norm multiplies by: its weight, or 1 + weight where TransformerLens says the family's RMSNorm
+    is offset (Gemma)."""
     W_U = model.W_U.detach().float().cpu()
     gain = None
     ln = getattr(model, "ln_final", None)
@@ -32,6 +34,8 @@ def unembed_of(model) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         w = getattr(obj, "weight", None) if obj is not None else None
         if isinstance(w, torch.Tensor) and w.shape == (W_U.shape[0],):
             gain = w.detach().float().cpu()
+            if getattr(model.cfg, "rmsnorm_uses_offset", False):  # Gemma's RMSNorm multiplies by 1 + w
+                gain = gain + 1
             break
     centres = str(getattr(model.cfg, "normalization_type", "LN") or "").upper().startswith("LN")
     return W_U, gain, centres

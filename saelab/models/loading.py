@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import re
 from pathlib import Path
@@ -14,6 +15,10 @@ from saelab.errors import ConfigError, ModelError
 
 REFERENCE = "reference"
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
+_HOOK_SWITCHES = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_in")  # hooks they turn on
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+_FAMILIES = "gpt2, gpt_neox, llama, gemma2, qwen2, mistral"
 _MODEL_HINT = ("use the embedded model (--model reference), a hub name such as gpt2, or a local directory holding a "
                "transformers model (config.json + weights + tokenizer)")
 
@@ -23,7 +28,10 @@ def reference_dir() -> Path:
 
 
 def resolve_model_path(name: str) -> str:
-    """'reference' → the embedded model's directory; a local path stays; anything else is a hub name."""
+    """'reference' → the embedded model's directory; a local folder → its absolute path; else a hub name.
+
+    A local folder always wins and goes on as an absolute path: TransformerLens reads a bare name such as
+    `pythia-70m` (what `./pythia-70m` becomes) as an alias of a hub model and would load that instead."""
     from saelab.hub import looks_like_path
 
     if name == REFERENCE:
@@ -34,13 +42,52 @@ def resolve_model_path(name: str) -> str:
         return str(path)
     local = Path(name).expanduser()
     if local.exists():
-        if not local.is_dir() or not (local / "config.json").exists():
-            what = "a file" if not local.is_dir() else "a directory without config.json"
-            raise ModelError(f"model {name!r}: {what}, not a transformers model directory", hint=_MODEL_HINT)
-        return str(local)
+        check_model_dir(name, local)
+        return str(local.resolve())
     if looks_like_path(name):  # a path, not 'org/name'
         raise ModelError(f"model {name!r}: no such local directory", hint=_MODEL_HINT)
     return name
+
+
+def model_id(name: str) -> str:
+    """What runs, caches and SAEs record as their model: 'reference', a local folder's absolute path, or the hub name
+    as given. Later commands load the model from it, from any working directory, and never mistake a folder for a
+    hub model of the same name."""
+    return name if name == REFERENCE else resolve_model_path(name)
+
+
+def _first_match(path: Path, patterns: tuple[str, ...]) -> Path | None:
+    return next((p for pattern in patterns for p in sorted(path.glob(pattern))), None)
+
+
+def check_model_dir(name: str, path: Path) -> None:
+    """A local model folder holds a readable config.json of an architecture transformers knows, weights and a
+    tokenizer: what can be checked in milliseconds, before TransformerLens is imported or anything is written."""
+    if not path.is_dir() or not (path / "config.json").exists():
+        what = "a file" if not path.is_dir() else "a directory without config.json"
+        raise ModelError(f"model {name!r}: {what}, not a transformers model directory", hint=_MODEL_HINT)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"model {name!r}: config.json is not valid JSON ({e})", hint=_MODEL_HINT) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"model {name!r}: config.json is not a JSON object", hint=_MODEL_HINT)
+    if _first_match(path, WEIGHT_FILES) is None:
+        raise ModelError(f"model {name!r}: the folder has no weights ({', '.join(WEIGHT_FILES)})",
+                         hint="save the model into it with model.save_pretrained(folder)")
+    if _first_match(path, TOKENIZER_FILES) is None:
+        raise ModelError(f"model {name!r}: the folder has no tokenizer ({', '.join(TOKENIZER_FILES)})",
+                         hint="save the model's tokenizer into it with tokenizer.save_pretrained(folder)")
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING_NAMES:
+        close = difflib.get_close_matches(str(model_type), sorted(CONFIG_MAPPING_NAMES), n=3, cutoff=0.6)
+        mean = f"; did you mean {', '.join(close)}?" if close else ""
+        what = (" has no model_type" if model_type is None
+                else f"'s model_type {model_type!r} is not one transformers knows")
+        raise ModelError(f"model {name!r}: config.json{what} (architectures {config.get('architectures')}){mean}",
+                         hint=f"set model_type in config.json to the model's family ({_FAMILIES}, …)")
 
 
 def _check_hub(name: str) -> None:
@@ -86,23 +133,46 @@ def load_model(name: str = REFERENCE, device: str | torch.device = "cpu", dtype:
     path = locate_model(name)  # before importing TransformerLens (seconds): an offline machine fails at once
     torch_dtype = parse_dtype(dtype)
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar: a blink on stderr for every command
     try:
         bridge = TransformerBridge.boot_transformers(path, device=str(device), dtype=torch_dtype)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:  # unreadable files, unsupported architecture
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"model {name!r} cannot be loaded: {first}", hint=_MODEL_HINT) from e
+        hint = _MODEL_HINT
+        if first.startswith("Could not determine supported architecture"):  # its first line lists ~200 of them
+            first = f"TransformerLens has no adapter for its architecture ({_architecture(path)})"
+            hint = "use a model of a family TransformerLens supports: TransformerBridge.list_supported_models()"
+        raise ModelError(f"model {name!r} cannot be loaded: {first}", hint=hint) from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     bridge.eval()
-    bridge.saelab_model_id = name  # what the user asked for, recorded in manifests
+    bridge.saelab_model_id = model_id(name)  # recorded in manifests and SAEs: 'reference', a folder's path, a hub name
+    # what was loaded: the folder, or the hub model TransformerLens resolved the name to (it maps aliases such as
+    # pythia-70m to EleutherAI/pythia-70m)
+    bridge.saelab_model_source = bridge.cfg.model_name if Path(path) != reference_dir() else REFERENCE
     return bridge
 
 
+def _architecture(path: str) -> str:
+    """'model_type X, architectures [...]' from a local folder's config.json, else the hub name."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return path
+    data = json.loads(config.read_text())
+    return f"model_type {data.get('model_type')!r}, architectures {data.get('architectures')}"
+
+
 def model_fingerprint(name: str) -> str:
-    """sha256 of the weights file for local models (the reference included), else the hub name."""
+    """sha256 of the weight files of local models (the reference included), else the hub name."""
     path = Path(resolve_model_path(name))
     if path.is_dir():
         h = hashlib.sha256()
-        for f in sorted(path.glob("*.safetensors")):
+        for f in sorted({f for pattern in WEIGHT_FILES for f in path.glob(pattern)}):
             with open(f, "rb") as fh:  # in chunks: large local models do not fit in RAM twice
                 for chunk in iter(lambda: fh.read(1 << 24), b""):
                     h.update(chunk)
@@ -111,8 +181,30 @@ def model_fingerprint(name: str) -> str:
 
 
 def hook_names(model) -> list[str]:
-    """Every hook name the model accepts, canonical and TransformerLens-style aliases, sorted."""
-    return sorted(model.hook_dict.keys())
+    """Every hook name that carries an activation in this model, canonical and TransformerLens-style aliases,
+    sorted."""
+    return sorted(_firing(model))
+
+
+def _firing(model) -> set[str]:
+    """The names in `model.hook_dict` whose hook point a forward pass reaches, found once per model by a 2-token
+    forward. TransformerLens also lists hooks a family never reaches (rotary models' hook_pos_embed, GPT-2's fused
+    attn.qkv) and hooks reached only when switched on (hook_mlp_in, hook_attn_in, attn.hook_result)."""
+    switches = tuple(getattr(model.cfg, f, None) for f in _HOOK_SWITCHES)
+    found, was = getattr(model, "_saelab_firing", (None, None))
+    if found is None or was != switches:
+        points = {id(p): p for p in model.hook_dict.values()}
+        seen: set[int] = set()
+        handles = [p.register_forward_hook(lambda module, args, out: seen.add(id(module))) for p in points.values()]
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))
+        finally:
+            for h in handles:
+                h.remove()
+        found = {name for name, p in model.hook_dict.items() if id(p) in seen}
+        model._saelab_firing = (found, switches)
+    return found
 
 
 def hook_layer(hook_name: str) -> int | None:
@@ -122,16 +214,21 @@ def hook_layer(hook_name: str) -> int | None:
 
 
 def check_hook_names(model, hooks: list[str] | str) -> list[str]:
-    """Raise a `ModelError` naming the closest valid hooks for any name the model does not have."""
+    """Raise a `ModelError` naming the closest valid hooks for any name the model does not have or never reaches."""
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    valid = set(model.hook_dict.keys())
+    valid = _firing(model)
     for h in hooks:
         if h not in valid:
             close = difflib.get_close_matches(h, sorted(valid), n=5, cutoff=0.5)
             mean = f"; did you mean {', '.join(close)}?" if close else ""
+            if h.endswith("hook_resid_mid") and getattr(model.cfg, "parallel_attn_mlp", False):
+                mean = (" (attention and MLP read the same residual stream in parallel, so there is none between "
+                        f"them){mean}")
             n_layers = getattr(model.cfg, "n_layers", "?")
-            model_id = getattr(model, "saelab_model_id", None)
-            raise ModelError(f"hook {h!r} does not exist in this model ({n_layers} layers){mean}",
-                             hint=f"list them all with `saelab hooks --model {model_id or '...'}` or "
+            loaded = getattr(model, "saelab_model_id", None)
+            what = ("is listed by TransformerLens but carries no activation in this model's forward pass"
+                    if h in model.hook_dict else "does not exist in this model")
+            raise ModelError(f"hook {h!r} {what} ({n_layers} layers){mean}",
+                             hint=f"list them all with `saelab hooks --model {loaded or '...'}` or "
                                   f"saelab.hook_names(model)")
     return hooks

@@ -19,7 +19,7 @@ from pathlib import Path
 from saelab.config import ModelSpec, TrainConfig
 from saelab.distributed import all_or_none, rank_device, rank_world
 from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
-from saelab.models.loading import locate_model
+from saelab.models.loading import locate_model, model_id
 from saelab.training.trainer import TrainResult, default_run_name, train
 
 RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "sae", "checkpoints", "cache", "eval"}  # what a run folder holds
@@ -131,6 +131,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
         require_wandb()
     data = to_dict(cfg)
+    data["model"]["name"] = model_id(cfg.model.name)  # a local folder by its absolute path (what the SAE records)
     if cfg.hook_name and cfg.sae.hook_name and cfg.hook_name != cfg.sae.hook_name:
         raise ConfigError(f"sae.hook_name: {cfg.sae.hook_name!r}, but hook_name is {cfg.hook_name!r}",
                           hint="give the hook once (--hook)")
