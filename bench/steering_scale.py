@@ -8,8 +8,9 @@ live latents spread evenly over the output-score ranking, each steered at every 
 the neutral code prefixes (`steering_success`, sampling at T 0.7, success@20 = generated tokens among the latent's
 top-20 logit-lens tokens), once per strength rule: "position" (α × the largest latent activation at each position,
 the paper's) and "corpus" (α × the latent's largest activation over the corpus sample). Reports Spearman's ρ
-between output score and success at each latent's best α and at each α alone, and the mean best success of the top
-and bottom halves by output score. Writes bench/results/steering_scale.json (date, machine, torch version, wall
+between output score and success at each latent's best α, at each α alone, and with the gain over α = 0 (what
+steering adds: latents whose lens tokens are common hit them unsteered too), and the top and bottom halves by
+output score. Writes bench/results/steering_scale.json (date, machine, torch version, wall
 times).
 """
 
@@ -34,17 +35,29 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="how many of the neutral code prefixes")
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--scales", default="position,corpus")
+    ap.add_argument("--reuse-scores", action="store_true",
+                    help="read RUN/eval/steering_scores.parquet when it is there instead of scoring again")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "steering_scale.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from saelab.eval.run import load_run, score_run
-    from saelab.eval.steering import STEER_PROMPTS, output_score_correlation
+    from saelab.eval.steering import STEER_PROMPTS, SteeringScores, output_score_correlation
 
     loaded = load_run(Path(args.run))
-    sae, model = loaded[0], loaded[1]
+    sae, model, out_dir = loaded[0], loaded[1], loaded[3]
     t0 = time.perf_counter()
-    scores, _ = score_run(Path(args.run), args.tokens, progress=False, loaded=loaded)
+    saved = out_dir / "steering_scores.parquet"
+    if args.reuse_scores and saved.exists():
+        import numpy as np
+        import pandas as pd
+
+        df = pd.read_parquet(saved).sort_values("latent")
+        scores = SteeringScores(df["latent"].to_numpy(), df["output_score"].to_numpy(), df["input_score"].to_numpy(),
+                                df["max_activation"].to_numpy(), df["n_examples"].to_numpy(),
+                                np.stack(df["lens_tokens"].to_numpy()), {})
+    else:
+        scores, _ = score_run(Path(args.run), args.tokens, progress=False, loaded=loaded)
     t_scores = time.perf_counter() - t0
     alphas = [float(a) for a in args.alphas.split(",")]
     results = {}
@@ -55,10 +68,12 @@ def main() -> None:
         res["seconds"] = round(time.perf_counter() - t0, 1)
         res.pop("detail")
         results[scale] = res
+        gain = (f"; ρ with the gain over α = 0 {res['spearman_gain']:+.3f} (top half {res['gain_top_half']:.2f} vs "
+                f"bottom half {res['gain_bottom_half']:.2f})") if "spearman_gain" in res else ""
         print(f"{scale:>8}: Spearman ρ(output score, best success@20) = {res['spearman_best']:+.3f} over "
               f"{res['n']} latents; per α {dict(zip(alphas, [round(r, 3) for r in res['spearman_per_alpha']]))}; "
-              f"best success top half {res['success_top_half']:.2f} vs bottom half {res['success_bottom_half']:.2f} "
-              f"({res['seconds']:.0f} s)", flush=True)
+              f"best success top half {res['success_top_half']:.2f} vs bottom half {res['success_bottom_half']:.2f}"
+              f"{gain} ({res['seconds']:.0f} s)", flush=True)
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
            "run": str(args.run), "architecture": sae.cfg.architecture, "n_latents": sae.cfg.n_latents,

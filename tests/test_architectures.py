@@ -283,6 +283,23 @@ def test_gtopk_selects_by_gradient_score_and_keeps_encoder_values(candidates):
     assert torch.equal(sae.encode(x).indices.sort(1).values, plain)
 
 
+@pytest.mark.parametrize("candidates", [0, 3])
+def test_gtopk_selection_with_gradient_survives_save_and_load(tmp_path, candidates):
+    """Saving folds the input scale into the decoder rows (norm 1/scale): the loaded SAE must still select as the
+    trained one did, so the attribution is taken along each row's unit direction."""
+    torch.manual_seed(2)
+    sae = make("gtopk", beta=2.0, candidates=candidates)
+    x, g = torch.randn(64, 24) * 5 + 1, torch.randn(64, 24)
+    sae.init_from_data_(x)
+    assert abs(sae.cfg.input_scale - 1) > 0.5
+    before = sae.encode(x, grad=g).indices.sort(1).values
+    sae.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.W_dec.norm(dim=1).sub(1 / sae.cfg.input_scale).abs().max() < 1e-4  # the folded rows
+    assert torch.equal(loaded.encode(x, grad=g).indices.sort(1).values, before)
+    assert not torch.equal(before, loaded.encode(x).indices.sort(1).values)
+
+
 def test_gradient_topk_indices_exact_matches_dense_scores():
     torch.manual_seed(3)
     pre, g, W = torch.randn(50, 300), torch.randn(50, 16), torch.randn(300, 16)

@@ -349,6 +349,7 @@ def _gsae(d_model, beta=4.0, n=64, k=4, seed=3):
     sae.reset_parameters(seed=seed)
     with torch.no_grad():
         sae.b_enc.fill_(0.5)  # most pre-activations positive, so the gradient term has room to reorder them
+        sae.W_dec.mul_(1.7)  # rows of norm ≠ 1, as a saved SAE's (its input scale folded in)
     return sae
 
 
@@ -377,7 +378,8 @@ def test_gsae_eval_uses_the_gradient_selection_built_by_hand(model, rows, d_mode
     x, g = act[keep], grad[keep]
     W_dec, W_enc, b_enc, b_dec = (t.detach() for t in (sae.W_dec, sae.W_enc, sae.b_enc, sae.b_dec))
     z = ((x - b_dec) @ W_enc + b_enc).relu()
-    att = (g @ W_dec.T).abs() / (g.pow(2).sum(1).mean() / d_model).sqrt()  # |d_i·g| over the batch RMS of g
+    # |d_i·g| along each unit decoder direction, over the batch RMS of g
+    att = (g @ W_dec.T).abs() / W_dec.norm(dim=1) / (g.pow(2).sum(1).mean() / d_model).sqrt()
     chosen = (z + 4.0 * z * att).topk(4, dim=1).indices  # the paper's score z + β·z·|W_dec g|
     plain = z.topk(4, dim=1).indices
     changed = (chosen.sort(1).values != plain.sort(1).values).any(1)

@@ -218,6 +218,36 @@ def test_steering_success_generates_with_the_position_rule(model):
         steering_success(model, sae, [9], [1.0], None, lens, strength_scale="corpus")
 
 
+def test_output_score_correlation_picks_across_the_ranking_and_ranks_by_hand(monkeypatch):
+    from scipy.stats import spearmanr
+
+    from saelab.eval.steering import SteeringScores, output_score_correlation
+
+    n = 12
+    out = np.linspace(0.9, 0.0, n)  # latent i has the i-th highest output score
+    alive = np.ones(n)
+    alive[3] = 0  # never fires: left out
+    scores = SteeringScores(np.arange(n), out, np.full(n, np.nan), alive, np.zeros(n), np.zeros((n, 20), int), {})
+    calls = {}
+
+    def fake_success(model, sae, latents, alphas, max_activation, lens, **kw):  # success grows with output score
+        calls.update(latents=latents, kw=kw)
+        lat = np.asarray(latents)
+        success = np.stack([0.5 * (lat % 2), 20 - lat + 0.3 * (lat % 3)], 1)  # α = 0 column, α = 8 column
+        return {"success": success.tolist(), "strength_scale": kw.get("strength_scale", "position")}
+
+    monkeypatch.setattr("saelab.eval.steering.steering_success", fake_success)
+    res = output_score_correlation(None, None, scores, n=5, alphas=[0.0, 8.0], strength_scale="corpus")
+    assert res["latents"] == calls["latents"] and 3 not in res["latents"]
+    assert res["latents"][0] == 0 and res["latents"][-1] == n - 1 and len(res["latents"]) == 5  # both ends
+    assert calls["kw"]["strength_scale"] == "corpus" and res["strength_scale"] == "corpus"
+    success = np.asarray(res["success"])
+    assert res["spearman_best"] == pytest.approx(spearmanr(out[res["latents"]], success.max(1))[0])
+    gain = success.max(1) - success[:, 0]
+    assert res["spearman_gain"] == pytest.approx(spearmanr(out[res["latents"]], gain)[0])
+    assert res["best_alpha"] == [8.0] * 5 and res["success_top_half"] > res["success_bottom_half"]
+
+
 # ------------------------------------------------------------------------------------------ g-SAE scores
 def _gsae(model, hook="blocks.1.hook_resid_post", n=32):
     sae = SparseAutoencoder(SAEConfig(architecture="gtopk", d_in=model.cfg.d_model, n_latents=n, k=4,

@@ -43,6 +43,10 @@ tasks (`--data FILE`), at one of two levels (`--level`):
               first non-whitespace character is).
     Both levels split train / test by row (a hash of its index and text): a text is never on both sides.
 Activations are gathered once and reused by every task.
+g-SAEs (`splice.infers_with_grad`) select latents with the LM-loss gradient at the hook: their activations are
+gathered with that gradient (one backward per batch; the activation cache's loss, over the real tokens' targets
+only), the "sae" basis encodes with it, and its TopK fallback (encode without the gradient) is probed beside it as
+the basis "sae_topk_fallback".
 """
 
 from __future__ import annotations
@@ -58,12 +62,14 @@ import numpy as np
 import torch
 
 from saelab.errors import ConfigError, DataError
-from saelab.eval.splice import capture, default_special_ids, model_device, special_mask
+from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, capture, default_special_ids, infers_with_grad,
+                                lm_loss_grad, model_device, special_mask)
 
 KS = (1, 2, 5, 10, 20)
 LEVELS = ("sequence", "token")  # of a user's labelled data
 SELECTIONS = ("mean_diff", "f_stat", "probe_loss")
 BASES = ("sae", "neurons", "rotation")
+FALLBACK_BASIS = "sae_topk_fallback"  # a g-SAE's latents without the gradient, probed beside its own
 DENSE_DENSITY = 0.1  # a selected latent active on more than this share of tokens is flagged dense (as `eval`)
 
 
@@ -89,6 +95,8 @@ class ProbeData:
     kind: str = "token"
     density: np.ndarray | None = None
     density_tokens: int = 0
+    grad: torch.Tensor | None = None  # [N, d] the LM-loss gradient at each token (a g-SAE's token data)
+    z_fallback: torch.Tensor | None = None  # pooled latents of a g-SAE's TopK fallback (sequence data)
 
 
 def _is_test_key(key: str, test_frac: float) -> bool:
@@ -112,10 +120,11 @@ def _rows_of(ids: np.ndarray, context_size: int, bos: int, pad: int) -> tuple[np
 
 @torch.no_grad()
 def hook_rows(model, hook: str, rows: np.ndarray, keep: np.ndarray, batch_rows: int = 32,
-              progress: bool = False) -> torch.Tensor:
-    """Activations [n, d] at the True positions of keep [R, L] of token rows [R, L] (truncated forwards)."""
+              progress: bool = False, with_grad: bool = False):
+    """Activations [n, d] at the True positions of keep [R, L] of token rows [R, L] (truncated forwards); with_grad:
+    (activations, LM-loss gradients [n, d]), the loss over the targets at kept positions (full forwards)."""
     dev = model_device(model)
-    out = []
+    out, grads = [], []
     it = range(0, len(rows), batch_rows)
     if progress:
         from tqdm.auto import tqdm
@@ -123,15 +132,20 @@ def hook_rows(model, hook: str, rows: np.ndarray, keep: np.ndarray, batch_rows: 
         it = tqdm(it, desc="activations", unit="batch")
     for i in it:
         tok = torch.as_tensor(rows[i:i + batch_rows], device=dev)
-        _, acts = capture(model, tok, hook)
-        a = acts[hook]
-        out.append(a.reshape(*tok.shape, -1)[torch.as_tensor(keep[i:i + batch_rows], device=dev)].float().cpu())
-    return torch.cat(out)
+        k = torch.as_tensor(keep[i:i + batch_rows], device=dev)
+        if with_grad:
+            _, a, g = lm_loss_grad(model, tok, hook, target_mask=k)
+            grads.append(g.reshape(*tok.shape, -1)[k].float().cpu())
+        else:
+            _, acts = capture(model, tok, hook)
+            a = acts[hook]
+        out.append(a.reshape(*tok.shape, -1)[k].float().cpu())
+    return (torch.cat(out), torch.cat(grads)) if with_grad else torch.cat(out)
 
 
 def gather_token_data(model, hook: str, texts, context_size: int = 128, test_frac: float = 0.3,
                       batch_rows: int = 32, progress: bool = False, tasks: Sequence[str] | None = None,
-                      whole_texts: bool = False) -> ProbeData:
+                      whole_texts: bool = False, with_grad: bool = False) -> ProbeData:
     """Token-level data from `LabelledText`s (saelab.data.labels) whose label columns are `tasks` (default: the
     code tasks, `TASKS`): one example per BPE token, texts split into train/test by a hash of their key. With too
     few texts for that, the last test_frac of each text is test, or with `whole_texts` the last texts are."""
@@ -151,10 +165,11 @@ def gather_token_data(model, hook: str, texts, context_size: int = 128, test_fra
     test_arr = np.concatenate(test)
     if test_arr.all() or not test_arr.any():  # too few texts for a split by hash
         test_arr = _split_by_position(texts, test_frac, whole_texts)
-    x = hook_rows(model, hook, np.concatenate(all_rows), np.concatenate(all_real), batch_rows, progress)
+    x = hook_rows(model, hook, np.concatenate(all_rows), np.concatenate(all_real), batch_rows, progress, with_grad)
+    x, grad = x if with_grad else (x, None)  # with_grad: a g-SAE's data, with the gradient at each token
     y = np.concatenate(lab)
     return ProbeData(x=x, labels={task: y[:, j].astype(np.int8) for j, task in enumerate(tasks or TASKS)},
-                     is_test=test_arr)
+                     is_test=test_arr, grad=grad)
 
 
 def _split_by_position(texts, test_frac: float, whole_texts: bool) -> np.ndarray:
@@ -166,13 +181,13 @@ def _split_by_position(texts, test_frac: float, whole_texts: bool) -> np.ndarray
 
 
 def reference_data(model, hook: str, corpus=None, max_tokens: int = 80_000, context_size: int = 128,
-                   test_frac: float = 0.3, progress: bool = False) -> ProbeData:
+                   test_frac: float = 0.3, progress: bool = False, with_grad: bool = False) -> ProbeData:
     """The reference code tasks on the corpus's validation split (held out from SAE training)."""
     from saelab.data.corpus import CorpusSpec
     from saelab.data.labels import label_corpus
 
     texts = label_corpus(corpus if corpus is not None else CorpusSpec(), model.tokenizer, "validation", max_tokens)
-    return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress)
+    return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress, with_grad=with_grad)
 
 
 def read_rows(source: str, split: str = "train", max_rows: int | None = 4000,
@@ -284,7 +299,8 @@ def _is_int_pair(p: Any) -> bool:
 
 
 def gather_span_data(model, hook: str, rows: Sequence[tuple[str, dict]], tasks: Sequence[str],
-                     context_size: int = 128, test_frac: float = 0.3, progress: bool = False) -> ProbeData:
+                     context_size: int = 128, test_frac: float = 0.3, progress: bool = False,
+                     with_grad: bool = False) -> ProbeData:
     """Token-level data from `load_spans`'s rows: one example per non-special BPE token, labelled by the spans;
     train/test split by row (a hash of its index and text, as at sequence level), so no text is on both sides."""
     from saelab.data.labels import span_labels
@@ -292,7 +308,7 @@ def gather_span_data(model, hook: str, rows: Sequence[tuple[str, dict]], tasks: 
     texts = [span_labels(text, spans, tasks, model.tokenizer, key=f"{i}:{text}")
              for i, (text, spans) in enumerate(rows)]
     return gather_token_data(model, hook, texts, context_size, test_frac, progress=progress, tasks=tasks,
-                             whole_texts=True)
+                             whole_texts=True, with_grad=with_grad)
 
 
 @torch.no_grad()
@@ -310,7 +326,8 @@ def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]],
     specials = default_special_ids(model)
     dev = model_device(model)
     is_test = np.array([_is_test_key(f"{i}:{t}", test_frac) for i, (t, _) in enumerate(rows)])
-    xs, zs = [], []
+    xs, zs, zs_fallback = [], [], []
+    with_grad = infers_with_grad(sae)  # a g-SAE: encode with the LM-loss gradient, its TopK fallback beside
     fired = torch.zeros(sae.cfg.n_latents, dtype=torch.int64)  # per-token activity over the train sequences
     n_train_tokens = 0
     for i in range(0, len(rows), batch_rows):
@@ -330,15 +347,25 @@ def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]],
             last = keep.long().cumsum(1).argmax(1)
             keep = torch.zeros_like(keep)
             keep[torch.arange(len(ids)), last] = True
-        _, acts = capture(model, tok.to(dev), hook)
-        a = acts[hook].reshape(len(ids), L, -1).float().cpu()
+        if with_grad:  # the loss over the texts' own targets, not the padding's
+            _, act, g = lm_loss_grad(model, tok.to(dev), hook, target_mask=valid)
+            g = g.reshape(len(ids), L, -1).float().cpu()[keep]
+        else:
+            _, acts = capture(model, tok.to(dev), hook)
+            act, g = acts[hook], None
+        a = act.reshape(len(ids), L, -1).float().cpu()
         w = keep.float() / keep.sum(1, keepdim=True)
         xs.append(torch.einsum("bl,bld->bd", w, a))
         flat = a[keep]
-        dense = sae.encode(flat).to_dense(sae.cfg.n_latents).float()
         seq = torch.repeat_interleave(torch.arange(len(ids)), keep.sum(1))
-        z = torch.zeros(len(ids), sae.cfg.n_latents).index_add_(0, seq, dense) / keep.sum(1, keepdim=True)
-        zs.append(z)
+
+        def pooled(dense):
+            return torch.zeros(len(ids), sae.cfg.n_latents).index_add_(0, seq, dense) / keep.sum(1, keepdim=True)
+
+        dense = torch.as_tensor(sae_features(sae, flat, grad=g))
+        zs.append(pooled(dense))
+        if with_grad:
+            zs_fallback.append(pooled(torch.as_tensor(sae_features(sae, flat))))
         train_tok = ~torch.as_tensor(is_test[i:i + batch_rows])[seq]
         fired += (dense[train_tok] != 0).sum(0)
         n_train_tokens += int(train_tok.sum())
@@ -349,7 +376,8 @@ def gather_sequence_data(model, sae, hook: str, rows: Sequence[tuple[str, str]],
     tasks = {name: (labels == classes[-1]).astype(np.int8)} if len(classes) == 2 else \
         {f"{name}:{c}": (labels == c).astype(np.int8) for c in classes}
     return ProbeData(x=torch.cat(xs), labels=tasks, is_test=is_test, z=torch.cat(zs), kind="sequence",
-                     density=(fired.double() / max(n_train_tokens, 1)).numpy(), density_tokens=n_train_tokens)
+                     density=(fired.double() / max(n_train_tokens, 1)).numpy(), density_tokens=n_train_tokens,
+                     z_fallback=torch.cat(zs_fallback) if with_grad else None)
 
 
 # ================================================================================================ probing
@@ -489,13 +517,19 @@ class ProbingResult:
     level: str = "token"  # the examples: tokens (the code tasks, span data) or pooled sequences
     max_density: float | None = None  # SAE latents denser than this were left out of the selection
     density_tokens: int = 0  # the probe-train tokens each latent's density is counted on
+    rule: str = ""  # a g-SAE: "with gradient" for "sae", its TopK fallback probed as FALLBACK_BASIS
+
+    @property
+    def bases(self) -> tuple[str, ...]:
+        return BASES + ((FALLBACK_BASIS,) if self.rule else ())
 
     def to_dict(self) -> dict[str, Any]:
         from saelab.eval.core import _json_clean
 
+        rule = {"rule": self.rule, "fallback_rule": FALLBACK_RULE} if self.rule else {}
         return _json_clean({"hook_name": self.hook_name, "n_latents": self.n_latents, "selection": self.selection,
-                            "max_density": self.max_density, "level": self.level, "ks": self.ks,
-                            "bases": list(BASES) + ["dense"], "density_tokens": self.density_tokens,
+                            "max_density": self.max_density, "level": self.level, "ks": self.ks, **rule,
+                            "bases": list(self.bases) + ["dense"], "density_tokens": self.density_tokens,
                             "dense_density": DENSE_DENSITY, "tasks": self.tasks, "mean": self.mean})
 
     def _repr_html_(self) -> str:  # Jupyter: mean test accuracy per k of the SAE probe and its baselines
@@ -509,25 +543,30 @@ class ProbingResult:
                                f"mean test accuracy (dense probe {m['dense']['accuracy']:.3f})")
 
 
-def sae_features(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Dense SAE latents [n, n_latents] (float32) of activations x [n, d]."""
+def sae_features(sae, x: torch.Tensor, batch: int = 8192, grad: torch.Tensor | None = None) -> np.ndarray:
+    """Dense SAE latents [n, n_latents] (float32) of activations x [n, d]; with `grad` (the LM-loss gradient at
+    each row) a g-SAE selects with it."""
     out = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
             xb = x[i:i + batch].to(sae.W_dec.device)
-            out.append(sae.encode(xb).to_dense(sae.cfg.n_latents).float().cpu())
+            code = sae.encode(xb) if grad is None else sae.encode(xb, grad=grad[i:i + batch].to(xb.device))
+            out.append(code.to_dense(sae.cfg.n_latents).float().cpu())
     return torch.cat(out).numpy()
 
 
-def latent_density(sae, x: torch.Tensor, batch: int = 8192) -> np.ndarray:
-    """Share of the rows of x [n, d] on which each SAE latent is active (value != 0, as `active_entries` counts)."""
+def latent_density(sae, x: torch.Tensor, batch: int = 8192, grad: torch.Tensor | None = None) -> np.ndarray:
+    """Share of the rows of x [n, d] on which each SAE latent is active (value != 0, as `active_entries` counts);
+    with `grad`, a g-SAE's latents as it selects them with the gradient (as `sae_features`)."""
     from saelab.eval.core import active_entries
 
     F = sae.cfg.n_latents
     counts = torch.zeros(F, dtype=torch.int64)
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):
-            _, lat, _ = active_entries(sae.encode(x[i:i + batch].to(sae.W_dec.device)), F)
+            xb = x[i:i + batch].to(sae.W_dec.device)
+            code = sae.encode(xb) if grad is None else sae.encode(xb, grad=grad[i:i + batch].to(xb.device))
+            _, lat, _ = active_entries(code, F)
             counts += torch.bincount(lat.cpu(), minlength=F)
     return (counts.double() / max(x.shape[0], 1)).numpy()
 
@@ -540,7 +579,9 @@ def train_density(data: ProbeData, sae) -> tuple[np.ndarray, int]:
     train = ~np.asarray(data.is_test, dtype=bool)
     if data.z is not None:
         return (data.z[torch.from_numpy(train)] != 0).double().mean(0).numpy(), int(train.sum())
-    return latent_density(sae, data.x[torch.from_numpy(train)]), int(train.sum())
+    rows = torch.from_numpy(train)
+    grad = None if data.grad is None else data.grad[rows]  # a g-SAE's density under its own rule
+    return latent_density(sae, data.x[rows], grad=grad), int(train.sum())
 
 
 def probe_tasks(data: ProbeData, sae, ks: Sequence[int] = KS, selection: str = "mean_diff",
@@ -579,7 +620,8 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
         raise ConfigError(f"max_density {max_density} leaves no latent to select: the least dense is active on "
                           f"{100 * density.min():.3g} % of the probe-train tokens", hint="raise max_density")
     result = ProbingResult(hook_name or sae.cfg.hook_name, sae.cfg.n_latents, selection, ks, level=data.kind,
-                           max_density=max_density, density_tokens=n_density)
+                           max_density=max_density, density_tokens=n_density,
+                           rule=GRAD_RULE if data.grad is not None or data.z_fallback is not None else "")
     items = list(data.labels.items())
     if progress:
         from tqdm.auto import tqdm
@@ -596,14 +638,19 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
         if data.z is not None:
             feats["sae"] = (data.z[tr].numpy(), data.z[te].numpy())
         else:
-            feats["sae"] = (sae_features(sae, data.x[tr]), sae_features(sae, data.x[te]))
+            g = (None, None) if data.grad is None else (data.grad[tr], data.grad[te])
+            feats["sae"] = (sae_features(sae, data.x[tr], grad=g[0]), sae_features(sae, data.x[te], grad=g[1]))
+        if data.z_fallback is not None:
+            feats[FALLBACK_BASIS] = (data.z_fallback[tr].numpy(), data.z_fallback[te].numpy())
+        elif data.grad is not None:
+            feats[FALLBACK_BASIS] = (sae_features(sae, data.x[tr]), sae_features(sae, data.x[te]))
         entry: dict[str, Any] = {"n_train": int(len(tr)), "n_test": int(len(te)),
                                  "positive_rate": float(y[y >= 0].mean()), "k": {}}
-        order = {b: rank_features(f[0], ytr, selection, exclude=too_dense if b == "sae" else None)[:max(ks)]
+        order = {b: rank_features(f[0], ytr, selection, exclude=too_dense if b.startswith("sae") else None)[:max(ks)]
                  for b, f in feats.items()}
         for k in ks:
             row = {}
-            for b in BASES:
+            for b in result.bases:
                 Xtr, Xte = feats[b]
                 idx = order[b][:k]
                 row[b] = fit_probe(Xtr[:, idx], ytr, Xte[:, idx], yte)
@@ -618,7 +665,7 @@ def _probe_tasks(data, sae, ks, selection, n_train, n_test, seed, rotation_seed,
         raise DataError("no task had enough examples of both classes to probe")
     for k in ks:
         result.mean[str(k)] = {f"{b}_{m}": float(np.mean([t["k"][str(k)][b][m] for t in done]))
-                               for b in BASES for m in ("accuracy", "f1", "auroc")}
+                               for b in result.bases for m in ("accuracy", "f1", "auroc")}
         result.mean[str(k)]["sae_tasks_with_dense"] = sum(t["k"][str(k)]["sae"]["n_dense"] > 0 for t in done)
     result.mean["dense"] = {m: float(np.mean([t["dense"][m] for t in done])) for m in ("accuracy", "f1", "auroc")}
     k1 = str(ks[0])
@@ -662,6 +709,9 @@ def format_probing(r: ProbingResult) -> str:
     lines.append(f"k={k1}: the SAE probe {verdict} the neuron probe on average "
                  f"({m[k1]['sae_accuracy']:.3f} vs {m[k1]['neurons_accuracy']:.3f} accuracy, "
                  f"AUROC {m[k1]['sae_auroc']:.3f} vs {m[k1]['neurons_auroc']:.3f})")
+    if r.rule:  # a g-SAE: its own rule (the sae columns) against its TopK fallback
+        lines.append(f"g-SAE, mean test accuracy {r.rule} (sae) / {FALLBACK_RULE}: " + ", ".join(
+            f"k={k} {m[k]['sae_accuracy']:.3f} / {m[k][FALLBACK_BASIS + '_accuracy']:.3f}" for k in shown))
     n_dense = m[k1]["sae_tasks_with_dense"]
     if n_dense:
         lines.append(f"k={k1}: {n_dense} of {m['n_tasks']} tasks select a dense latent (active on more than "
@@ -677,4 +727,5 @@ def _pct(share: float) -> str:
 __all__ = ["KS", "SELECTIONS", "LEVELS", "ProbeData", "ProbingResult", "gather_token_data", "reference_data",
            "gather_sequence_data", "load_labelled", "read_rows", "load_spans", "gather_span_data", "balanced_indices",
            "rank_features", "probe_losses", "fit_probe", "binary_metrics", "random_rotation", "sae_features",
-           "latent_density", "train_density", "probe_tasks", "format_probing", "hook_rows", "DENSE_DENSITY"]
+           "latent_density", "train_density", "probe_tasks", "format_probing", "hook_rows", "DENSE_DENSITY",
+           "FALLBACK_BASIS"]

@@ -56,6 +56,7 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
     from saelab.config import check
     from saelab.eval.probing import (KS, LEVELS, SELECTIONS, gather_sequence_data, gather_span_data, load_labelled,
                                      load_spans, probe_tasks, reference_data)
+    from saelab.eval.splice import infers_with_grad
 
     check(level in LEVELS, "--level", f"{level!r}; use {' or '.join(LEVELS)}")
     check(selection in SELECTIONS, "--selection", f"{selection!r}; use {', '.join(SELECTIONS)}")
@@ -68,14 +69,16 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
     elif data:
         rows = load_labelled(data, text_field, label_field or "label")
     sae, model, cfg, out_dir = loaded or load_run(run)
+    with_grad = infers_with_grad(sae)  # a g-SAE: activations with the LM-loss gradient, its fallback probed beside
     if data and level == "token":
-        pd = gather_span_data(model, sae.cfg.hook_name, rows, tasks, context_size=cfg.context_size, progress=progress)
+        pd = gather_span_data(model, sae.cfg.hook_name, rows, tasks, context_size=cfg.context_size, progress=progress,
+                              with_grad=with_grad)
     elif data:
         pd = gather_sequence_data(model, sae, sae.cfg.hook_name, rows, name=Path(data).stem or "user",
                                   pooling=pooling, context_size=cfg.context_size)
     else:
         pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
-                            progress=progress)
+                            progress=progress, with_grad=with_grad)
     result = probe_tasks(pd, sae, ks=ks, selection=selection, progress=progress, max_density=max_density)
     return result, _write_json(out_dir / "probing.json", result.to_dict())
 

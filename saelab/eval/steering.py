@@ -496,7 +496,9 @@ def output_score_correlation(model, sae, scores: SteeringScores, n: int = 64, al
     """The paper's qualitative finding (high output score → steering success), measured on this SAE: `n` live
     latents spread evenly over the output-score ranking are each steered at every α (`steering_success`, keywords
     passed on, e.g. strength_scale, prompts, max_new_tokens); Spearman's ρ between output score and success@k at
-    each latent's best α, and at each α alone (α = 0, no steering, is the control: ρ ≈ 0 expected)."""
+    each latent's best α, and at each α alone. With α = 0 in the grid (no steering: a latent whose top logit-lens
+    tokens are common tokens hits them unsteered too), also ρ with the gain, best success − success at α = 0: the
+    part steering adds."""
     from scipy.stats import spearmanr
 
     alive = np.flatnonzero(scores.max_activation > 0)
@@ -514,12 +516,17 @@ def output_score_correlation(model, sae, scores: SteeringScores, n: int = 64, al
         return math.nan if np.ptp(y) == 0 else float(spearmanr(out, y)[0])
 
     half = len(pick) // 2  # pick is in descending output score
-    return {"n": len(pick), "latents": pick.tolist(), "output_score": out.tolist(), "alphas": list(alphas),
-            "strength_scale": res["strength_scale"], "best_success": best.tolist(),
-            "best_alpha": [float(alphas[j]) for j in success.argmax(1)],
-            "spearman_best": rho(best), "spearman_per_alpha": [rho(success[:, j]) for j in range(len(alphas))],
-            "success_top_half": float(best[:half].mean()), "success_bottom_half": float(best[half:].mean()),
-            "detail": res}
+    result = {"n": len(pick), "latents": pick.tolist(), "output_score": out.tolist(), "alphas": list(alphas),
+              "strength_scale": res["strength_scale"], "success": success.tolist(), "best_success": best.tolist(),
+              "best_alpha": [float(alphas[j]) for j in success.argmax(1)],
+              "spearman_best": rho(best), "spearman_per_alpha": [rho(success[:, j]) for j in range(len(alphas))],
+              "success_top_half": float(best[:half].mean()), "success_bottom_half": float(best[half:].mean()),
+              "detail": res}
+    if 0.0 in list(alphas):
+        gain = best - success[:, list(alphas).index(0.0)]
+        result.update(spearman_gain=rho(gain), gain_top_half=float(gain[:half].mean()),
+                      gain_bottom_half=float(gain[half:].mean()))
+    return result
 
 
 __all__ = ["SCORE_PROMPT", "STEER_PROMPTS", "ALPHAS", "STRENGTH_SCALES", "logit_lens", "lens_tokens",

@@ -1,6 +1,8 @@
 """Gradient-TopK, g-SAE (Olmo et al. 2025): TopK whose *selection* also weighs each latent's first-order effect on
 the language-model loss, score_i = z_i + β · z_i · |d_i · g| with g the LM-loss gradient at the hook (in the SAE's
-normalised space), d_i the decoder row, z = ReLU(pre); the *values* stay the encoder's z on the chosen set.
+normalised space), d_i the unit decoder direction of latent i (its row over the row's norm: rows are unit in
+training, and a saved SAE has its input scale folded into them, so without this the loaded SAE's attribution
+would be 1/input_scale times the trained one), z = ReLU(pre); the *values* stay the encoder's z on the chosen set.
 
 Choices the paper leaves open (research notes §2), as options:
 * `grad_norm="rms"` (default) divides |d_i · g| by its expected RMS over the batch, √(E_b ||g_b||² / d), so β is
@@ -77,16 +79,17 @@ def gradient_scores(pre: torch.Tensor, att: torch.Tensor, beta: float) -> torch.
 def gradient_topk_indices(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Tensor, k: int, beta: float,
                           grad_norm: str = "rms", candidates: int = 0) -> torch.Tensor:
     """Indices [B, k] of the top-k gradient scores: exact over all latents (candidates=0), or among each token's
-    top candidates·k pre-activations."""
+    top candidates·k pre-activations. |d_i · g| is taken along each decoder row's unit direction."""
     n = pre.shape[1]
     scale = attribution_scale(grad, grad_norm)
+    row_norm = W_dec.norm(dim=1).clamp_min(1e-30)
     C = min(n, candidates * k)
     if candidates == 0 or C >= n:
-        att = (grad.to(W_dec.dtype) @ W_dec.T).abs() / scale
+        att = (grad.to(W_dec.dtype) @ W_dec.T).abs() / (scale * row_norm)
         return gradient_scores(pre, att, beta).topk(k, dim=-1, sorted=False).indices
     top = pre.topk(C, dim=-1, sorted=False)
     att = ops_for(top.indices, grad, W_dec).gather_dot(top.indices, grad.to(W_dec.dtype).contiguous(), W_dec)
-    scores = gradient_scores(top.values, att.abs() / scale, beta)
+    scores = gradient_scores(top.values, att.abs() / (scale * row_norm[top.indices]), beta)
     return top.indices.gather(1, scores.topk(k, dim=-1, sorted=False).indices)
 
 
