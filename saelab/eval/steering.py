@@ -283,11 +283,11 @@ def format_scores(scores: SteeringScores) -> str:
         return (f"input score median {np.nanmedian(i):.4f} (max {np.nanmax(i):.4f}; {int(np.isnan(i).sum())} "
                 f"latents with < 10 examples)")
 
-    text = f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f}), "
+    text = f"steering scores of {len(o):,} latents: output score median {np.median(o):.4f} (max {o.max():.4f})"
     if scores.fallback is None:
-        return text + inputs(scores.input_score)
-    return (text + f"\n  {GRAD_RULE}: {inputs(scores.input_score)}"
-                   f"\n  {FALLBACK_RULE}: {inputs(scores.fallback['input_score'])}")
+        return f"{text}, {inputs(scores.input_score)}"
+    return (f"{text}; by rule\n  {GRAD_RULE}: {inputs(scores.input_score)}"
+            f"\n  {FALLBACK_RULE}: {inputs(scores.fallback['input_score'])}")
 
 
 def write_scores(scores: SteeringScores, out_dir, tokenizer=None):
