@@ -148,6 +148,8 @@ CASES = [
          ["without gradients"], hint="--with-grads"),
     Case("train-option-of-another-arch", ["train", "--arch", "topk", "--beta", "2"], ["beta", "unknown field"]),
     Case("train-bad-arch-option", ["train", "--arch", "gtopk", "--grad-norm", "l3"], ["grad_norm", "'l3'"]),
+    Case("train-bad-zipf-exponent", ["train", "--arch", "feature_choice", "--zipf-exponent", "-1"],
+         ["zipf_exponent", "got -1.0"]),
     Case("train-bad-group-fractions", ["train", "--arch", "matryoshka", "--group-fractions", "0.5,0.7"],
          ["group_fractions", "sum to at most 1"]),
     Case("train-k-zero", ["train", "--k", "0"], ["sae.k", "got 0"]),
