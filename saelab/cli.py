@@ -781,6 +781,10 @@ def add_bench(sub) -> None:
                    help="comma list of architectures (default: all trainable ones but gtopk, which needs LM gradients)")
     p.add_argument("--k", type=int, default=2,
                    help="k of every SAE (2); MP pursues each row until its residual is <= 0.05 or an atom repeats")
+    p.add_argument("--mp-steps", type=int, default=0,
+                   help="0 (default): MP pursues each row to convergence, as the paper's synthetic runs; N: exactly "
+                        "N steps, no early stop, as MP trains by default with N = k (it absorbs when N is below the "
+                        "number of features some rows hold)")
     p.add_argument("--steps", type=int, default=1500, help="training steps per SAE (1500)")
     p.add_argument("--batch", type=int, default=200, help="batch size (200, the paper's)")
     p.add_argument("--corr", type=float, default=0.0, help="intra-level correlation ε of the features (0)")
@@ -807,6 +811,7 @@ def run_bench(args) -> int:
               f"{a!r} is not an architecture this benchmark can train; choose from "
               f"{sorted(n for n, c in ARCHITECTURES.items() if c.trainable and not c.needs_grads)}")
     check(args.k >= 1, "--k", f"must be >= 1, got {args.k}")
+    check(args.mp_steps >= 0, "--mp-steps", f"must be >= 0, got {args.mp_steps}")
     check(args.steps >= 1, "--steps", f"must be >= 1, got {args.steps}")
     check(args.batch >= 1, "--batch", f"must be >= 1, got {args.batch}")
     check(0 <= args.corr < 1, "--corr", f"must be in [0, 1), got {args.corr}")
@@ -815,7 +820,7 @@ def run_bench(args) -> int:
     rows = []
     for parents in (PARENT_MODES if args.parents == "both" else [args.parents]):
         spec = BenchSpec(tree=TreeSpec(corr=args.corr, noise=args.noise, parents=parents), k=args.k,
-                         steps=args.steps, batch=args.batch, seed=args.seed)
+                         steps=args.steps, batch=args.batch, seed=args.seed, mp_steps=args.mp_steps)
         rows += run_benchmark(spec, archs, out / "runs" / parents)
     cols = ["absorption", "recovered", "mean_max_cos", "code_f1", "dead", "l0", "fvu"]
     print(f"{'arch':15}{'parents':>13}" + "".join(f"{c:>13}" for c in cols))
@@ -824,7 +829,8 @@ def run_bench(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "synthetic.json.tmp"
     tmp.write_text(json.dumps({"spec": {"k": args.k, "steps": args.steps, "batch": args.batch, "corr": args.corr,
-                                        "noise": args.noise, "parents": args.parents, "seed": args.seed},
+                                        "noise": args.noise, "parents": args.parents, "mp_steps": args.mp_steps,
+                                        "seed": args.seed},
                                "rows": rows}, indent=2))
     tmp.replace(out / "synthetic.json")
     figure(rows).write_html(str(out / "synthetic.html"))

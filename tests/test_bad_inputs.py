@@ -199,6 +199,8 @@ CASES = [
     Case("patch-sae-not-a-run", ["patch", "--sae", "{tmp}/stuff"], ["stuff", "neither a run directory"]),
     Case("explore-missing-bundle", ["explore", "{tmp}/nope"], ["nope", "does not exist"], hint="saelab dashboard"),
     Case("bench-synthetic-bad-arch", ["bench", "synthetic", "--archs", "bogus"], ["--archs", "'bogus'"]),
+    Case("bench-synthetic-bad-parents", ["bench", "synthetic", "--parents", "some"], ["--parents", "'some'"]),
+    Case("bench-synthetic-negative-mp-steps", ["bench", "synthetic", "--mp-steps", "-1"], ["--mp-steps", "-1"]),
     Case("dashboard-missing-run", ["dashboard", "{tmp}/nope"], ["nope", "neither a run directory"]),
     # ------------------------------------------------------------------------------------------ eval
     Case("calibrate-topk-has-no-threshold", ["calibrate", "{sae_sound}", "--dataset", "{tmp}/stuff"],

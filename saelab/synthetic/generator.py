@@ -1,10 +1,13 @@
 """Planted features with a hierarchy (the MP-SAE paper's toy tree, App. B.1, and the Matryoshka paper's): n unit
 features in R^d; `n_parents` internal parents each with `n_children` mutually exclusive children (a child fires only
-with its parent, and the parent always fires when a child does), plus `n_leaves` parents without children. The
-top level is mutually exclusive too (the authors' tree.json: the root always fires and picks one of its children),
-so a row holds one parent, plus at most one of its children. Probabilities: a row's parent is a given leaf parent
-with `p_leaf`, a given internal parent with `p_parent` (no parent with the rest, 1 − Σ; the defaults sum to 1), a
-child `p_child` given its parent (at most one);
+with its parent, and the parent always fires when a child does), plus `n_leaves` parents without children.
+`parents` says how the top level fires:
+* "exclusive" (default, the paper's: the authors' tree.json, where the root always fires and picks one of its
+  children): a row holds one parent, plus at most one of its children. A row's parent is a given leaf parent with
+  `p_leaf`, a given internal parent with `p_parent` (no parent with the rest, 1 − Σ; the defaults sum to 1);
+* "independent": each parent fires on its own, leaf parents with `p_leaf`, internal ones with `p_parent`, so
+  several parents (each with at most one of its children) share a row: co-firing parents, as in real activations.
+A child fires with `p_child` given its parent (at most one);
 magnitudes ~ N(`mag_mean`, `mag_std`²) clamped positive; `corr` mixes a shared direction into the features of
 one level (intra-level correlation: same-level cosines ≈ ε, exact only if the shared direction is ⟂ the features);
 `noise` adds isotropic Gaussian noise. Defaults are the paper's (20 features in R^20, expected L0 ≈ 1.36).
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+PARENT_MODES = ("exclusive", "independent")
 
 
 @dataclass
@@ -30,13 +35,19 @@ class TreeSpec:
     mag_std: float = 0.25
     corr: float = 0.0  # intra-level correlation ε
     noise: float = 0.0
+    parents: str = "exclusive"  # exclusive: one parent per row (the paper's); independent: each parent on its own
 
     def __post_init__(self):
         from saelab.config import check
 
+        check(self.parents in PARENT_MODES, "parents", f"must be one of {PARENT_MODES}, got {self.parents!r}")
+        for name in ("p_leaf", "p_parent", "p_child"):
+            value = getattr(self, name)
+            check(0 <= value <= 1, name, f"is a probability, must be in [0, 1], got {value}")
         top = self.n_parents * self.p_parent + self.n_leaves * self.p_leaf
-        check(top <= 1 + 1e-9, "p_parent, p_leaf", f"the top level is mutually exclusive: n_parents·p_parent + "
-                                                    f"n_leaves·p_leaf must be <= 1, got {top:g}")
+        check(self.parents == "independent" or top <= 1 + 1e-9, "p_parent, p_leaf",
+              f"the top level is mutually exclusive: n_parents·p_parent + n_leaves·p_leaf must be <= 1, got {top:g} "
+              f"(or let parents fire on their own: parents='independent')")
         kids = self.n_children * self.p_child
         check(kids <= 1 + 1e-9, "p_child", f"children are mutually exclusive: n_children·p_child must be <= 1, "
                                            f"got {kids:g}")
@@ -85,9 +96,12 @@ def generate(spec: TreeSpec, n_rows: int, seed: int = 0, sample_seed: int | None
     fire = torch.zeros(n_rows, n, dtype=torch.bool)
     top = torch.cat([torch.arange(spec.n_parents), torch.arange(spec.n_parents * (1 + spec.n_children), n)])
     p_top = torch.tensor([spec.p_parent] * spec.n_parents + [spec.p_leaf] * spec.n_leaves)
-    which = torch.bucketize(torch.rand(n_rows, generator=gen), p_top.cumsum(0), right=True)  # one parent per row
-    has = which < len(top)  # past the last slice: no parent in this row
-    fire[has.nonzero().squeeze(1), top[which[has]]] = True
+    if spec.parents == "independent":
+        fire[:, top] = torch.rand(n_rows, len(top), generator=gen) < p_top
+    else:
+        which = torch.bucketize(torch.rand(n_rows, generator=gen), p_top.cumsum(0), right=True)  # one parent per row
+        has = which < len(top)  # past the last slice: no parent in this row
+        fire[has.nonzero().squeeze(1), top[which[has]]] = True
     for p in range(spec.n_parents):  # at most one child, only when the parent fires
         kids = (parent == p).nonzero().squeeze(1)
         u = torch.rand(n_rows, generator=gen)

@@ -2,7 +2,9 @@
 
 * recovery: per true feature the best |cosine| of a decoder row; `mean_max_cos` and `recovered` (fraction ≥ 0.9);
 * `absorption` (MP-SAE paper, Table 1): the mean cosine of each true child's best-matching latent with the true
-  parent direction (0: the child latent is the child; high: it absorbed its parent);
+  parent direction (0: the child latent is the child; high: it absorbed its parent). The latent is oriented along
+  its child first: with signed codes (MP's `select` max/abs) −(child + parent) is the same absorbed latent as
+  child + parent, and unoriented cosines of the two would cancel in the mean;
 * `code_f1`: per true feature, the F1 of "its best-matching latent is active" against "the feature fires";
 * `dead`: fraction of latents active on no row.
 """
@@ -33,7 +35,10 @@ def score(sae, data: PlantedData, batch: int = 4096) -> dict:
     tp = (pred & fires).sum(0).float()
     f1 = 2 * tp / (pred.sum(0) + fires.sum(0)).clamp_min(1).float()
     children = (data.parent >= 0).nonzero().squeeze(1)
-    absorb = cos[match[children]].gather(1, data.parent[children].unsqueeze(1)).squeeze(1) if children.numel() else None
+    absorb = None
+    if children.numel():
+        own = cos[match[children], children].sign()  # orient each child's latent along the child
+        absorb = own * cos[match[children]].gather(1, data.parent[children].unsqueeze(1)).squeeze(1)
     return {"mean_max_cos": float(best.values.mean()), "recovered": float((best.values >= 0.9).float().mean()),
             "absorption": float(absorb.mean()) if absorb is not None else float("nan"),
             "code_f1": float(f1.mean()), "dead": float((~active.any(0)).float().mean()),
