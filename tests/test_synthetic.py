@@ -131,6 +131,7 @@ def test_mp_recovers_the_toy_tree_without_absorption(tmp_path):
     assert row["code_f1"] > 0.99  # and the codes: each true feature's latent fires exactly where it does
 
 
+@pytest.mark.slow  # two 400-step MP trainings: ~80 s of CPU
 def test_mp_on_co_firing_parents_absorbs_only_when_its_steps_bind(tmp_path):
     """Issue 24: with parents that co-fire, 18 % of rows hold more than 2 features. Pursued to convergence (the
     paper's protocol) MP still learns the true dictionary; held to T = k = 2 steps, a budget those rows exceed, it
