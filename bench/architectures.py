@@ -215,8 +215,8 @@ def report(result: dict, out: Path) -> None:
             print(f"{name}: {format_dead(r['dead_dashboard_window'])}")
     if synthetic:
         print(f"\n{'planted':<20}" + "".join(f"{c:>13}" for c in ("recovered", "absorption", "dead", "code F1")))
-        for r in synthetic["rows"]:
-            print(f"{r['arch']:<20}" + "".join(f"{r[c]:>13.3f}" for c in ("recovered", "absorption", "dead",
+        for r in synthetic["rows"]:  # one row per architecture and planted tree (exclusive / independent parents)
+            print(f"{r['arch'] + ' / ' + r.get('parents', 'exclusive'):<20}" + "".join(f"{r[c]:>13.3f}" for c in ("recovered", "absorption", "dead",
                                                                           "code_f1")))
     print(f"wrote {out}, {html}" + (f", {png} ({drawn})" if drawn else ""))
 
