@@ -6,7 +6,7 @@
 #                  k 32/64, fp32 and bf16
 #   train          a ~2-minute `saelab train --device cuda` on the reference model (with its core evaluation)
 #   train_step     bench/train_step.py --device cuda, every architecture, shape b (d 768, n 24576)
-#   kernels        bench/kernels.py --device cuda (sparse vs dense decoder, bf16, the full grid)
+#   kernels        bench/sparse_kernels.py --device cuda (sparse vs dense decoder, bf16, the full grid)
 #   compile_check  python -m saelab.kernels.compile_check (cubins for sm_80 and sm_90; needs no GPU)
 # and writes bench/results/gpu-<device>-<date>.json: one section per step (status, seconds, its JSON, the tail
 # of its output). Every step runs under `timeout`, its own limit cut to what is left of the whole budget; a step
@@ -131,7 +131,7 @@ step gpu_kernels 120 "$WORK/gpu_kernels.json" \
 step train 180 "$WORK/train-run" "$PY" -m saelab.cli train "${TRAIN_ARGS[@]}" --out "$WORK/train-run" --no-progress
 step train_step 110 "$WORK/train_step/train_step-$DEV.json" \
     "$PY" bench/train_step.py "${STEP_ARGS[@]}" --out "$WORK/train_step"
-step kernels 70 "$WORK/kernels.json" "$PY" bench/kernels.py "${BENCH_ARGS[@]}" --out "$WORK/kernels.json"
+step kernels 70 "$WORK/kernels.json" "$PY" bench/sparse_kernels.py "${BENCH_ARGS[@]}" --out "$WORK/kernels.json"
 step compile_check 60 "$WORK/compile_check.log" env -u TRITON_INTERPRET "$PY" -m saelab.kernels.compile_check
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -33,7 +33,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from kernels import device_name, median_ms  # bench/kernels.py (this folder is on sys.path when run as a script)
+from sparse_kernels import device_name, median_ms  # bench/sparse_kernels.py (this folder is on sys.path)
 
 B = 4096
 REAL = [(d, n, k) for d in (768, 2304) for n in (24576, 131072) for k in (32, 64)]

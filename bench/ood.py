@@ -50,7 +50,8 @@ def main() -> None:
     import saelab
     from saelab.data.corpus import CorpusSpec
     from saelab.eval.core import evaluate_core
-    from saelab.sae.calibration import recalibrate
+    from saelab.activations import stream_activations
+    from saelab.training.calibrate import recalibrate
 
     text = args.text or pip_source()
     other = CorpusSpec(source=text, validation_per_mille=500)
@@ -64,8 +65,12 @@ def main() -> None:
             fallback = copy.deepcopy(sae)
             fallback.threshold.fill_(-1.0)  # θ unset: `encode` takes each token's k largest, as TopK does
             variants["topk"] = fallback
-            variants["recalibrated"] = recalibrate(copy.deepcopy(sae), model, corpus=other, split="train",
-                                                   tokens=args.calibration_tokens)[0]
+            refit = copy.deepcopy(sae)
+            stream = stream_activations(model, sae.cfg.hook_name, corpus=other, split="train", batch_size=4096)
+            info = recalibrate(refit, (b.acts for b in stream), tokens=args.calibration_tokens)
+            print(f"{Path(run).name}: θ re-fitted on the other text's train half: L0 {info['l0_before']:.1f} → "
+                  f"{info['l0_after']:.1f}", flush=True)
+            variants["recalibrated"] = refit
         for rule, s in variants.items():
             for where, corpus, split in (("stdlib", CorpusSpec(), "validation"), ("other", other, "validation")):
                 if where == "stdlib" and rule == "recalibrated":

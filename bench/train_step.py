@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernels import device_name, sync  # bench/kernels.py (this folder is on sys.path when run as a script)
+from sparse_kernels import device_name, sync  # bench/sparse_kernels.py (this folder is on sys.path)
 
 SHAPES = {"a": (256, 4096), "b": (768, 24576)}
 COMPARED = ["batchtopk", "matryoshka", "gtopk"]  # the default comparison: each against the one it builds on

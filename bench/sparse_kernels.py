@@ -1,10 +1,10 @@
 """Sparse decode (forward + backward) vs the dense decoder `z_dense @ W_dec` with autograd.
 
-    python bench/kernels.py                      # full grid: d {256, 768, 2304} × n {4k, 32k, 131k} × k {32, 128}
-    python bench/kernels.py --quick              # shape a, shape b and d=768 n=32k k=32
-    python bench/kernels.py --device cuda --dtype bfloat16
-    python bench/kernels.py --candidates         # CPU candidates for sparse_transpose_matmul (shapes a and b)
-    python bench/kernels.py --cases 64x512x8     # only these d×n×k cases (bench/gpu.sh --dry-run uses tiny ones)
+    python bench/sparse_kernels.py                      # full grid: d {256, 768, 2304} × n {4k, 32k, 131k} × k {32, 128}
+    python bench/sparse_kernels.py --quick              # shape a, shape b and d=768 n=32k k=32
+    python bench/sparse_kernels.py --device cuda --dtype bfloat16
+    python bench/sparse_kernels.py --candidates         # CPU candidates for sparse_transpose_matmul (shapes a and b)
+    python bench/sparse_kernels.py --cases 64x512x8     # only these d×n×k cases (bench/gpu.sh --dry-run uses tiny ones)
 
 B = 4096 tokens. Each case: warm-up, then the median of --repeats timed runs (CUDA-synchronised on a GPU). Each
 sparse run decodes a fresh copy of the indices, so the Triton path's counting sort (kept per indices tensor, to be
