@@ -3,6 +3,8 @@ centred-EV formula on a hand-made example, batch-size independence, density coun
 
 import json
 import math
+import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +14,9 @@ import torch
 from saelab.eval.core import (CoreMetrics, DownstreamStats, ReconstructionStats, evaluate_core, format_core,
                               hook_activation_mean, prediction_mask, reconstruction_metrics, special_mask)
 from saelab.sae.code import SparseCode
+
+sys.path.insert(0, os.path.dirname(__file__))
+from autograd_reference import hook_activation_and_grad, next_token_ce  # noqa: E402
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -355,19 +360,8 @@ def _gsae(d_model, beta=4.0, n=64, k=4, seed=3):
 
 def _hand_gradient(model, rows):
     """d/d(activation at HOOK) of the next-token CE summed over every predicted position (the cache's loss),
-    written out here with a retained activation gradient, independent of saelab's helpers."""
-    box = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        box["a"] = act
-        return act
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(rows, fwd_hooks=[(HOOK, keep)])
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
-                                          reduction="sum").backward()
-    return box["a"].detach(), box["a"].grad.detach()
+    written out with a retained activation gradient, independent of saelab's helpers."""
+    return hook_activation_and_grad(model, rows, HOOK, lambda logits: next_token_ce(logits, rows))
 
 
 def test_gsae_eval_uses_the_gradient_selection_built_by_hand(model, rows, d_model):

@@ -1,6 +1,9 @@
 """Sparse probing of a g-SAE (saelab.eval.probing): latents selected with the LM-loss gradient, the TopK fallback
 probed beside them, and the gradient gathered over padded rows."""
 
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,9 @@ import torch
 from saelab.config import SAEConfig
 from saelab.eval.probing import FALLBACK_BASIS, ProbeData, format_probing, hook_rows, probe_tasks
 from saelab.sae import SparseAutoencoder
+
+sys.path.insert(0, os.path.dirname(__file__))
+from autograd_reference import hook_activation_and_grad, next_token_ce  # noqa: E402
 
 
 def _identity_gsae(d, beta=100.0):
@@ -55,20 +61,10 @@ def test_hook_rows_gradient_counts_only_the_real_tokens_targets(reference_model)
     real[1, 1:7] = True  # row 1: six tokens, then padding
     rows[1, 7:] = 0
     x, got = hook_rows(model, hook, rows.numpy(), real.numpy(), with_grad=True)
-    box = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        box["a"] = act
-        return act
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(rows, fwd_hooks=[(hook, keep)])
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
-                                               reduction="none")
-        ce[real[:, 1:].reshape(-1)].sum().backward()
+    act, act_grad = hook_activation_and_grad(
+        model, rows, hook, lambda logits: next_token_ce(logits, rows, "none")[real[:, 1:].reshape(-1)].sum())
     assert x.shape == got.shape == (int(real.sum()), model.cfg.d_model)
-    assert torch.allclose(x, box["a"].detach()[real], atol=1e-6)
-    assert torch.allclose(got, box["a"].grad[real], atol=1e-5)
+    assert torch.allclose(x, act[real], atol=1e-6)
+    assert torch.allclose(got, act_grad[real], atol=1e-5)
     assert torch.count_nonzero(got[-1]) == 0  # row 1's last real token predicts only padding: no loss behind it
     assert hook_rows(model, hook, rows.numpy(), real.numpy()).shape == x.shape  # without: activations alone

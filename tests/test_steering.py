@@ -2,6 +2,8 @@
 constructed SAEs."""
 
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from saelab.eval.steering import (ActivationSweep, Steer, _forward, activation_s
                                   output_scores, position_scale, prompt_tokens, score_latents, steer_directions,
                                   steering_success)
 from saelab.sae import SparseAutoencoder
+
+sys.path.insert(0, os.path.dirname(__file__))
+from autograd_reference import hook_activation_and_grad, next_token_ce  # noqa: E402
 
 LAST = "blocks.3.hook_resid_post"
 
@@ -64,16 +69,8 @@ def test_splice_gradients_match_the_activation_gradient(model, tokens):
     site = sites["blocks.1.hook_resid_post"]
     g = site.error.grad
     # reference: the gradient of the same logit w.r.t. the plain activation
-    box = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        box["a"] = act
-        return act
-
-    with torch.enable_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.hook_resid_post", keep)])[0, -1, 7].backward()
-    assert torch.allclose(g, box["a"].grad[0], atol=1e-5)
+    _, act_grad = hook_activation_and_grad(model, tokens, "blocks.1.hook_resid_post", lambda logits: logits[0, -1, 7])
+    assert torch.allclose(g, act_grad[0], atol=1e-5)
     dense = site.latent_grads()
     assert torch.allclose(dense, g @ decoder_directions(sae).T, atol=1e-6)
     vals = site.code.values.grad
@@ -270,18 +267,8 @@ def test_gsae_scores_use_the_gradient_and_report_the_fallback(model):
     sw = activation_sweep(model, sae, rows, batch_rows=4, with_grad=True)
     plain = activation_sweep(model, sae, rows, batch_rows=4)
     # brute force: the gradient of the summed next-token CE by autograd, the code by encode(x, grad=g)
-    box = {}
-
-    def keep(act, hook):
-        act.retain_grad()
-        box["a"] = act
-        return act
-
-    with torch.enable_grad():
-        logits = model.run_with_hooks(rows, fwd_hooks=[(hook, keep)])
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
-                                          reduction="sum").backward()
-    x, grad = box["a"].detach()[:, 1:].reshape(-1, 256), box["a"].grad[:, 1:].reshape(-1, 256)
+    act, act_grad = hook_activation_and_grad(model, rows, hook, lambda logits: next_token_ce(logits, rows))
+    x, grad = act[:, 1:].reshape(-1, 256), act_grad[:, 1:].reshape(-1, 256)
     with torch.no_grad():
         with_g = sae.encode(x, grad=grad).to_dense(32)
         without = sae.encode(x).to_dense(32)
