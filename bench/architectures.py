@@ -13,7 +13,7 @@ evaluation's held-out tokens (65k: blind below a density of ~1.5e-5), the dashbo
 fresh tokens: the validation split, then train-split rows past the cache; one model pass for all SAEs, per
 Matryoshka group too) and training's own (silent for the last dead_token_threshold tokens). Inference is each architecture's own rule: BatchTopK,
 Matryoshka and mutual choice by their calibrated global threshold, feature choice by its calibrated per-latent
-thresholds, g-SAE without gradients (its documented TopK fallback; the core evaluation passes none), MP by pursuit.
+thresholds, g-SAE with the LM-loss gradient at the hook (and its TopK fallback beside it), MP by pursuit.
 Then the planted-feature benchmark (`saelab bench synthetic`): recovery, absorption, dead. Writes
 bench/results/architectures.json and the L0-vs-ΔCE Pareto plot bench/results/architectures_pareto.html (and .png
 when kaleido, or Chromium through Playwright, can draw it).
