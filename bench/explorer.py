@@ -33,7 +33,6 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "app"))
 sys.path.insert(0, str(Path(__file__).parent))
 from cache import device_name  # noqa: E402  (bench/cache.py)
 
@@ -52,7 +51,7 @@ def apptest_runs(bundle_path: str, latents: list[int]) -> dict:
     os.environ["SAELAB_EXPLORE"] = json.dumps([bundle_path])
 
     def page(name: str, expect_error: bool = False, **query):
-        at = AppTest.from_file(str(ROOT / "app" / "explore.py"), default_timeout=600)
+        at = AppTest.from_file(str(ROOT / "saelab" / "explorer" / "app" / "explore.py"), default_timeout=600)
         at.run()
         for k, v in query.items():
             at.query_params[k] = str(v)
@@ -74,7 +73,7 @@ def apptest_runs(bundle_path: str, latents: list[int]) -> dict:
         reads.append(time.perf_counter() - t)
     # finder: filter live latents by a density range and a max activation, sort by max (the page's full run), and
     # the same query on the table alone
-    from saelab_app.finder import filter_latents
+    from saelab.explorer.finder import filter_latents
 
     q = dict(kind="live", dmin=-3.5, dmax=-1.0, amin=0.5, sort="max", desc=1)
     finder = [page("finder", **q)[1] for _ in range(3)]

@@ -1,7 +1,7 @@
 """saelab: sparse autoencoders for language-model interpretability.
 
 The flow is one way: corpus (`data`) → model (`models`) → activations → trainer (`training`) → SAE (`sae`, `kernels`)
-→ evaluators (`eval`) → dashboard → explorer (`app/`).
+→ evaluators (`eval`) → dashboard → explorer (`explorer`; `saelab explore` runs its script by path).
 
 In a notebook (`saelab.api`, the same code the CLI runs):
 

@@ -1,4 +1,5 @@
-"""The feature explorer (app/) under Streamlit's AppTest, on a tiny real run built by the dashboard's own builder.
+"""The feature explorer (saelab/explorer/) under Streamlit's AppTest, on a tiny real run built by the dashboard's
+own builder.
 
 Checks are against independent computations: the bundle's arrays read directly, brute-force scans over the
 examples, the SAE's decoder rows from its safetensors file, and direct encodes of the model's activations.
@@ -20,8 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from explorer_data import DEAD, DENSE, N_LATENTS, make_tiny_run  # noqa: E402
 
-APP = Path(__file__).resolve().parents[1] / "app"
-sys.path.insert(0, str(APP))
+APP = Path(__file__).resolve().parents[1] / "saelab" / "explorer" / "app"  # the entry script's folder
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = streamlit_testing.AppTest
 
@@ -44,7 +44,7 @@ def explore(monkeypatch):
 
     def make(*paths):
         monkeypatch.setenv("SAELAB_EXPLORE", json.dumps([str(p) for p in paths]))
-        from saelab_app import state
+        from saelab.explorer import state
 
         state.discover.clear()
 
@@ -154,7 +154,7 @@ def test_deep_links_navigation_and_bad_ids(run, bundle, explore):
 
 # ================================================================================================ finder
 def test_filter_latents_matches_a_direct_scan(bundle):
-    from saelab_app.finder import filter_latents
+    from saelab.explorer.finder import filter_latents
 
     t = bundle.table()
     out = filter_latents(t, "live", (-2.5, -0.5), 1.0, None, None, None, "max", True)
@@ -252,7 +252,7 @@ def test_model_failure_only_affects_model_pages(run, explore, tmp_path):
     assert len(at.error) == 1 and "needs the model" in at.error[0].value
     assert page("feature", latent=1).title[0].value == "Latent 1"
     at = page("steering")
-    from saelab_app.steering import evaluator
+    from saelab.explorer.steering import evaluator
 
     if evaluator() is None:
         assert any("not available" in w.value for w in at.warning)
@@ -290,7 +290,8 @@ def test_prompt_view_matches_a_direct_encode(run, bundle, explore):
 
 # ================================================================================================ CLI
 def test_cli_explore_flags(capsys, tmp_path):
-    from saelab.cli import explorer_script, main
+    from saelab.cli import main
+    from saelab.cli.dashboard import explorer_script
 
     assert explorer_script() == APP / "explore.py"
     assert main(["explore", str(tmp_path / "nowhere")]) == 2
@@ -306,7 +307,7 @@ def test_cli_explore_flags(capsys, tmp_path):
 def test_steering_page_against_the_evaluator(run, bundle, explore):
     """Steered text = the evaluator's `generate` with α × max activation along the latent, called directly here;
     unsteered text = plain `generate` with the same seed; the sweep has one point per strength."""
-    from saelab_app.steering import SWEEP, evaluator
+    from saelab.explorer.steering import SWEEP, evaluator
 
     mod = evaluator()
     if mod is None:

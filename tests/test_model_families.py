@@ -308,11 +308,10 @@ def test_prompt_view_matches_transformers(family, bundle, monkeypatch):
     streamlit_testing = pytest.importorskip("streamlit.testing.v1")
     from saelab.sae import SparseAutoencoder
 
-    app = Path(__file__).resolve().parents[1] / "app"
-    monkeypatch.syspath_prepend(str(app))
+    app = Path(__file__).resolve().parents[1] / "saelab" / "explorer" / "app"
     _, folder, _, runs = family
     monkeypatch.setenv("SAELAB_EXPLORE", json.dumps([str(runs[MIDDLE])]))
-    from saelab_app import state
+    from saelab.explorer import state
 
     state.discover.clear()
     text = "def f(x):\n    return x + 1\n"

@@ -72,16 +72,10 @@ def add_explore(sub) -> None:
 
 
 def explorer_script():
-    """app/explore.py of the source checkout this saelab runs from (the app is not part of the wheel)."""
+    """The explorer's Streamlit entry script inside the installed saelab (a path: the CLI never imports the app)."""
     from pathlib import Path
 
-    from saelab.errors import ConfigError
-
-    script = Path(__file__).resolve().parents[2] / "app" / "explore.py"
-    if not script.exists():
-        raise ConfigError(f"the explorer app is not next to this saelab (no {script})",
-                          hint="install saelab from a source checkout: git clone …; pip install -e .")
-    return script
+    return Path(__file__).resolve().parents[1] / "explorer" / "app" / "explore.py"
 
 
 def run_explore(args) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from saelab_app import render, state
+from saelab.explorer import render, state
 from saelab.errors import DataError, SaelabError
 
 SUMMARY_LATENTS = 4096  # latents of A summarised (a random sample above this)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from saelab_app import render, state
+from saelab.explorer import render, state
 
 DEFAULT_TEXT = "def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(i)\n"
 MAX_TOKENS = 256

@@ -13,7 +13,7 @@ import numpy as np
 import streamlit as st
 
 from saelab.errors import SaelabError
-from saelab_app import render, state
+from saelab.explorer import render, state
 
 NEEDED = ("Steer", "steer_directions", "generate", "prompt_tokens", "lens_tokens")  # used from saelab.eval.steering
 SWEEP = (-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from saelab_app import render, state
+from saelab.explorer import render, state
 
 BASE_COLUMNS = {"latent", "n_active", "density", "max", "min", "mean", "var", "skew", "kurtosis", "dead", "dense",
                 "n_rows", "map_x", "map_y"}

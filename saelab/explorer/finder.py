@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from saelab_app import state
-from saelab_app.overview import score_columns
+from saelab.explorer import state
+from saelab.explorer.overview import score_columns
 
 KINDS = {"all": "all latents", "live": "live (not dead)", "dead": "dead", "dense": "dense"}
 SIZES = [25, 50, 100, 200]

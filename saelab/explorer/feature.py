@@ -10,7 +10,7 @@ import math
 import numpy as np
 import streamlit as st
 
-from saelab_app import render, state
+from saelab.explorer import render, state
 from saelab.errors import SaelabError
 
 
