@@ -36,14 +36,31 @@ from saelab.distributed import rank_world
 from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
 from saelab.sae.code import SparseCode
+from saelab.settings import setting
 
 # files that define an architecture (`ARCHITECTURE`, or a tuple `ARCHITECTURES` for a file with several)
 MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice")
 
 
-CALIBRATION_HELP = ("after training, fit the inference threshold(s) exactly to this many further training tokens "
-                    "(BatchTopK: the batch cut-off of the sample; feature choice: each latent's cut), so inference's "
-                    "mean L0 is k (0: keep the EMA)")
+@dataclass
+class ThresholdOptions:
+    """The options of every architecture that infers with a learned threshold (BatchTopK, Matryoshka, mutual and
+    feature choice): the threshold's EMA during training and its calibration after the last step."""
+
+    threshold_momentum: float = setting(0.99, "EMA momentum of the inference threshold θ (dictionary_learning uses "
+                                              "0.999 over 10^5 steps; 0.99 averages the last ~100 steps)")
+    threshold_start_step: int = setting(0, "first step whose batch minimum enters θ")
+    calibration_tokens: int = setting(65_536, "after training, fit the inference threshold(s) exactly to this many "
+                                              "further training tokens (BatchTopK: the batch cut-off of the sample; "
+                                              "feature choice: each latent's cut), so inference's mean L0 is k (0: "
+                                              "keep the EMA)")
+
+    def __post_init__(self):
+        from saelab.config import check
+
+        check(0 <= self.threshold_momentum < 1, "threshold_momentum", f"must be in [0, 1), got {self.threshold_momentum}")
+        check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")
+        check(self.calibration_tokens >= 0, "calibration_tokens", f"must be >= 0, got {self.calibration_tokens}")
 
 
 def option(default: Any, help: str):

@@ -13,34 +13,18 @@ finished SAE on training data k.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, batch_topk_indices, calibration_inputs,
-                                      global_cut, option, threshold_indices, topk_indices, world_size)
-
-
-@dataclass
-class BatchTopKOptions:
-    threshold_momentum: float = option(0.99, "EMA momentum of the inference threshold θ (dictionary_learning uses "
-                                             "0.999 over 10^5 steps; 0.99 averages the last ~100 steps)")
-    threshold_start_step: int = option(0, "first step whose batch minimum enters θ")
-    calibration_tokens: int = option(65_536, CALIBRATION_HELP)
-
-    def __post_init__(self):
-        from saelab.config import check
-
-        check(0 <= self.threshold_momentum < 1, "threshold_momentum", f"must be in [0, 1), got {self.threshold_momentum}")
-        check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")
-        check(self.calibration_tokens >= 0, "calibration_tokens", f"must be >= 0, got {self.calibration_tokens}")
+from saelab.sae.architectures import (Architecture, ThresholdOptions, batch_topk_indices, calibration_inputs,
+                                      global_cut, threshold_indices, topk_indices, world_size)
 
 
 class BatchTopK(Architecture):
     name = "batchtopk"
     help = "BatchTopK (Bussmann et al. 2024): top k·B over the batch; inference by a learned global threshold"
-    Options = BatchTopKOptions
+    Options = ThresholdOptions
 
     def init_state(self, sae) -> None:
         # one value per latent (all equal here) so the buffer is SAELens's JumpReLU `threshold` as it is; -1: unset

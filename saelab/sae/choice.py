@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from saelab.sae.architectures import (CALIBRATION_HELP, Architecture, auxk_loss, batch_topk_indices,
+from saelab.sae.architectures import (Architecture, ThresholdOptions, auxk_loss, batch_topk_indices,
                                       calibration_inputs, gather_rows, option, pack_rows, threshold_indices,
                                       topk_indices, world_size)
 from saelab.sae.batchtopk import BatchTopK
@@ -68,7 +68,9 @@ class MutualChoice(BatchTopK):
 
 
 @dataclass
-class FeatureChoiceOptions:
+class AllocationOptions:
+    """Feature choice's own options: how the batch's k·B matches are shared out, and its auxiliary loss."""
+
     capacity: str = option("zipf", "per-latent token capacity m_i (Σ m_i = k·B exactly): zipf (m_i ∝ rank^-s over "
                                    "latents ranked by usage, i.e. their share of the batch's mutual-choice "
                                    "matches; each ≤ B, the excess redistributed) or uniform (k·B/n each)")
@@ -82,9 +84,6 @@ class FeatureChoiceOptions:
     usage_momentum: float = option(0.95, "EMA momentum of each latent's usage (its share of the batch's "
                                          "mutual-choice matches), which ranks the Zipf capacities; 0.95 averages "
                                          "about the last 20 steps")
-    threshold_momentum: float = option(0.99, "EMA momentum of the per-latent inference thresholds")
-    threshold_start_step: int = option(0, "first step whose batch enters the thresholds")
-    calibration_tokens: int = option(65_536, CALIBRATION_HELP)
 
     def __post_init__(self):
         from saelab.config import check
@@ -94,11 +93,17 @@ class FeatureChoiceOptions:
               f"must be in [0, 10] (0: fitted to the usage), got {self.zipf_exponent}")
         check(self.aux in ("aux_zipf", "auxk"), "aux", f"must be aux_zipf or auxk, got {self.aux!r}")
         check(0 <= self.underuse <= 1, "underuse", f"must be in [0, 1], got {self.underuse}")
-        for name in ("usage_momentum", "threshold_momentum"):
-            value = getattr(self, name)
-            check(0 <= value < 1, name, f"must be in [0, 1), got {value}")
-        check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")
-        check(self.calibration_tokens >= 0, "calibration_tokens", f"must be >= 0, got {self.calibration_tokens}")
+        check(0 <= self.usage_momentum < 1, "usage_momentum", f"must be in [0, 1), got {self.usage_momentum}")
+
+
+@dataclass
+class FeatureChoiceOptions(ThresholdOptions, AllocationOptions):
+    """Its own options, then the thresholds' (a dataclass lists the fields of its last base first), each checked
+    in that order."""
+
+    def __post_init__(self):
+        AllocationOptions.__post_init__(self)
+        ThresholdOptions.__post_init__(self)
 
 
 class FeatureChoice(Architecture):

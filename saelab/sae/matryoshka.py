@@ -16,14 +16,14 @@ from dataclasses import dataclass
 import torch
 
 from saelab.kernels import grouped_decode
-from saelab.sae.architectures import option
-from saelab.sae.batchtopk import BatchTopK, BatchTopKOptions
+from saelab.sae.architectures import ThresholdOptions, option
+from saelab.sae.batchtopk import BatchTopK
 
 PAPER_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
 
 
 @dataclass
-class MatryoshkaOptions(BatchTopKOptions):
+class MatryoshkaOptions(ThresholdOptions):
     group_fractions: list[float] = option(PAPER_FRACTIONS, "fractions of the width in each nested group (the last takes "
                                                     "the remainder); default the paper's 1/32, 1/16, 1/8, 1/4, 17/32")
     random_prefixes: int = option(0, "0: fixed prefixes; N > 0: each step sample N−1 prefix lengths from a "
