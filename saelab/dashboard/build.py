@@ -31,6 +31,7 @@ from saelab.dashboard.coact import coactivation_neighbours
 from saelab.dashboard.examples import ExampleSampler, RowActivations, row_peaks
 from saelab.dashboard.stats import LatentStatistics, dashboard_window, dead_latents
 from saelab.errors import ConfigError, DataError
+from saelab.rundir import RunDir
 
 
 @dataclass
@@ -206,12 +207,12 @@ def _refresh_scores(out: Path, run: Path | None, F: int) -> None:
     """A finished bundle: evaluators may have written scores since; join them again (cheap) when they changed."""
     from saelab.dashboard.scores import PATTERNS, collect_scores
 
-    if run is None or not (Path(run) / "eval").is_dir():
+    if run is None or not RunDir(run).eval.is_dir():
         return
     mf = out / fmt.MANIFEST
     m = json.loads(mf.read_text())
     _, report = collect_scores(run, F)
-    newest = max((p.stat().st_mtime for pat in PATTERNS for p in (Path(run) / "eval").glob(pat)), default=0.0)
+    newest = max((p.stat().st_mtime for pat in PATTERNS for p in RunDir(run).eval.glob(pat)), default=0.0)
     if report == m.get("scores") and newest <= mf.stat().st_mtime:
         return
     m["scores"] = _write_scores(out, run, F)

@@ -10,16 +10,11 @@ from typing import Callable, Iterator
 import numpy as np
 
 from saelab.dashboard.build import DashboardSettings, build_bundle, sae_sha256
+from saelab.rundir import RunDir
 
 
-def _sae_dir(run: Path) -> Path:
-    from saelab.errors import SAEFileError
-
-    sae_dir = run / "sae" if (run / "sae").is_dir() else run
-    if not (sae_dir / "cfg.json").exists():
-        raise SAEFileError(f"{run}: neither a run directory (with sae/) nor an SAE directory (with cfg.json)",
-                           hint="pass the folder `saelab train` wrote, e.g. runs/<name>")
-    return sae_dir
+def _open_run(run) -> RunDir:
+    return RunDir.open(run, hint="pass the folder `saelab train` wrote, e.g. runs/<name>")
 
 
 HELDOUT = "heldout"  # the validation split, then the train-split rows past those the run's training read
@@ -30,8 +25,7 @@ class RunPass:
     """What a pass over a run's held-out rows needs: the SAE, the model's hook capture and the rows."""
 
     sae: object
-    sae_dir: Path
-    is_run: bool
+    run_dir: RunDir
     model: object
     model_name: str
     capture: Callable  # tokens [B, T] → activations [B·(T−1), d_in] at the SAE's hook (positions 1..T−1)
@@ -52,7 +46,7 @@ def train_rows_read(run: Path, config: dict, corpus, context_size: int) -> int |
 
     if config.get("source", "auto") == "stream":
         return None
-    cache = Path(config["cache"]) if config.get("cache") else run / "cache"
+    cache = Path(config["cache"]) if config.get("cache") else RunDir(run).cache
     try:
         m = read_manifest(cache)
     except (CacheError, OSError):  # gone, or not a cache: unknown
@@ -88,22 +82,20 @@ def open_pass(run: str | Path, tokens: int, split: str = HELDOUT, dataset: str |
     from saelab.models import load_model
     from saelab.sae import SparseAutoencoder
 
-    run = Path(run)
     if tokens < 1:
         raise ConfigError(f"--tokens: must be >= 1, got {tokens}")
     if split not in (HELDOUT, *SPLITS):
         raise ConfigError(f"--split: must be one of {', '.join((HELDOUT, *SPLITS))}, got {split!r}")
-    sae_dir = _sae_dir(run)
-    is_run = sae_dir != run
+    rd = _open_run(run)
     # only the corpus, row length and model of the run's config matter here: read just those, so a run written by
     # an older saelab (other SAE fields) still gets its dashboard
-    data = read_file(run / "config.yaml") if (run / "config.yaml").exists() else {}
+    data = read_file(rd.config) if rd.config.exists() else {}
     corpus = CorpusSpec(dataset) if dataset else from_dict(CorpusSpec, data.get("corpus") or {}, "corpus")
     model_spec = from_dict(ModelSpec, data.get("model") or {}, "model")
     T = int(context_size or data.get("context_size") or TrainConfig.context_size)
     if T < 2:
         raise ConfigError(f"--context-size: must be >= 2, got {T}")
-    sae = SparseAutoencoder.load(sae_dir)
+    sae = SparseAutoencoder.load(rd.sae)
     model_name = sae.cfg.model_name or model_spec.name
     model = load_model(model_name, device=device or model_spec.resolved_device(), dtype=model_spec.dtype)
     hook = sae.cfg.hook_name
@@ -116,7 +108,7 @@ def open_pass(run: str | Path, tokens: int, split: str = HELDOUT, dataset: str |
 
     info = {**corpus.to_dict(), "split": split, "requested_tokens": int(tokens)}
     if split == HELDOUT:
-        skip = train_rows_read(run, data, corpus, T)
+        skip = train_rows_read(rd.path, data, corpus, T)
         rows = heldout_rows(corpus, model.tokenizer, T, skip)
         info["train_rows_skipped"] = skip
         info["rows_from"] = ("the validation split" if skip is None else
@@ -125,7 +117,7 @@ def open_pass(run: str | Path, tokens: int, split: str = HELDOUT, dataset: str |
     else:
         rows = iter_packed_rows(corpus, model.tokenizer, T, split)
         info["rows_from"] = f"the {split} split"
-    return RunPass(sae, sae_dir, is_run, model, model_name, run_model, rows, math.ceil(tokens / (T - 1)), T, info)
+    return RunPass(sae, rd, model, model_name, run_model, rows, math.ceil(tokens / (T - 1)), T, info)
 
 
 def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int = 1_000_000,
@@ -140,7 +132,6 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
     from saelab.dashboard.vocab import display_vocab
     from saelab.dashboard.weights import decoder_rows, unembed_of
 
-    run = Path(run)
     rp = open_pass(run, tokens, split, dataset, context_size, device)
     sae, model, hook = rp.sae, rp.model, rp.sae.cfg.hook_name
     unembed = None
@@ -149,7 +140,7 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
         unembed = unembed_of(model)
     sha = sae_sha256(sae)
     sae_info = {"n_latents": sae.cfg.n_latents, "d_in": sae.cfg.d_in, "k": sae.cfg.k,
-                "architecture": sae.cfg.architecture, "hook_name": hook, "path": str(rp.sae_dir), "sha256": sha,
+                "architecture": sae.cfg.architecture, "hook_name": hook, "path": str(rp.run_dir.sae), "sha256": sha,
                 "group_ends": group_ends(sae)}
     from saelab.models.loading import model_fingerprint
 
@@ -158,11 +149,11 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
     meta = {"model": model_info, "corpus": rp.corpus_info,
             "spec": {"model": model_info["fingerprint"], "hook": hook, "corpus": rp.corpus_info,
                      "context_size": rp.context_size}}
-    out = Path(out) if out else (run if rp.is_run else rp.sae_dir) / "dashboard"
+    out = Path(out) if out else rp.run_dir.dashboard
     with torch.no_grad():
         return build_bundle(out, rp.rows, rp.n_rows, rp.capture, sae.encode, sae_info, decoder_rows(sae).cpu(),
                             unembed, display_vocab(model.tokenizer, model.cfg.d_vocab), meta, settings=settings,
-                            run=run if rp.is_run else None, progress=progress, force=force)
+                            run=None if rp.run_dir.bare else rp.run_dir.path, progress=progress, force=force)
 
 
 def summary(path: Path) -> str:
@@ -207,8 +198,8 @@ def count_dead(runs: list[str | Path], tokens: int = 1_000_000, split: str = HEL
     rp = open_pass(runs[0], tokens, split, device=device)
     saes = [rp.sae]
     for r in runs[1:]:
-        other = _sae_dir(Path(r))
-        sae = SparseAutoencoder.load(other).to(rp.sae.W_dec.device)
+        other = _open_run(r)
+        sae = SparseAutoencoder.load(other.sae).to(rp.sae.W_dec.device)
         if sae.cfg.hook_name != rp.sae.cfg.hook_name or (sae.cfg.model_name or rp.model_name) != rp.model_name:
             raise ConfigError(f"{r}: its SAE reads {sae.cfg.hook_name} of {sae.cfg.model_name}, not "
                               f"{rp.sae.cfg.hook_name} of {rp.model_name} as {runs[0]}'s does",
@@ -217,10 +208,10 @@ def count_dead(runs: list[str | Path], tokens: int = 1_000_000, split: str = HEL
             from saelab.config import from_dict, read_file
             from saelab.data.corpus import CorpusSpec
 
-            data = read_file(Path(r) / "config.yaml") if (Path(r) / "config.yaml").exists() else {}
+            data = read_file(other.config) if other.config.exists() else {}
             corpus = from_dict(CorpusSpec, data.get("corpus") or {}, "corpus")
             if corpus.to_dict() != {k: rp.corpus_info[k] for k in corpus.to_dict()} or \
-                    train_rows_read(Path(r), data, corpus, rp.context_size) != rp.corpus_info["train_rows_skipped"]:
+                    train_rows_read(other.path, data, corpus, rp.context_size) != rp.corpus_info["train_rows_skipped"]:
                 raise ConfigError(f"{r}: trained on other rows than {runs[0]} (another corpus or cache), so their "
                                   f"held-out rows differ", hint="count them separately")
         saes.append(sae)

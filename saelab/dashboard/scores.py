@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from saelab.rundir import RunDir
+
 LATENT_KEYS = ("latent", "latent_id", "feature", "feature_id", "index")
 PATTERNS = ("steering_scores.*", "probing*.json", "probing*.parquet", "circuit*.json", "circuit*.parquet")
 
@@ -57,11 +59,11 @@ def collect_scores(run: Path | None, n_latents: int):
     import pandas as pd
 
     report = {"joined": [], "skipped": []}
-    if run is None or not (Path(run) / "eval").is_dir():
+    if run is None or not RunDir(run).eval.is_dir():
         return None, report
     table = None
     for pattern in PATTERNS:
-        for path in sorted((Path(run) / "eval").glob(pattern)):
+        for path in sorted(RunDir(run).eval.glob(pattern)):
             if path.suffix == ".json" and path.with_suffix(".parquet").exists():
                 continue  # the settings sidecar of a per-latent table (e.g. steering_scores.json)
             recs = _records(path)

@@ -88,9 +88,10 @@ def _two_saes(entry, bundle) -> None:
     except SaelabError as e:
         state.show_error(e)
         return
-    if ua.shape[1] != ub.shape[1] or bundle.manifest["sae"]["hook_name"] != bundle_b.manifest["sae"]["hook_name"]:
-        st.warning(f"{entry.name} reads {bundle.manifest['sae']['hook_name']} (d {ua.shape[1]}), {other.name} reads "
-                   f"{bundle_b.manifest['sae']['hook_name']} (d {ub.shape[1]}): decoder directions are only "
+    hook_a, hook_b = state.hook_name(bundle), state.hook_name(bundle_b)
+    if ua.shape[1] != ub.shape[1] or hook_a != hook_b:
+        st.warning(f"{entry.name} reads {hook_a} (d {ua.shape[1]}), {other.name} reads "
+                   f"{hook_b} (d {ub.shape[1]}): decoder directions are only "
                    f"comparable on the same hook.")
         if ua.shape[1] != ub.shape[1]:
             return

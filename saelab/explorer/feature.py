@@ -123,7 +123,7 @@ def _downloads(entry, bundle, i: int) -> None:
 
     def vector() -> str:
         w, _ = state.decoder_directions(sae_path)
-        return json.dumps({"latent": i, "hook_name": bundle.manifest["sae"]["hook_name"], "space": "raw activations",
+        return json.dumps({"latent": i, "hook_name": state.hook_name(bundle), "space": "raw activations",
                            "vector": w[i].tolist()})
 
     c[1].download_button("Download decoder vector (JSON)", vector, file_name=f"{entry.name}-latent-{i}-decoder.json",
@@ -142,7 +142,7 @@ def page() -> None:
     lat = state.latent_view(entry.bundle, i)
     m = bundle.manifest
     st.title(f"Latent {i}")
-    st.caption(f"{entry.name} · {m['sae']['hook_name']} on {m['model'].get('name', '?')} · "
+    st.caption(f"{entry.name} · {state.hook_name(bundle)} on {m['model'].get('name', '?')} · "
                f"{bundle.n_latents:,} latents · {m['corpus']['tokens']:,} tokens")
     _nav(entry, bundle, i)
     _stats(lat, bundle.settings)

@@ -4,13 +4,13 @@ decoder map (WebGL points; selecting one opens its latent). URL: ?sae=NAME&color
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from saelab.explorer import render, state
+from saelab.rundir import RunDir
 
 BASE_COLUMNS = {"latent", "n_active", "density", "max", "min", "mean", "var", "skew", "kurtosis", "dead", "dense",
                 "n_rows", "map_x", "map_y"}
@@ -24,8 +24,8 @@ def _training(run: str | None) -> None:
     if not run:
         st.caption("No run folder next to this bundle: no training or eval metrics to show.")
         return
-    run = Path(run)
-    core = run / "eval" / "core.json"
+    run = RunDir(run)
+    core = run.core
     if core.exists():
         try:
             m = json.loads(core.read_text())
@@ -35,7 +35,7 @@ def _training(run: str | None) -> None:
                 cols[j % len(cols)].metric(k, f"{v:.4g}")
         except (json.JSONDecodeError, AttributeError):
             st.caption(f"{core} is not readable JSON")
-    mf = run / "metrics.jsonl"
+    mf = run.metrics
     if mf.exists():
         rows = []
         for line in mf.read_text().splitlines():
@@ -60,7 +60,7 @@ def page() -> None:
     m = bundle.manifest
     t = bundle.table()
     st.title(f"Overview · {entry.name}")
-    st.caption(f"{m['sae']['hook_name']} on {m['model'].get('name', '?')} · built {m.get('created', '?')} by "
+    st.caption(f"{state.hook_name(bundle)} on {m['model'].get('name', '?')} · built {m.get('created', '?')} by "
                f"{m.get('created_by', '?')} · {m['corpus']['tokens']:,} tokens from the {m['corpus'].get('split')} "
                f"split of {m['corpus'].get('source')}")
     n_dead, n_dense = int(t["dead"].sum()), int(t["dense"].sum())

@@ -17,6 +17,7 @@ from pathlib import Path
 import streamlit as st
 
 from saelab.errors import DataError, ModelError, SaelabError, SAEFileError
+from saelab.rundir import RunDir
 
 ENV = "SAELAB_EXPLORE"  # JSON list of run / bundle paths, set by `saelab explore` (default: ./runs)
 PAGES: dict = {}  # name → st.Page, filled by the entry script (links and switch_page need the objects)
@@ -48,12 +49,12 @@ def sources() -> tuple[str, ...]:
 def _as_entry(p: Path) -> Entry | Problem | None:
     """A bundle folder, a run folder with a bundle, a run/SAE folder without one (a Problem), or None."""
     if (p / "manifest.json").exists() or (p / "work").is_dir() and not (p / "sae").is_dir():
-        run = p.parent if (p.parent / "sae").is_dir() or (p.parent / "metrics.jsonl").exists() else None
-        return Entry(run.name if run is not None and p.name == "dashboard" else p.name, str(p),
+        run = p.parent if RunDir.is_run(p.parent) else None
+        return Entry(run.name if run is not None and p == RunDir(run).dashboard else p.name, str(p),
                      str(run) if run else None)
-    if (p / "dashboard").is_dir():
-        return Entry(p.name, str(p / "dashboard"), str(p))
-    if (p / "sae").is_dir() or (p / "cfg.json").exists():
+    if RunDir(p).dashboard.is_dir():
+        return Entry(p.name, str(RunDir(p).dashboard), str(p))
+    if RunDir(p).sae.is_dir() or RunDir.is_sae(p):
         return Problem(str(p), f"{p} has no dashboard bundle yet", f"build it with `saelab dashboard {p}`")
     return None
 
@@ -142,10 +143,10 @@ def decoder_directions(path: str):
 
 def sae_dir(entry: Entry, bundle) -> str:
     """The SAE folder the bundle was built from: RUN/sae, else the path the manifest recorded."""
-    if entry.run and (Path(entry.run) / "sae" / "cfg.json").exists():
-        return str(Path(entry.run) / "sae")
+    if entry.run and RunDir.is_sae(RunDir(entry.run).sae):
+        return str(RunDir(entry.run).sae)
     p = bundle.manifest["sae"].get("path")
-    if p and (Path(p) / "cfg.json").exists():
+    if p and RunDir.is_sae(p):
         return str(p)
     raise SAEFileError(f"the SAE of {entry.name} is not on disk (looked in {entry.run or '-'}/sae and {p or '-'})",
                        hint="keep the run folder next to its dashboard bundle, or explore the run folder itself")
@@ -153,6 +154,11 @@ def sae_dir(entry: Entry, bundle) -> str:
 
 def model_name(bundle) -> str:
     return bundle.manifest["model"].get("name") or "reference"
+
+
+def hook_name(bundle) -> str:
+    """The hook the bundle's SAE reads."""
+    return bundle.manifest["sae"]["hook_name"]
 
 
 # ================================================================================================ current view

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from saelab.rundir import RunDir
+
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
 
@@ -46,7 +48,7 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     """Write checkpoint `step` atomically, then keep the newest `keep` (None: prune nothing)."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -66,13 +68,13 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in sorted((Path(run_dir) / "checkpoints").glob("step-*"))[:-keep]:
+    for old in sorted(RunDir(run_dir).checkpoints.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_steps(run_dir: Path) -> dict[int, Path]:
     """The complete checkpoints of a run, by step, oldest first."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     done = sorted(p for p in root.glob("step-*") if p.name[len("step-"):].isdigit() and (p / STATE_JSON).exists()
                   and (p / STATE_TENSORS).exists())
     return {int(p.name[len("step-"):]): p for p in done}

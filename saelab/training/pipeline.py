@@ -20,9 +20,8 @@ from saelab.config import ModelSpec, TrainConfig
 from saelab.distributed import all_or_none, rank_device, rank_world
 from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
 from saelab.models.loading import locate_model, model_id
+from saelab.rundir import RunDir
 from saelab.training.trainer import TrainResult, default_run_name, train
-
-RUN_ENTRIES = {"config.yaml", "metrics.jsonl", "sae", "checkpoints", "cache", "eval"}  # what a run folder holds
 
 
 def default_hook_name(model_name: str) -> str:
@@ -115,7 +114,7 @@ def _check_out(out: Path) -> None:
 
     check_writable(out, ConfigError)
     entries = {p.name for p in out.iterdir()} if out.is_dir() else set()
-    if entries and not entries & RUN_ENTRIES:
+    if entries and not entries & RunDir.entries():
         raise ConfigError(f"--out {out} exists, is not empty and is not a run directory",
                           hint="choose another --out (a new or empty directory, or an earlier run's)")
 
@@ -175,7 +174,7 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
 
     grads = get_architecture(cfg.sae.architecture).needs_grads  # g-SAE: LM-loss gradients ride with the batches
     if cfg.source != "stream":
-        cache_dir = Path(cfg.cache) if cfg.cache else Path(cfg.out) / "cache"
+        cache_dir = Path(cfg.cache) if cfg.cache else RunDir(cfg.out).cache
         with all_or_none():  # the other ranks wait for rank 0's cache (and stop with it if it cannot be made)
             if not cfg.cache and rank == 0:
                 write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name],

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from saelab.config import SAEConfig, TrainConfig, from_dict, save_config, to_dict
 from saelab.distributed import rank_world
+from saelab.rundir import RunDir
 from saelab.sae import SparseAutoencoder
 from saelab.training import checkpoint as ckpt
 
@@ -135,6 +136,7 @@ class SAERun:
     def __init__(self, cfg: TrainConfig, run_dir: Path, device: str | torch.device, label: str = "",
                  group: str | None = None):
         self.cfg, self.run_dir, self.device, self.label, self.group = cfg, Path(run_dir), device, label, group
+        self.dir = RunDir(self.run_dir)
         self.rank, self.world = rank_world()
         self.tracker = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,11 +206,11 @@ class SAERun:
     def _open(self, resumed: bool) -> None:
         cfg = self.cfg
         if self.rank == 0:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(cfg, self.dir.config)
         self.base_lr = self._base_lr()
         self.threshold = cfg.dead_tokens or min(10_000_000, max(cfg.batch_size * self.world, cfg.tokens // 4))
         self.steps = max(1, cfg.tokens // (cfg.batch_size * self.world))
-        self.log = MetricsLog(self.run_dir / "metrics.jsonl", self.start_step if resumed else None, self.rank == 0)
+        self.log = MetricsLog(self.dir.metrics, self.start_step if resumed else None, self.rank == 0)
         if cfg.wandb and self.rank == 0:
             from saelab.training.tracking import WandbRun
 
@@ -315,7 +317,7 @@ class SAERun:
                     "dead_token_threshold": self.threshold,
                     "dead_latents": int((self.since_fired > self.threshold).sum())}
         if rank == 0:
-            sae.save(self.run_dir / "sae",
+            sae.save(self.dir.sae,
                      extra={"training": {**training, "final_metrics": self.last}, "train_config": to_dict(self.cfg)})
         if self.tracker is not None:
             self.tracker.summarize(training, "train/")
