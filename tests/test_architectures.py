@@ -31,9 +31,9 @@ def make(arch, d=24, n=96, k=4, **options):
 
 
 def test_registry_lists_every_architecture():
-    assert {"topk", "batchtopk", "matryoshka", "gtopk", "jumprelu"} <= set(ARCHITECTURES)
-    with pytest.raises(ConfigError, match="unknown architecture 'relu'"):
-        SAEConfig(architecture="relu")
+    assert {"topk", "batchtopk", "matryoshka", "gtopk", "jumprelu", "relu", "gated"} <= set(ARCHITECTURES)
+    with pytest.raises(ConfigError, match="unknown architecture 'bogus'"):
+        SAEConfig(architecture="bogus")
     with pytest.raises(ConfigError, match="beta"):
         SAEConfig(architecture="topk", options={"beta": 1.0})  # an option of another architecture
     with pytest.raises(ConfigError, match="threshold_momentum"):

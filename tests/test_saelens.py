@@ -51,7 +51,8 @@ def rel_err(a, b):
 # ------------------------------------------------------------------------------------------ SAELens → saelab
 def test_fixtures_cover_every_convention():
     assert {"topk", "topk_rescale", "topk_trained", "topk_no_b_dec_input", "topk_constant_norm_rescale",
-            "topk_layer_norm", "topk_all_conventions", "jumprelu", "standard", "batchtopk"} <= set(NAMES)
+            "topk_layer_norm", "topk_all_conventions", "jumprelu", "standard", "batchtopk", "gated",
+            "gated_no_b_dec_input"} <= set(NAMES)
     cfg = json.loads((FIXTURES / "batchtopk" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu"  # SAELens saves BatchTopK for inference as JumpReLU
     assert cfg["metadata"]["training_architecture"] == "batchtopk"
@@ -88,9 +89,10 @@ def test_conventions_matter(name, naive_error):
     assert rel_err(load_sae(FIXTURES / name).decode(load_sae(FIXTURES / name).encode(x)), x_hat_ref) < 1e-5
 
 
-def test_standard_and_jumprelu_load_as_thresholds():
+def test_standard_loads_as_relu_and_jumprelu_as_thresholds():
     relu = load_sae(FIXTURES / "standard")
-    assert relu.cfg.architecture == "jumprelu" and torch.equal(relu.threshold, torch.zeros(relu.n_latents))
+    assert relu.cfg.architecture == "relu" and not hasattr(relu, "threshold")
+    assert load_sae(FIXTURES / "gated").cfg.architecture == "gated"
     jump = load_sae(FIXTURES / "jumprelu")
     assert (jump.threshold < 0).any(), "the fixture has negative thresholds (SAELens's ReLU zeroes those values)"
     bt = load_sae(FIXTURES / "batchtopk")
@@ -134,6 +136,11 @@ def make(arch="topk", normalize="scale", seed=0, d=24, n=96, k=5, **kw):
     sae.init_from_data_(x)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
+        if not sae.arch.unit_decoder:  # free decoder norms (ReLU, Gated): every norm matters
+            sae.W_dec.mul_(torch.rand(n, 1) * 1.5 + 0.5)
+        if hasattr(sae, "r_mag"):  # Gated's magnitude path differs from its gate path
+            sae.r_mag.normal_(0, 0.4)
+            sae.b_mag.normal_(0, 0.2)
         if hasattr(sae, "threshold"):  # a learned threshold (BatchTopK, Matryoshka): mean L0 ≈ k, between two
             pre = sae.preacts(sae.normalize_input(x)[0]).flatten().sort().values  # values, not at a tie
             i = pre.numel() - x.shape[0] * k
@@ -142,7 +149,8 @@ def make(arch="topk", normalize="scale", seed=0, d=24, n=96, k=5, **kw):
 
 
 OURS = [("topk", "scale"), ("topk", "none"), ("topk", "layer_norm"), ("topk", "constant_norm_rescale"),
-        ("batchtopk", "scale"), ("matryoshka", "scale"), ("gtopk", "scale")]
+        ("batchtopk", "scale"), ("matryoshka", "scale"), ("gtopk", "scale"), ("relu", "scale"),
+        ("relu", "layer_norm"), ("gated", "scale"), ("gated", "none")]
 
 
 @pytest.mark.parametrize("arch, normalize", OURS)
@@ -290,7 +298,7 @@ def test_unexpected_or_missing_tensor(folder):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("architecture", "gated", "architecture 'gated' cannot be loaded"),
+    ("architecture", "temporal", "architecture 'temporal' cannot be loaded"),
     ("architecture", "matching_pursuit", "architecture 'matching_pursuit' cannot be loaded"),
     ("normalize_activations", "expected_average_only_in", "never folded"),
     ("normalize_activations", "covariance_whitening", "never folded"),

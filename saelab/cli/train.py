@@ -16,8 +16,8 @@ TRAIN_FLAGS = {  # flag → (config key, type, help)
     "--n-latents": ("sae.n_latents", int, "SAE width (default: 16 × d_in)"),
     "--expansion-factor": ("sae.expansion_factor", int, "width as a multiple of d_in when --n-latents is not given (16)"),
     "--k": ("sae.k", int, "active latents per token (32)"),
-    "--arch": ("sae.architecture", str, "topk (default), batchtopk, matryoshka, gtopk, mp, mutual or "
-                                        "feature_choice; "
+    "--arch": ("sae.architecture", str, "topk (default), batchtopk, matryoshka, gtopk, mp, mutual, "
+                                        "feature_choice, relu or gated; "
                                         "`saelab train --arch NAME --help` lists its options"),
     "--normalize": ("sae.normalize", str, "input normalisation: scale (default; folded at save), layer_norm or none"),
     "--k-aux": ("sae.k_aux", int, "AuxK latents (default d_in // 2)"),

@@ -12,7 +12,7 @@
 * `saelens_export(...)`: how SAELens should see it (BatchTopK is saved for inference as JumpReLU + `threshold`).
 
 Each architecture is one small file (`topk.py`, `batchtopk.py`, `matryoshka.py`, `gradient_topk.py`,
-`jumprelu.py`) that overrides only what differs from TopK. Architectures receive the SAE as an argument and never
+`jumprelu.py`, `relu.py`, `gated.py`, ...) that overrides only what differs from TopK. Architectures receive the SAE as an argument and never
 import it (the SAE imports them).
 
 Conventions: `pre` is the dense pre-activation [B, n] computed without autograd (the step's one dense GEMM);
@@ -39,7 +39,8 @@ from saelab.sae.code import SparseCode
 from saelab.settings import setting
 
 # files that define an architecture (`ARCHITECTURE`, or a tuple `ARCHITECTURES` for a file with several)
-MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice")
+MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice", "relu",
+           "gated")
 
 
 @dataclass
@@ -86,6 +87,9 @@ class Architecture:
     # code from x_c, e.g. matching pursuit, whose encoder is the decoder)
     needs_preacts: ClassVar[bool] = True
     trainable: ClassVar[bool] = True  # False: inference only (imported SAEs)
+    # False: decoder rows keep their learned norms (no renormalisation after a step, no gradient projection); the
+    # loss weighs each latent by its decoder norm instead (Anthropic's ReLU SAE, Gated)
+    unit_decoder: ClassVar[bool] = True
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -94,6 +98,15 @@ class Architecture:
     # ---------------------------------------------------------------------------------------------- state
     def init_state(self, sae) -> None:
         """Register buffers on the SAE module (they travel in its state_dict and in checkpoints)."""
+
+    @torch.no_grad()
+    def init_parameters(self, sae) -> None:
+        """After the SAE's tied init (unit-norm random decoder rows, W_enc = W_decᵀ, zero biases): the
+        architecture's own parameters and any change to that init."""
+
+    def begin_step(self, step: int, steps: int) -> None:
+        """Before training step `step` (0-based) of `steps`: step-dependent settings such as a penalty's warm-up.
+        Worked out from the step alone, so a resumed run gets what an uninterrupted one did."""
 
     @torch.no_grad()
     def after_step(self, sae, out, step: int) -> None:
@@ -199,7 +212,7 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
     if n_dead <= AUXK_DENSE_RATIO * k_aux:
         z = torch.zeros_like(sub).scatter_(1, local, sub.gather(1, local).relu())
         # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
-        z = _DeadEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
+        z = DenseEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
                                F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_dec)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
@@ -223,10 +236,11 @@ def residual_variance(err: torch.Tensor) -> torch.Tensor:
     return sq[0] / total[-1]
 
 
-class _DeadEncoder(torch.autograd.Function):
-    """The dead latents' codes z = ReLU(x_c·W_rowsᵀ + b_rows) on the kept entries, taken from the main step's
-    pre-activations (no GEMM in the forward); the backward gives W_rows and b_rows their gradients and b_dec its
-    gradient through x_c = x̃ − b_dec as −(Σ_tokens g)·W_rows, a vector product instead of a [B, d] GEMM."""
+class DenseEncoder(torch.autograd.Function):
+    """Codes z of a set of latents (AuxK's dead ones; all of them on the dense path of ReLU and Gated SAEs) with the
+    gradient of x_c·W_rowsᵀ + b_rows where z > 0, taken from the main step's pre-activations (no GEMM in the
+    forward): the dense counterpart of `encoder_values`. The backward gives W_rows and b_rows their gradients and
+    b_dec its gradient through x_c = x̃ − b_dec as −(Σ_tokens g)·W_rows, a vector product instead of a [B, d] GEMM."""
 
     @staticmethod
     def forward(ctx, z, x_c, w_rows, b_rows, b_dec):
@@ -241,11 +255,14 @@ class _DeadEncoder(torch.autograd.Function):
         return None, None, g.T @ x_c, g_sum, -(g_sum @ w_rows)
 
 
-def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
+              presorted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat (row, col) pairs → padded `(indices [n_rows, K], valid [n_rows, K])`, K = the most pairs in one row,
-    each row's columns in ascending order; no Python loop."""
-    order = torch.argsort(rows * (cols.max() + 1 if cols.numel() else 1) + cols)
-    rows, cols = rows[order], cols[order]
+    each row's columns in ascending order; no Python loop. `presorted`: the pairs already come in (row, col) order,
+    as `nonzero` gives them (no sort)."""
+    if not presorted:
+        order = torch.argsort(rows * (cols.max() + 1 if cols.numel() else 1) + cols)
+        rows, cols = rows[order], cols[order]
     counts = torch.bincount(rows, minlength=n_rows)
     K = max(1, int(counts.max())) if rows.numel() else 1
     start = torch.cumsum(counts, 0) - counts
@@ -334,7 +351,7 @@ def calibration_inputs(sae, draw: Callable[[], torch.Tensor | None], tokens: int
 def threshold_indices(pre: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """JumpReLU-style inference: every latent whose pre-activation exceeds its threshold (scalar or [n])."""
     rows, cols = (pre > threshold).nonzero(as_tuple=True)
-    return pack_rows(rows, cols, pre.shape[0])
+    return pack_rows(rows, cols, pre.shape[0], presorted=True)
 
 
 # -------------------------------------------------------------------------------------------------- registry

@@ -64,6 +64,7 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        self.arch.init_parameters(self)
 
     @torch.no_grad()
     def init_from_data_(self, x: torch.Tensor, mean_sq_norm: float | None = None, var_total: float | None = None,
@@ -87,12 +88,14 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        """Unit-norm decoder rows (a no-op for architectures whose decoder norms are free: `unit_decoder`)."""
+        if self.arch.unit_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_parallel_grad_(self) -> None:
         """Project out of each decoder row's gradient its component along the row (unit-norm constraint)."""
-        if self.W_dec.grad is None:
+        if self.W_dec.grad is None or not self.arch.unit_decoder:
             return
         w, g = self.W_dec, self.W_dec.grad
         g -= (g * w).sum(1, keepdim=True) * w / (w * w).sum(1, keepdim=True).clamp_min(1e-12)

@@ -4,11 +4,13 @@
 the folder, reproduces x̂ and keeps our metadata, and `ActivationsStore.from_sae` finds what it needs) plus
 saelab's own `saelab.json` (the full config, training summary and metrics).
 
-`load_sae` reads saelab folders and SAELens-saved ones (TopK, JumpReLU, ReLU "standard", and BatchTopK, which
-SAELens saves for inference as JumpReLU). SAELens conventions that saelab does not have are folded into the weights
-exactly, so the imported SAE computes the same codes and reconstruction:
+`load_sae` reads saelab folders and SAELens-saved ones (TopK, JumpReLU, ReLU "standard" as saelab's `relu`, Gated,
+and BatchTopK, which SAELens saves for inference as JumpReLU). An architecture may name a tensor differently from
+SAELens (Gated's b_enc is SAELens's b_gate: `saelens_export`'s "rename"). SAELens conventions that saelab does not
+have are folded into the weights exactly, so the imported SAE computes the same codes and reconstruction:
 
-* `apply_b_dec_to_input=False` (pre = x̃·W_enc + b_enc): b_enc ← b_enc + b_dec·W_enc, since saelab always centres;
+* `apply_b_dec_to_input=False` (pre = x̃·W_enc + b_enc): b_enc ← b_enc + b_dec·W_enc, since saelab always centres
+  (Gated's magnitude path too: b_mag ← b_mag + exp(r_mag)·(b_dec·W_enc));
 * `rescale_acts_by_decoder_norm=True` (TopK ranks pre·‖W_dec,i‖ and decodes (z/‖W_dec,i‖)·W_dec):
   W_enc, b_enc ← ×‖W_dec,i‖ and W_dec ← W_dec/‖W_dec,i‖ (SAELens's own `fold_W_dec_norm`);
 * per-token normalisations use the SAE's modes: `layer_norm` with SAELens's statistics (unbiased σ, σ + 1e-5 on the
@@ -43,7 +45,7 @@ SAELENS_FORMAT = "6.54.12"
 BASE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_NORMALIZE = {"none": "none", "scale": "none", "layer_norm": "layer_norm",
                      "constant_norm_rescale": "constant_norm_rescale"}
-IMPORTABLE = {"topk": "topk", "jumprelu": "jumprelu", "standard": "jumprelu"}  # SAELens name → saelab's
+IMPORTABLE = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu", "gated": "gated"}  # SAELens → saelab
 SAELENS_LN_EPS = 1e-5  # SAELens's (and OpenAI's) layer norm: (x − μ) / (σ_unbiased + 1e-5)
 RESAVE = "restore the original file, or save the SAE again from SAELens"
 
@@ -62,10 +64,11 @@ def folded_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
 
 
 def saelens_export(sae: SparseAutoencoder) -> dict:
-    """The architecture's SAELens view: {"architecture", "cfg" (extra cfg.json keys), "tensors"}."""
+    """The architecture's SAELens view: {"architecture", "cfg" (extra cfg.json keys), "tensors" (extra weights),
+    "rename" (our name → SAELens's, for a base tensor SAELens names differently)}."""
     export = sae.arch.saelens_export(sae)
     return {"architecture": export["architecture"], "cfg": dict(export.get("cfg") or {}),
-            "tensors": dict(export.get("tensors") or {})}
+            "tensors": dict(export.get("tensors") or {}), "rename": dict(export.get("rename") or {})}
 
 
 def saelens_metadata(sae: SparseAutoencoder, train_config: dict | None = None) -> dict:
@@ -127,7 +130,7 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, extra: dict | None = None
     path.mkdir(parents=True, exist_ok=True)
     cfg = sae.cfg
     export = saelens_export(sae)
-    tensors = folded_state(sae)
+    tensors = {export["rename"].get(name, name): t for name, t in folded_state(sae).items()}
     tensors.update({name: t.detach().contiguous() for name, t in export["tensors"].items()})
     meta = saelens_metadata(sae, (extra or {}).get("train_config"))
     meta.update(metadata or {})
@@ -177,6 +180,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
         cfg, state, fold = import_saelens(raw, state, path)
         sae = SparseAutoencoder(cfg, device=device)
     _check_tensors(sae, state, path)
+    ours = {theirs: name for name, theirs in saelens_export(sae)["rename"].items()}
+    state = {ours.get(name, name): t for name, t in state.items()}
     if fold:
         state = fold_conventions(state, **fold)
     with torch.no_grad():
@@ -237,11 +242,8 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
                         dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32")
     except SaelabError as e:
         raise SAEFileError(f"{where}: {e.message}", hint=RESAVE) from None
-    if arch == "standard":  # ReLU: a JumpReLU at threshold 0
-        if "threshold" in state:
-            raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'standard' (ReLU) SAE has no threshold tensor",
-                               hint=RESAVE)
-        state = {**state, "threshold": torch.zeros(raw["d_sae"])}
+    if arch == "standard" and "threshold" in state:
+        raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'standard' (ReLU) SAE has no threshold tensor", hint=RESAVE)
     fold = {"apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
             "rescale": arch == "topk" and bool(raw.get("rescale_acts_by_decoder_norm", False))}
     return cfg, state, fold
@@ -258,6 +260,9 @@ def fold_conventions(state: dict, apply_b_dec_to_input: bool = True, rescale: bo
         norms = W_dec.norm(dim=-1).clamp_min(1e-8)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     out = dict(state)
+    if not apply_b_dec_to_input and "b_mag" in state:  # Gated's magnitude path: x̃·(W_enc·exp(r_mag)) + b_mag
+        shift = b_dec @ state["W_enc"].double()
+        out["b_mag"] = (state["b_mag"].double() + shift * state["r_mag"].double().exp()).to(dt)
     out.update({n: t.to(dt).contiguous() for n, t in zip(BASE_TENSORS, (W_enc, b_enc, W_dec, b_dec))})
     return out
 
@@ -321,7 +326,9 @@ def _check_agreement(sae: SparseAutoencoder, raw: dict, path: Path) -> None:
 def _check_tensors(sae: SparseAutoencoder, state: dict, path: Path) -> None:
     """The file holds exactly the SAE's tensors, with the config's shapes, all finite."""
     where = path / WEIGHTS_FILE
-    names = list(BASE_TENSORS) + [n for n in saelens_export(sae)["tensors"] if n not in BASE_TENSORS]
+    export = saelens_export(sae)
+    attr = {export["rename"].get(n, n): n for n in BASE_TENSORS}  # the file's name → the SAE's
+    names = list(attr) + [n for n in export["tensors"] if n not in BASE_TENSORS]
     extra, missing = sorted(set(state) - set(names)), [n for n in names if n not in state]
     if missing or extra:
         raise SAEFileError(f"{where}: {'missing ' + str(missing) if missing else ''}"
@@ -329,7 +336,7 @@ def _check_tensors(sae: SparseAutoencoder, state: dict, path: Path) -> None:
                            f"for a {sae.cfg.architecture} SAE",
                            hint="the weights do not belong to this config; restore the matching file")
     for name in names:
-        want = tuple(getattr(sae, name).shape)
+        want = tuple(getattr(sae, attr.get(name, name)).shape)
         if tuple(state[name].shape) != want:
             raise SAEFileError(f"{where}: {name} is {tuple(state[name].shape)} but the config says {want} "
                                f"(d_in {sae.d_in}, n_latents {sae.n_latents})",

@@ -237,6 +237,7 @@ class SAERun:
             dead_mask = self.since_fired > self.threshold
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, self.steps, cfg, self.base_lr)
+            sae.arch.begin_step(step, self.steps)  # e.g. a penalty's warm-up
             out = sae(x, grad=grad, dead_mask=dead_mask)
             loss = out.losses["loss"]
             if not torch.isfinite(loss):
