@@ -54,10 +54,11 @@ def bench_core(model, sae, n_tokens: int, batch_rows: int = 16, old_core: str | 
 
     from saelab.data.corpus import CorpusSpec
     from saelab.eval.core import evaluate_core
-    from saelab.eval.splice import corpus_rows, stop_layer_for
+    from saelab.activations.capture import stop_layer
+    from saelab.eval.splice import corpus_rows
 
     rows = corpus_rows(model, CorpusSpec(), "validation", 128, n_tokens // 128)
-    stop = stop_layer_for(model, sae.cfg.hook_name)
+    stop = stop_layer([sae.cfg.hook_name], model.cfg.n_layers)
 
     def bare():
         with torch.no_grad():

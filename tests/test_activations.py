@@ -166,6 +166,49 @@ def test_stop_at_layer_is_as_early_as_possible():
     assert stop_layer(["ln_final.hook_normalized"], 4) is None
 
 
+@pytest.mark.filterwarnings("ignore:hooks. skipped")  # the hooks a model must switch on (hook_mlp_in, ...)
+def test_a_stopped_forward_captures_every_hook_as_the_full_forward_does(model):
+    """The one stopping rule (`stop_layer`) against a full forward, for every hook the reference model fires
+    (resid_pre/mid/post, attn and mlp out, attn.hook_z, q/k/v, patterns, ln, embeddings, …, at every layer): both
+    users of the rule, `HookCapture` and `eval.splice.capture`, get exactly the full forward's activations, and a
+    forward stopped one block earlier never reaches the hook (the rule stops as early as it can)."""
+    from saelab.activations.capture import HookCapture, stop_layer
+    from saelab.eval.splice import capture
+
+    tok = torch.randint(1, model.cfg.d_vocab, (2, 9))
+    fired: dict[str, torch.Tensor] = {}  # by hook point (a filter skips the hooks a model must switch on)
+    with torch.no_grad(), model.hooks(fwd_hooks=[(lambda n: True,
+                                                  lambda t, hook: fired.setdefault(hook.name, t.detach().clone()))]):
+        model(tok)
+    full = {n: fired[p.name] for n, p in model.hook_dict.items() if p.name in fired}  # every name, aliases too
+    kinds = {n.split(".", 2)[-1] if n.startswith("blocks.") else n for n in full}
+    assert {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "attn.hook_z",
+            "hook_embed", "ln_final.hook_normalized"} <= kinds and len(full) > 150
+    by_stop: dict[int | None, list[str]] = {}  # hooks that need the same blocks: one forward checks them together
+    for name in full:
+        by_stop.setdefault(stop_layer([name], model.cfg.n_layers), []).append(name)
+    assert set(by_stop) == {0, 1, 2, 3, None}  # resid_pre of block L stops at L; every other hook of block L at L+1
+    assert {n for n in by_stop[2] if "hook_resid" in n} == {"blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
+                                                            "blocks.2.hook_resid_pre"}
+    for stop, names in by_stop.items():
+        past: list = []  # the body of block `stop` must not run: both stop where the rule says
+        spy = [] if stop is None else [(f"blocks.{stop}.hook_resid_mid", lambda t, hook: past.append(hook.name))]
+        per_token = [n for n in names if full[n].dim() >= 3 and full[n].shape[:2] == tok.shape]  # HookCapture's
+        hc = HookCapture(model, per_token, kept_from=0)
+        with torch.no_grad(), model.hooks(fwd_hooks=spy):
+            _, got = capture(model, tok, names)  # "auto"
+            acts, _ = hc(tok)
+        assert not past, (stop, past)
+        for name in names:
+            assert torch.equal(got[name], full[name]), name
+        assert hc.stop == stop and all(torch.equal(acts[n], full[n].reshape(tok.numel(), -1)) for n in per_token)
+        if stop:  # one block earlier, none of them is reached
+            early: list = []
+            with torch.no_grad(), model.hooks(fwd_hooks=[(n, lambda t, hook: early.append(hook.name)) for n in names]):
+                model(tok, stop_at_layer=stop - 1)
+            assert not early, early
+
+
 # ------------------------------------------------------------------------------------------------ dtypes
 def test_bfloat16_codec_is_bit_exact():
     x = torch.randn(1000, 7).to(torch.bfloat16)

@@ -47,7 +47,15 @@ def _is_embedding_stage(name: str) -> bool:
 
 
 def stop_layer(hooks: list[str], n_layers: int) -> int | None:
-    """The earliest `stop_at_layer` at which every hook has fired, or None (run to the end)."""
+    """The earliest `stop_at_layer` at which every hook has fired, or None (run to the end): the one stopping rule
+    of every truncated forward in saelab (`HookCapture`, `saelab.eval.splice.capture`).
+
+    For a forward `model(tokens, stop_at_layer=s)` with the hooks added by `model.hooks(...)`: the bridge's block s
+    fires its input hook (`blocks.s.hook_resid_pre`, alias `hook_in`) and then stops, so resid_pre (hook_in) of
+    block L needs s = L and every other hook of block L (resid_mid, resid_post, attn/mlp out, attn.hook_z, ln*, …)
+    s = L + 1; embedding hooks fire before block 0. Not for `run_with_hooks(stop_at_layer=s)`: it does not attach
+    hooks on blocks >= s, so there block L's resid_pre would never fire.
+    """
     need = 0
     for h in hooks:
         layer = hook_layer(h)

@@ -15,8 +15,8 @@ Rows and masks
     replace_rows(act, keep, values)  copy of act with those rows replaced
 
 Forwards
-    stop_layer_for(model, hooks)     the `stop_at_layer` (run_with_hooks semantics) after which all hooks fired
     capture(model, tokens, hooks)    (logits or None, {hook: activation}) of one forward, truncated when it can be
+                                     (at `saelab.activations.capture.stop_layer`, the one stopping rule)
     run_with_replacement(...)        logits with the hooked activation replaced by a given tensor
 
 SAEs
@@ -157,33 +157,18 @@ def replace_rows(act: torch.Tensor, keep: torch.Tensor, values: torch.Tensor) ->
 
 
 # ================================================================================================ forwards
-def stop_layer_for(model, hooks: str | Sequence[str]) -> int | None:
-    """`stop_at_layer` for `run_with_hooks` after which every hook has fired, or None (the whole forward).
-
-    run_with_hooks drops hooks on blocks >= stop_at_layer, so a hook in block l needs stop_at_layer = l + 1.
-    """
-    from saelab.models.loading import hook_layer
-
-    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
-    need = 0
-    for h in [hooks] if isinstance(hooks, str) else hooks:
-        layer = hook_layer(h)
-        if layer is None or n_layers is None:
-            return None
-        need = max(need, layer + 1)
-    return need if n_layers is not None and need < n_layers else None
-
-
 def capture(model, tokens: torch.Tensor, hooks: str | Sequence[str], stop_at_layer: int | None | str = "auto"
             ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """One forward of `tokens` capturing the activation (the live tensor, [B, L, ...]) at each hook.
 
-    stop_at_layer: "auto" stops right after the last hooked block (the output is then not logits; it is returned
-    as None); None runs the whole forward and returns the logits; an int is passed through.
+    stop_at_layer: "auto" stops as soon as every hook has fired (`stop_layer`; the output is then not logits; it is
+    returned as None); None runs the whole forward and returns the logits; an int is passed to the forward.
     Runs under the caller's grad mode: inside torch.enable_grad() the activations are on the autograd graph.
     """
+    from saelab.activations.capture import stop_layer
+
     names = [hooks] if isinstance(hooks, str) else list(hooks)
-    stop = stop_layer_for(model, names) if stop_at_layer == "auto" else stop_at_layer
+    stop = stop_layer(names, model.cfg.n_layers) if stop_at_layer == "auto" else stop_at_layer
     box: dict[str, torch.Tensor] = {}
 
     def make(name):
@@ -192,8 +177,8 @@ def capture(model, tokens: torch.Tensor, hooks: str | Sequence[str], stop_at_lay
             return act
         return fn
 
-    kw = {} if stop is None else {"stop_at_layer": stop}
-    out = model.run_with_hooks(tokens, fwd_hooks=[(h, make(h)) for h in names], **kw)
+    with model.hooks(fwd_hooks=[(h, make(h)) for h in names]):  # not run_with_hooks: see `stop_layer`
+        out = model(tokens, stop_at_layer=stop)
     missing = [h for h in names if h not in box]
     if missing:
         raise RuntimeError(f"hooks {missing} did not fire in the forward pass")
@@ -443,6 +428,6 @@ def splice(model, saes, keep_error: bool = True, positions: Positions | dict[str
 
 
 __all__ = ["as_rows", "corpus_rows", "model_device", "batches", "default_special_ids", "special_mask",
-           "prediction_mask", "gather_rows", "replace_rows", "stop_layer_for", "capture", "run_with_replacement",
+           "prediction_mask", "gather_rows", "replace_rows", "capture", "run_with_replacement",
            "sae_reconstruct", "GRAD_RULE", "FALLBACK_RULE", "infers_with_grad", "lm_loss_grad",
            "decoder_directions", "check_sae_fits", "add_latents", "SpliceSite", "splice"]
