@@ -45,9 +45,9 @@ def main() -> None:
     from saelab.eval.steering import STEER_PROMPTS, SteeringScores, output_score_correlation
 
     loaded = load_run(Path(args.run))
-    sae, model, out_dir = loaded[0], loaded[1], loaded[3]
+    sae, model, run_dir = loaded[0], loaded[1], loaded[3]
     t0 = time.perf_counter()
-    saved = out_dir / "steering_scores.parquet"
+    saved = run_dir.steering_scores
     if args.reuse_scores and saved.exists():
         import numpy as np
         import pandas as pd

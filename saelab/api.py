@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from saelab.display import table_html, tokens_html
-from saelab.errors import ConfigError, SAEFileError
+from saelab.errors import ConfigError
+from saelab.rundir import RunDir
 
 SUITES = ("core", "probing", "steering")
 
@@ -27,7 +28,7 @@ SUITES = ("core", "probing", "steering")
 # ================================================================================================ a run
 class Run:
     """A run directory made by `saelab train` (or a bare SAE directory): its SAE, settings, training curve,
-    evaluation results and dashboard bundle, each read when first used.
+    evaluation results and dashboard bundle, each read when first used. `run.dir` is its `RunDir` (the paths).
 
     >>> run = saelab.Run("runs/reference-blocks.2.hook_resid_pre-topk-k32")    # doctest: +SKIP
     >>> run.sae.encode(x)                                                       # doctest: +SKIP
@@ -35,34 +36,30 @@ class Run:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.sae_dir = self.path / "sae" if (self.path / "sae").is_dir() else self.path
-        if not (self.sae_dir / "cfg.json").exists():
-            what = "no such directory" if not self.path.exists() else \
-                "neither a run directory (with sae/) nor an SAE directory (with cfg.json)"
-            raise SAEFileError(f"{self.path}: {what}", hint="give a run directory made by `saelab train` / "
-                                                            "saelab.train(...), or an SAE directory")
-        self.eval_dir = (self.path if self.sae_dir != self.path else self.sae_dir) / "eval"
+        self.dir = RunDir.open(self.path, missing="no such directory",
+                               hint="give a run directory made by `saelab train` / saelab.train(...), or an SAE "
+                                    "directory")
 
     @cached_property
     def sae(self):
         """The trained `SparseAutoencoder` (saelab or SAELens layout)."""
         from saelab.sae.saelens import load_sae
 
-        return load_sae(self.sae_dir)
+        return load_sae(self.dir.sae)
 
     @cached_property
     def config(self):
         """The run's `TrainConfig` (its config.yaml), or None for a bare SAE directory."""
         from saelab.config import TrainConfig, load_config
 
-        file = self.path / "config.yaml"
+        file = self.dir.config
         return load_config(TrainConfig, file) if file.exists() else None
 
     @property
     def history(self) -> list[dict]:
         """The training log (metrics.jsonl): one dict per logged step (fvu, l0, dead_pct, lr, tokens_per_s of the
         whole run or sweep, sae_tokens_per_s of this SAE's own steps …)."""
-        file = self.path / "metrics.jsonl"
+        file = self.dir.metrics
         if not file.exists():
             return []
         return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
@@ -72,7 +69,7 @@ class Run:
         """`CoreMetrics` of the last `saelab eval` / `saelab.evaluate` (RUN/eval/core.json), or None."""
         from saelab.eval.core import CoreMetrics
 
-        file = self.eval_dir / "core.json"
+        file = self.dir.core
         return CoreMetrics.from_dict(json.loads(file.read_text())) if file.exists() else None
 
     @property
@@ -80,7 +77,7 @@ class Run:
         """The dashboard bundle (`saelab dashboard RUN`) through `saelab.dashboard.open`, or None."""
         from saelab.dashboard.reader import open as open_bundle
 
-        for where in (self.path / "dashboard", self.sae_dir / "dashboard"):
+        for where in (self.dir.dashboard, self.dir.sae / "dashboard"):
             if (where / "manifest.json").exists():
                 return open_bundle(where)
         return None
@@ -136,7 +133,7 @@ def load_sae(path: str | Path, device: str = "cpu"):
     """
     from saelab.sae.saelens import load_sae as load
 
-    return load(Run(path).sae_dir, device=device)
+    return load(Run(path).dir.sae, device=device)
 
 
 # ================================================================================================ train

@@ -15,6 +15,7 @@ import torch
 from saelab.eval import circuits, patching
 from saelab.eval.relp import RelPRules
 from saelab.eval.tasks import check_task, make_task, solve_rate
+from saelab.rundir import RunDir
 
 # RelP rule ablations reported beside the main configuration: what each rule contributes
 RULE_VARIANTS = {"no_ln": {"layernorm": False}, "no_identity": {"identity": False}, "with_attn": {"attention": True}}
@@ -172,14 +173,9 @@ def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="
         if isinstance(sae, torch.nn.Module):
             sources.append(sae)
             continue
-        run = Path(sae)  # a path or anything path-like (a saelab.Run)
-        sae_dir = run / "sae" if (run / "sae").is_dir() else run
-        if not (sae_dir / "cfg.json").exists():
-            from saelab.errors import SAEFileError
-
-            raise SAEFileError(f"{run}: neither a run directory (with sae/) nor an SAE directory (with cfg.json)")
-        sources.append(sae_dir)
-        out = out or (run if sae_dir != run else sae_dir) / "eval" / "patching"
+        run = RunDir.open(sae)  # a path or anything path-like (a saelab.Run)
+        sources.append(run.sae)
+        out = out or run.patching
     return PatchSettings(methods, kinds, rules, sources, out)
 
 

@@ -8,29 +8,24 @@ from pathlib import Path
 
 
 def load_run(run: Path):
-    """(SAE, model, TrainConfig, output directory RUN/eval) of a run directory or a bare SAE directory, with the
-    model and corpus it was trained on."""
+    """(SAE, model, TrainConfig, its `RunDir`) of a run directory or a bare SAE directory, with the model and corpus
+    it was trained on."""
     from saelab.config import TrainConfig, load_config
     from saelab.data.corpus import check_source
-    from saelab.errors import SAEFileError
     from saelab.models import check_hook_names, load_model
+    from saelab.rundir import RunDir
     from saelab.sae import SparseAutoencoder
 
-    run = Path(run)
-    sae_dir = run / "sae" if (run / "sae").is_dir() else run
-    if not (sae_dir / "cfg.json").exists():
-        what = "no such file or directory" if not run.exists() else "a file" if not run.is_dir() else \
-            "neither a run directory (with sae/) nor an SAE directory (with cfg.json)"
-        raise SAEFileError(f"{run}: {what}", hint="give a run directory made by `saelab train` or an SAE directory "
-                                                  "(cfg.json + sae_weights.safetensors)")
-    out_dir = (run if sae_dir != run else sae_dir) / "eval"
-    cfg = load_config(TrainConfig, run / "config.yaml") if (run / "config.yaml").exists() else TrainConfig()
-    sae = SparseAutoencoder.load(sae_dir)
+    rd = RunDir.open(run, missing="no such file or directory", file="a file",
+                     hint="give a run directory made by `saelab train` or an SAE directory "
+                          "(cfg.json + sae_weights.safetensors)")
+    cfg = load_config(TrainConfig, rd.config) if rd.config.exists() else TrainConfig()
+    sae = SparseAutoencoder.load(rd.sae)
     check_source(cfg.corpus, "validation")
     model_name = sae.cfg.model_name or cfg.model.name
     model = load_model(model_name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
     check_hook_names(model, sae.cfg.hook_name)  # an SAE of another model: one clear line, not a failed forward
-    return sae, model, cfg, out_dir
+    return sae, model, cfg, rd
 
 
 def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
@@ -39,10 +34,10 @@ def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
     `loaded`: `load_run(run)`'s result, to load the model once."""
     from saelab.eval.core import evaluate_core
 
-    sae, model, cfg, out_dir = loaded or load_run(run)
+    sae, model, cfg, rd = loaded or load_run(run)
     metrics = evaluate_core(model, sae, corpus=cfg.corpus, split="validation", n_tokens=tokens,
                             context_size=cfg.context_size)
-    return metrics, _write_json(out_dir / "core.json", metrics.to_dict(), indent=2)
+    return metrics, _write_json(rd.core, metrics.to_dict(), indent=2)
 
 
 def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
@@ -68,7 +63,7 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
         rows, tasks = load_spans(data, text_field, label_field or "spans")
     elif data:
         rows = load_labelled(data, text_field, label_field or "label")
-    sae, model, cfg, out_dir = loaded or load_run(run)
+    sae, model, cfg, rd = loaded or load_run(run)
     with_grad = infers_with_grad(sae)  # a g-SAE: activations with the LM-loss gradient, its fallback probed beside
     if data and level == "token":
         pd = gather_span_data(model, sae.cfg.hook_name, rows, tasks, context_size=cfg.context_size, progress=progress,
@@ -80,7 +75,7 @@ def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", dat
         pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
                             progress=progress, with_grad=with_grad)
     result = probe_tasks(pd, sae, ks=ks, selection=selection, progress=progress, max_density=max_density)
-    return result, _write_json(out_dir / "probing.json", result.to_dict())
+    return result, _write_json(rd.probing, result.to_dict())
 
 
 def score_run(run: Path, tokens: int = 65_536, progress: bool = True, loaded=None):
@@ -88,10 +83,10 @@ def score_run(run: Path, tokens: int = 65_536, progress: bool = True, loaded=Non
     RUN/eval/steering_scores.parquet (+ .json))."""
     from saelab.eval.steering import score_latents, write_scores
 
-    sae, model, cfg, out_dir = loaded or load_run(run)
+    sae, model, cfg, rd = loaded or load_run(run)
     scores, _ = score_latents(model, sae, n_tokens=tokens, context_size=cfg.context_size, corpus=cfg.corpus,
                               progress=progress)
-    return scores, write_scores(scores, out_dir, model.tokenizer)
+    return scores, write_scores(scores, rd.eval, model.tokenizer)
 
 
 def _write_json(path: Path, obj, indent: int = 1) -> Path:
@@ -131,7 +126,7 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     check(temperature >= 0, "--temperature", f"must be >= 0, got {temperature}")
     check(mode in ("add", "clamp"), "--mode", f"{mode!r}; use add or clamp")
     prompt = prompt if (prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
-    sae, model, cfg, out_dir = load_run(run)
+    sae, model, cfg, rd = load_run(run)
     check_sae_fits(model, sae)
     n = sae.cfg.n_latents
     for f in latents:
@@ -142,7 +137,7 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
         raise ConfigError(f"the prompt is {tok.shape[1]} tokens with BOS; with {max_new_tokens} new tokens that "
                           f"exceeds the model's context ({model.cfg.n_ctx})", hint="shorten --prompt")
     per_position = strength_scale == "position"
-    max_act = None if per_position else _max_activations(out_dir, model, sae, cfg, tokens)
+    max_act = None if per_position else _max_activations(rd.steering_scores, model, sae, cfg, tokens)
     lat = torch.as_tensor(latents)
     if not sweep:
         if len(alphas) not in (1, len(latents)):
@@ -171,9 +166,8 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     res = steering_success(model, sae, latents, grid, max_act, lens, max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, strength_scale=strength_scale, **kw)
     res["lens_tokens"] = {str(f): [model.tokenizer.decode([t]) for t in lens[f][:10].tolist()] for f in latents}
-    name = "steer_sweep_" + "_".join(str(f) for f in latents)
-    path = _write_json(out_dir / f"{name}.json", res)
-    html = out_dir / f"{name}.html"
+    path = _write_json(rd.steer_sweep(latents), res)
+    html = path.with_suffix(".html")
     _sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
     os.replace(html.with_suffix(".html.tmp"), html)
     return res, [path, html]
@@ -203,8 +197,9 @@ def _strength_unit(res: dict) -> str:
     return "each latent's max activation over a corpus sample" + (f" {ma}" if ma else "")
 
 
-def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
-    """Each latent's max activation: from RUN/eval/steering_scores.parquet if it is there, else a corpus sweep."""
+def _max_activations(scores: Path, model, sae, cfg, tokens: int):
+    """Each latent's max activation: from `scores` (RUN/eval/steering_scores.parquet) if it is there, else a corpus
+    sweep."""
     import math
 
     import pandas as pd
@@ -212,7 +207,6 @@ def _max_activations(out_dir: Path, model, sae, cfg, tokens: int):
     from saelab.eval.splice import corpus_rows
     from saelab.eval.steering import activation_sweep
 
-    scores = out_dir / "steering_scores.parquet"
     if scores.exists():
         df = pd.read_parquet(scores, columns=["latent", "max_activation"])
         if len(df) == sae.cfg.n_latents:
