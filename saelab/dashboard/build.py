@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations.format import write_json_atomic
 from saelab.dashboard import format as fmt
 from saelab.dashboard.codes import iter_segments, read_tokens, write_codes
 from saelab.dashboard.coact import coactivation_neighbours
 from saelab.dashboard.examples import ExampleSampler, RowActivations, row_peaks
 from saelab.dashboard.stats import LatentStatistics, dashboard_window, dead_latents
 from saelab.errors import ConfigError, DataError
+from saelab.files import write_atomic, write_json_atomic
 from saelab.rundir import RunDir
 
 
@@ -188,8 +188,6 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
 
 def _write_scores(out: Path, run: Path | None, F: int) -> dict:
     """Join the run's evaluator scores into scores.parquet (atomically); returns the report for the manifest."""
-    import os
-
     from saelab.dashboard.scores import collect_scores
 
     scores, report = collect_scores(run, F)
@@ -197,9 +195,7 @@ def _write_scores(out: Path, run: Path | None, F: int) -> dict:
     if scores is None:
         path.unlink(missing_ok=True)
     else:
-        tmp = path.with_name(path.name + ".tmp")
-        scores.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: scores.to_parquet(f, index=False))
     return report
 
 

@@ -18,7 +18,6 @@ corpus and the tokenizer, so the rows it skips are the rows already written.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from saelab.activations.format import fsync_dir, write_json_atomic
 from saelab.eval.core import active_entries
+from saelab.files import write_atomic, write_json_atomic
 
 PASS = "pass.json"
 
@@ -114,13 +113,7 @@ def write_codes(work: Path, rows: Iterable[np.ndarray], n_rows: int, capture: Ca
 
 
 def _write_segment(path: Path, tokens: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=tokens, ids=ids, vals=vals)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_atomic(path, lambda f: np.savez(f, tokens=tokens, ids=ids, vals=vals))
 
 
 def iter_segments(work: Path, with_values: bool = True) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:

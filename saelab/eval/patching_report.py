@@ -5,7 +5,6 @@ written as one JSON and one HTML page of Plotly figures (scatter plots, layer ×
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from saelab.eval import circuits, patching
 from saelab.eval.relp import RelPRules
 from saelab.eval.tasks import check_task, make_task, solve_rate
+from saelab.files import write_text_atomic
 from saelab.rundir import RunDir
 
 # RelP rule ablations reported beside the main configuration: what each rule contributes
@@ -271,11 +271,11 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     figures = report.pop("_figures", {})
     stem = f"patching-{report['task']}"
     jpath, hpath = out / f"{stem}.json", out / f"{stem}.html"
-    _atomic(jpath, json.dumps(report, indent=1, default=_jsonable))
+    write_text_atomic(jpath, json.dumps(report, indent=1, default=_jsonable))
     parts = [f"<h1>saelab patch: {report['task']}</h1>"]
     for i, fig in enumerate(figures.values()):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
-    _atomic(hpath, "<html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>")
+    write_text_atomic(hpath, "<html><head><meta charset='utf-8'></head><body>" + "\n".join(parts) + "</body></html>")
     report["_figures"] = figures
     return jpath, hpath
 
@@ -284,12 +284,6 @@ def _jsonable(v):
     if torch.is_tensor(v):
         return v.tolist()
     return str(v)
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def format_report(report: dict) -> str:

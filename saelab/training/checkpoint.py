@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from saelab.files import fsync_dir, fsync_file
 from saelab.rundir import RunDir
 
 STATE_TENSORS = "state.safetensors"
@@ -57,8 +58,8 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
     (tmp / STATE_JSON).write_text(json.dumps(meta))
     for f in (tmp / STATE_TENSORS, tmp / STATE_JSON):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
+    fsync_dir(tmp)  # the files' entries in it too, before the rename publishes it
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     fsync_dir(root)  # the rename itself is durable only once the directory entry is on disk
@@ -93,14 +94,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as e:  # a damaged file: say which, and what to do
         raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete that directory to resume from the one "
                            f"before it, or start afresh without --resume") from e
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state(device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
