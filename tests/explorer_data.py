@@ -1,4 +1,5 @@
-"""A tiny real run for the explorer's tests: an SAE on the reference model, its dashboard bundle and a few metrics.
+"""A tiny real run for the explorer's tests: an SAE on the reference model, its dashboard bundle and a few metrics;
+and a `saelab explore` server on a free localhost port for the tests that talk to a real one.
 
 Built with the dashboard's own builder on held-out stdlib rows. Latent DEAD gets a very negative encoder bias (it
 never enters the top k), latent DENSE a very positive one (it is in every token's top k), the rest are a random
@@ -7,8 +8,15 @@ tied init: a normal mix of sparse latents.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 N_LATENTS = 48
 DEAD = 3
@@ -46,3 +54,41 @@ def make_tiny_run(root: Path, tokens: int = 1200, context_size: int = 32, n_late
     build_run_bundle(run, tokens=tokens, context_size=context_size, settings=settings, device="cpu",
                      progress=False)
     return run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def explore_server(command: list[str], log: Path, **popen):
+    """Run `command` (a `saelab explore …` line; `--port P` is appended) and yield its URL once Streamlit's health
+    check answers; stop it afterwards. The test fails with the server's log if it exits or is not up within 180 s
+    (CI and shared machines can be slow), and if the log holds a traceback."""
+    port = free_port()
+    with open(log, "w+") as out:
+        proc = subprocess.Popen([*command, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, **popen)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 180
+            while True:
+                try:
+                    if urllib.request.urlopen(url + "/_stcore/health", timeout=5).read() == b"ok":
+                        break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    out.seek(0)
+                    pytest.fail(f"saelab explore did not start:\n{out.read()}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out.seek(0)
+            assert "Traceback" not in out.read()

@@ -8,17 +8,13 @@ Set SAELAB_SCREENSHOTS=DIR to keep the screenshots (the README's come from here)
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from explorer_data import make_tiny_run  # noqa: E402
+from explorer_data import explore_server, make_tiny_run  # noqa: E402
 
 CHROMIUM = os.environ.get("SAELAB_CHROMIUM", "/usr/bin/chromium")
 pytestmark = [pytest.mark.slow,
@@ -28,41 +24,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 WAIT_MS = 180_000  # generous: CI and shared machines can be slow to compile plotly.js
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run = make_tiny_run(tmp_path_factory.mktemp("browser"))
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "saelab.cli", "explore", str(run), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(url + "/_stcore/health", timeout=5).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"saelab explore did not start:\n{log.read()}")
-            time.sleep(0.5)
+    with explore_server([sys.executable, "-m", "saelab.cli", "explore", str(run)],
+                        tmp_path_factory.mktemp("log") / "server.log") as url:
         yield url, run
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.seek(0)
-        assert "Traceback" not in log.read()
 
 
 @pytest.fixture(scope="module")
