@@ -227,7 +227,7 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
 def residual_variance(err: torch.Tensor) -> torch.Tensor:
     """E||e − E e||² over the batch's tokens: under torch.distributed over the global batch (every rank's tokens),
     so that AuxK's normaliser, and with it the averaged gradient, is what one process holding all rows computes."""
-    if world_size() == 1:
+    if rank_world()[1] == 1:
         return (err - err.mean(0)).pow(2).sum(-1).mean()
     total = torch.cat([err.sum(0), err.new_tensor([err.shape[0]])])
     dist.all_reduce(total)
@@ -285,7 +285,7 @@ def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     gathers its ≤ k·B·world largest values, all ranks agree on the global cut-off and keep their entries above it
     (the same set as one process, ties aside)."""
     B, n = pre.shape
-    world = world_size()
+    world = rank_world()[1]
     want = k * B * world
     m = min(n, 2 * k * world)
     cand = pre.topk(m, dim=-1, sorted=False)
@@ -316,21 +316,16 @@ def global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
     return local.topk(min(want, local.numel()), sorted=False).values.min()
 
 
-def world_size() -> int:
-    """Ranks of the torch.distributed group (1 without one)."""
-    return rank_world()[1]
-
-
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's `t` stacked along dim 0 (ranks may hold different row counts: the short ones are padded with
     −inf, which ranks below every value)."""
     size = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    sizes = [torch.zeros_like(size) for _ in range(rank_world()[1])]
     dist.all_gather(sizes, size)
     padded = torch.full((int(max(int(s) for s in sizes)), *t.shape[1:]), float("-inf"), dtype=t.dtype,
                         device=t.device)
     padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    parts = [torch.empty_like(padded) for _ in range(rank_world()[1])]
     dist.all_gather(parts, padded)
     return torch.cat(parts)
 
@@ -339,7 +334,7 @@ def calibration_inputs(sae, draw: Callable[[], torch.Tensor | None], tokens: int
     """Normalised inputs x̃ of whole batches from `draw()` until `tokens` (counted over all ranks) are in, for an
     architecture's `calibrate`."""
     xs, n_tok = [], 0
-    while n_tok * world_size() < tokens:
+    while n_tok * rank_world()[1] < tokens:
         x = draw()
         if x is None:
             break

@@ -17,8 +17,9 @@ import math
 import torch
 import torch.distributed as dist
 
+from saelab.distributed import rank_world
 from saelab.sae.architectures import (Architecture, ThresholdOptions, batch_topk_indices, calibration_inputs,
-                                      global_cut, threshold_indices, topk_indices, world_size)
+                                      global_cut, threshold_indices, topk_indices)
 
 
 class BatchTopK(Architecture):
@@ -44,7 +45,7 @@ class BatchTopK(Architecture):
             return
         kept = out.code.values.detach()
         m = kept[kept > 0].min() if bool((kept > 0).any()) else kept.new_tensor(float("inf"))
-        if world_size() > 1:  # the batch is global: its minimum too
+        if rank_world()[1] > 1:  # the batch is global: its minimum too
             dist.all_reduce(m, op=dist.ReduceOp.MIN)
         if not torch.isfinite(m):
             return
@@ -61,7 +62,7 @@ class BatchTopK(Architecture):
         """θ ← the (L·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
         L = target_l0 (default k), exactly: the cut-off c0 of each token's top-2L candidates is a lower bound (the
         candidates are a subset), and a second pass ranks every entry ≥ c0."""
-        world, k = world_size(), self.cfg.k if target_l0 is None else target_l0
+        world, k = rank_world()[1], self.cfg.k if target_l0 is None else target_l0
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}

@@ -56,9 +56,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from saelab.distributed import rank_world
 from saelab.sae.architectures import (Architecture, ThresholdOptions, auxk_loss, batch_topk_indices,
                                       calibration_inputs, gather_rows, option, pack_rows, threshold_indices,
-                                      topk_indices, world_size)
+                                      topk_indices)
 from saelab.sae.batchtopk import BatchTopK
 
 
@@ -131,7 +132,7 @@ class FeatureChoice(Architecture):
                           sae.usage if usage is None else usage)
 
     def select(self, sae, pre, grad, k):
-        batch = pre.shape[0] * world_size()
+        batch = pre.shape[0] * rank_world()[1]
         usage = None
         if self.tracks_usage:  # this batch's usage enters the EMA before it ranks this batch's capacities
             usage = self.updated_usage(sae, pre, batch)
@@ -147,7 +148,7 @@ class FeatureChoice(Architecture):
         idx, valid = batch_topk_indices(pre, self.cfg.k)
         hit = valid & (pre.gather(1, idx) > 0)  # an affinity of 0 is no match
         counts = torch.bincount(idx[hit], minlength=self.cfg.n_latents).to(sae.usage.dtype)
-        if world_size() > 1:
+        if rank_world()[1] > 1:
             dist.all_reduce(counts)
         mom = self.opt.usage_momentum if bool((sae.usage >= 0).all()) else 0.0  # the first batch sets it
         return sae.usage * mom + counts * ((1 - mom) / batch)
@@ -163,7 +164,7 @@ class FeatureChoice(Architecture):
             return 0.0
         mask = dead_mask
         if self.opt.aux == "aux_zipf" and self.step_usage is not None:
-            under = self.underused(self.step_usage, self.step_capacity, pre.shape[0] * world_size())
+            under = self.underused(self.step_usage, self.step_capacity, pre.shape[0] * rank_world()[1])
             mask = under if mask is None else (mask | under)
         if mask is None:
             return 0.0
@@ -200,7 +201,7 @@ class FeatureChoice(Architecture):
         trained usage), the midpoint of its m_i-th and (m_i+1)-th largest pre-activation, so the sample's mean L0 at
         inference is L. Column blocks of similar capacity keep the memory at N × 256 pre-activations and each sort
         shallow."""
-        world = world_size()
+        world = rank_world()[1]
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
@@ -319,7 +320,7 @@ def column_tops(pre: torch.Tensor, m: torch.Tensor):
     values)."""
     top = pre.topk(min(int(m.max()) + 1, pre.shape[0]), dim=0, sorted=True)
     ranked = top.values
-    if world_size() > 1:
+    if rank_world()[1] > 1:
         pooled = gather_rows(top.values.contiguous())
         ranked = pooled.topk(min(int(m.max()) + 1, pooled.shape[0]), dim=0, sorted=True).values
     return top, ranked
@@ -351,7 +352,7 @@ def feature_choice_indices(pre: torch.Tensor, m: torch.Tensor, with_cut: bool = 
         top, ranked = column_tops(pre if len(groups) == 1 else pre.index_select(1, group), mg)
         depth = top.values.shape[0]
         keep = torch.arange(depth, device=pre.device).unsqueeze(1) < mg.unsqueeze(0)
-        if world_size() > 1:  # at or above the global m_i-th largest
+        if rank_world()[1] > 1:  # at or above the global m_i-th largest
             kth = ranked.gather(0, (mg - 1).clamp(0, ranked.shape[0] - 1).unsqueeze(0))
             keep &= top.values >= kth
         rows.append(top.indices[keep])
