@@ -6,7 +6,8 @@ from saelab.activations.batch import Batch
 from saelab.activations.format import CacheError
 from saelab.activations.reader import ActivationCache
 from saelab.activations.stream import ActivationStream, stream_activations
-from saelab.activations.writer import describe, repair_cache, verify_cache, write_cache
+from saelab.activations.verify import describe, repair_cache, verify_cache
+from saelab.activations.writer import write_cache
 
 __all__ = ["Batch", "CacheError", "ActivationCache", "stream_activations", "ActivationStream", "write_cache",
            "verify_cache", "repair_cache", "describe"]

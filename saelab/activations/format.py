@@ -3,6 +3,7 @@
 A cache directory holds
 
     manifest.json                      written last, atomically (temporary name + rename)
+    .lock                              held (flock) by the one process writing or repairing the cache
     tokens-NNNNN.npy                   int32 [rows, context_size]: the packed rows of shard N (BOS first)
     <hook>/acts-NNNNN.npy              [rows × kept positions, d_in]: the training rows of shard N, row-major
     <hook>/grads-NNNNN.npy             same shape: d loss / d activation (with --with-grads)
@@ -15,6 +16,7 @@ it round-trips exactly; `manifest["spec"]["dtype"]` says how to read the bits.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -24,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saelab.files import write_json_atomic
+
 FORMAT = "saelab-activation-cache"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-TMP_SUFFIX = ".tmp"
+LOCK = ".lock"
 STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -121,31 +125,6 @@ def pread_into(fd: int, out: np.ndarray, offset: int) -> None:
         done += got
 
 
-# ------------------------------------------------------------------------------------------------ atomic writes
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def read_manifest(path: str | Path) -> dict:
     path = Path(path)
     mf = path / MANIFEST
@@ -154,7 +133,7 @@ def read_manifest(path: str | Path) -> dict:
         raise CacheError(f"{path}: a file, not an activation cache (a cache is a directory holding {MANIFEST})",
                          hint=make)
     if not mf.exists():
-        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+        if path.exists() and any(p.name != LOCK for p in path.iterdir()):
             raise CacheError(f"{path} has no {MANIFEST}: it is not an activation cache (or its first shard was never "
                              f"finished)", hint=f"write one with `saelab cache --out {path}`, or use another --out")
         raise CacheError(f"{path}: no activation cache here (no {MANIFEST})", hint=make)
@@ -170,6 +149,46 @@ def read_manifest(path: str | Path) -> dict:
         raise CacheError(f"{mf} has schema version {m.get('schema_version')}, this saelab reads version "
                          f"{SCHEMA_VERSION}", hint="rewrite the cache with this version of saelab")
     return m
+
+
+def write_manifest(root: Path, manifest: dict, target_seqs: int, hooks: list[str],
+                   totals: dict[str, "RunningStats"]) -> None:
+    """Fill in the manifest's counts and statistics from its shards and `totals` (every hook's statistics over
+    them), then replace `root/manifest.json` atomically."""
+    spec = manifest["spec"]
+    T = spec["context_size"]
+    K = manifest["layout"]["kept_per_sequence"]
+    have = sum(s["sequences"] for s in manifest["shards"])
+    manifest["target_tokens"] = target_seqs * T
+    manifest["n_shards"] = len(manifest["shards"])
+    manifest["n_sequences"] = have
+    manifest["n_tokens"] = have * T
+    manifest["n_rows"] = have * K
+    manifest["complete"] = have >= target_seqs
+    manifest["stats"] = {h: {**totals[h].summary(), "vectors": f"{h}/stats-NNNNN.npy (per shard)"} for h in hooks}
+    if spec["with_grads"]:
+        for h in hooks:
+            g = sum(s["stats"][h].get("grad_sum_sq_norm", 0.0) for s in manifest["shards"])
+            manifest["stats"][h]["grad_mean_sq_norm"] = g / max(1, totals[h].n)
+    write_json_atomic(root / MANIFEST, manifest)
+
+
+class CacheLock:
+    """The cache's lock file, held by one writing process at a time (a second one is refused, not queued)."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK
+        self.f = open(self.path, "a+")
+        try:
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.f.close()
+            raise CacheError(f"{root} is being written by another process right now",
+                             hint="wait for it, or use another --out") from None
+
+    def release(self) -> None:
+        fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
+        self.f.close()
 
 
 # ------------------------------------------------------------------------------------------------ statistics

@@ -69,7 +69,7 @@ def run_cache(args) -> int:
 
     from saelab.activations import describe, repair_cache, verify_cache, write_cache
     from saelab.activations.format import NONFINITE, read_manifest
-    from saelab.activations.writer import cache_bytes
+    from saelab.activations.verify import cache_bytes
     from saelab.errors import ConfigError
 
     if args.action in ("verify", "info"):
