@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -28,3 +29,29 @@ class Batch:
     def to(self, device) -> "Batch":
         mv = (lambda t: None if t is None else t.to(device))
         return Batch(mv(self.acts), mv(self.grads), mv(self.tokens), mv(self.positions))
+
+
+
+class BatchSource:
+    """What `ActivationCache` and `ActivationStream` share: iterating gives an endless stream of `Batch`es of
+    exactly `batch_size` rows on `device`, cut from the row stream that the subclass's `_take(count)` hands out as
+    pieces (acts, grads or None, tokens, positions): a batch that straddles two shuffle windows comes in two."""
+
+    batch_size: int
+    device: torch.device
+    with_grads: bool
+
+    def _take(self, count: int) -> list[tuple[Tensor, Tensor | None, Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def __iter__(self):
+        def cat(xs):
+            return xs[0] if len(xs) == 1 else torch.cat([x.to(xs[0].device) for x in xs])
+
+        while True:
+            pieces = self._take(self.batch_size)
+            acts = cat([p[0] for p in pieces]).to(self.device)
+            grads = cat([p[1] for p in pieces]).to(self.device) if self.with_grads else None
+            tokens = cat([p[2] for p in pieces]).to(self.device, torch.int64)
+            positions = cat([p[3] for p in pieces]).to(self.device, torch.int64)
+            yield Batch(acts=acts, grads=grads, tokens=tokens, positions=positions)

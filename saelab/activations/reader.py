@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saelab.activations.batch import Batch
+from saelab.activations.batch import BatchSource
 from saelab.activations.format import (STORAGE, CacheError, RunningStats, acts_file, check_file, fix_hint,
                                        from_storage, grads_file, load_stats, pread_into, read_manifest, tokens_file)
 from saelab.errors import ConfigError
@@ -65,7 +65,7 @@ class _FdCache:
         self.fds.clear()
 
 
-class ActivationCache:
+class ActivationCache(BatchSource):
     """Batches of one hook's activations (and gradients) from a cache written by `write_cache`.
 
     Iterating gives an endless stream of `Batch`es of exactly `batch_size` rows, epoch after epoch, each epoch
@@ -220,7 +220,7 @@ class ActivationCache:
         self._wstart = int(wend[w - 1]) if w else 0
         self._window_key = (epoch, w)
 
-    def _take(self, count: int) -> list[tuple[np.ndarray, ...]]:
+    def _take(self, count: int) -> list[tuple[torch.Tensor, ...]]:
         """The next `count` rows of the stream (advancing the cursor), as pieces of the windows they come from."""
         pieces = []
         while count:
@@ -232,25 +232,12 @@ class ActivationCache:
             end = int(wend[w])
             k = min(count, end - self.offset)
             idx = self._wperm[self.offset - self._wstart:self.offset - self._wstart + k]
-            pieces.append((self._acts[idx], None if self._grads is None else self._grads[idx], self._tok[idx],
-                           self._pos[idx]))
+            pieces.append((from_storage(self._acts[idx], self.dtype),
+                           None if self._grads is None else from_storage(self._grads[idx], self.dtype),
+                           torch.from_numpy(self._tok[idx]), torch.from_numpy(self._pos[idx])))
             self.offset += k
             count -= k
         return pieces
-
-    def __iter__(self):
-        while True:
-            pieces = self._take(self.batch_size)
-            cat = (lambda xs: xs[0] if len(xs) == 1 else np.concatenate(xs))
-            acts = from_storage(cat([p[0] for p in pieces]), self.dtype)
-            grads = from_storage(cat([p[1] for p in pieces]), self.dtype) if self.with_grads else None
-            tokens = torch.from_numpy(cat([p[2] for p in pieces]))
-            positions = torch.from_numpy(cat([p[3] for p in pieces]))
-            if self.device.type != "cpu":
-                acts = acts.to(self.device)
-                grads = grads.to(self.device) if grads is not None else None
-                tokens, positions = tokens.to(self.device), positions.to(self.device)
-            yield Batch(acts=acts, grads=grads, tokens=tokens, positions=positions)
 
     # ------------------------------------------------------------------------------------------- cursor
     def _identity(self) -> dict:

@@ -24,13 +24,13 @@ import math
 import numpy as np
 import torch
 
-from saelab.activations.batch import Batch
+from saelab.activations.batch import BatchSource
 from saelab.activations.capture import HookCapture
 from saelab.data.corpus import CorpusSpec
 from saelab.errors import ConfigError, DataError
 
 
-class ActivationStream:
+class ActivationStream(BatchSource):
     """An endless iterator of `Batch`es of one hook, straight from `model` (see the module docstring)."""
 
     def __init__(self, model, hook_name: str, corpus: CorpusSpec | None = None, context_size: int = 128,
@@ -127,16 +127,6 @@ class ActivationStream:
             self.pos += k
             count -= k
         return pieces
-
-    def __iter__(self):
-        while True:
-            pieces = self._take(self.batch_size)
-            cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat([x.to(xs[0].device) for x in xs]))
-            acts = cat([p[0] for p in pieces]).to(self.device)
-            grads = cat([p[1] for p in pieces]).to(self.device) if self.with_grads else None
-            tokens = cat([p[2] for p in pieces]).to(self.device, torch.int64)
-            positions = cat([p[3] for p in pieces]).to(self.device, torch.int64)
-            yield Batch(acts=acts, grads=grads, tokens=tokens, positions=positions)
 
     # ------------------------------------------------------------------------------------------- cursor
     def _identity(self) -> dict:
