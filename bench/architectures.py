@@ -114,7 +114,7 @@ def main() -> None:
         return report(json.loads(Path(args.out).read_text()), Path(args.out))
     import yaml
 
-    from saelab.cli import parse_count
+    from saelab.settings import parse_count
 
     archs, ks = args.archs.split(","), [int(k) for k in args.ks.split(",")]
     out = Path(args.out)

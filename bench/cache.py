@@ -34,11 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def parse_count(text: str) -> int:
-    from saelab.cli import parse_count as pc
-
-    return pc(text)
+from saelab.settings import parse_count  # noqa: E402  (the checkout's saelab, on the path above)
 
 
 def device_name(device: str) -> str:

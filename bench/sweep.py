@@ -79,7 +79,7 @@ def main() -> None:
 
     import yaml
 
-    from saelab.cli import parse_count
+    from saelab.settings import parse_count
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)

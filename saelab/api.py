@@ -138,40 +138,45 @@ def load_sae(path: str | Path, device: str = "cpu"):
 
 # ================================================================================================ train
 def train(config: str | Path | None = None, *, progress: bool = True, sweep: str | Path | None = None,
-          **settings) -> Run | list[Run]:
+          **settings) -> Run | list[Run] | None:
     """Train an SAE as `saelab train` does and return its `Run` (with core metrics, unless eval_tokens=0).
 
     Keywords are the command's flags with underscores: tokens ("2M" or 2_000_000), k, n_latents, arch, hook,
     cache, out, lr, batch_size, eval_tokens, model, device, dataset, resume, wandb ("project": log the config,
     metrics and closing core metrics to Weights & Biases), … and any architecture option (e.g.
-    group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig they override. With `sweep=` (a
-    sweep file, as `saelab train --sweep`), several SAEs train on the same batches and a list of their `Run`s
-    comes back; the keywords then set the shared settings. One process: `torchrun` is the command's
-    (`torchrun … -m saelab.cli train`).
+    group_fractions=[...] for matryoshka); `config` is a YAML/JSON TrainConfig (or a `TrainConfig`) they override.
+    With `sweep=` (a sweep file, as `saelab train --sweep`), several SAEs train on the same batches and a list of
+    their `Run`s comes back; the keywords then set the shared settings. Under `torchrun` (`torchrun … -m saelab.cli
+    train`) every process trains its part of each batch in one process group; rank 0 evaluates and returns the
+    Run(s), the other ranks return None.
 
     >>> run = saelab.train(tokens="1M", k=32, arch="batchtopk", out="runs/demo")   # doctest: +SKIP
     >>> runs = saelab.train(sweep="sweep.yaml", resume=True)                     # doctest: +SKIP
     """
-    from saelab.cli import TRAIN_FLAGS
+    from saelab import distributed
     from saelab.config import TrainConfig, load_config
     from saelab.eval.run import evaluate_run
     from saelab.sae.architectures import option_fields, registry
+    from saelab.settings import overrides_from_kwargs
     from saelab.training.pipeline import run_training
 
     arch_options = {f.name for name in registry() for f in option_fields(name)}
     options = dict(settings.pop("options", None) or {})
     options.update({k: settings.pop(k) for k in list(settings) if k in arch_options})
-    overrides = _overrides("saelab.train", TRAIN_FLAGS, settings, resume=("resume", bool))
+    overrides = overrides_from_kwargs(TrainConfig, settings, "saelab.train")
     if options:
         overrides["sae.options"] = options
     if sweep is not None:
         from saelab.training.sweep import load_sweep, run_sweep
 
         cfgs = load_sweep(sweep, overrides, config=config)
-        results = run_sweep(cfgs, progress=progress)
     else:
         cfgs = [load_config(TrainConfig, config, overrides)]
-        results = [run_training(cfgs[0], progress=progress)]
+    with distributed.process_group(cfgs[0].model.resolved_device()):
+        results = run_sweep(cfgs, progress=progress) if sweep is not None else \
+            [run_training(cfgs[0], progress=progress)]
+    if not distributed.is_main():
+        return None
     for cfg, result in zip(cfgs, results):
         metrics = evaluate_run(result.run_dir, cfg.eval_tokens)[0] if cfg.eval_tokens else None
         result.close_tracking(metrics.to_dict(per_latent=False) if metrics else None)  # → the wandb run, if any
@@ -182,42 +187,17 @@ def train(config: str | Path | None = None, *, progress: bool = True, sweep: str
 def cache(config: str | Path | None = None, *, progress: bool = True, **settings) -> Path:
     """Write (or resume, or extend) an activation cache as `saelab cache` does; returns its directory.
     Keywords are the command's flags with underscores: hooks (a list or "a,b"), tokens ("1M"), out, with_grads,
-    dtype, context_size, dataset, model, device, ….
+    exclude_bos, dtype, context_size, dataset, model, device, …; `config` is a YAML/JSON CacheConfig (or a
+    `CacheConfig`) they override.
 
     >>> path = saelab.cache(hooks=["blocks.2.hook_resid_pre"], tokens="500k", out="cache/ref")   # doctest: +SKIP
     """
     from saelab.activations import write_cache
-    from saelab.cli import CACHE_FLAGS
     from saelab.config import CacheConfig, load_config
+    from saelab.settings import overrides_from_kwargs
 
-    overrides = _overrides("saelab.cache", CACHE_FLAGS, settings, with_grads=("with_grads", bool),
-                           exclude_bos=("exclude_bos", bool))
+    overrides = overrides_from_kwargs(CacheConfig, settings, "saelab.cache")
     return Path(write_cache(load_config(CacheConfig, config, overrides), progress=progress))
-
-
-def _overrides(where: str, table: dict, settings: dict, **extra) -> dict:
-    """{dotted config key: value} from keyword settings named like a command's flags (`--n-latents` → n_latents),
-    with the model flags and `extra` (name → (key, type)); counts may be strings such as "2M"."""
-    from saelab.cli import parse_count
-
-    keys = {flag[2:].replace("-", "_"): (key, typ) for flag, (key, typ, _) in table.items()}
-    keys.update(model=("model.name", str), device=("model.device", str), model_dtype=("model.dtype", str), **extra)
-    out = {}
-    for name, value in settings.items():
-        if name not in keys:
-            raise ConfigError(f"{where}: unknown setting {name!r}", hint=f"use one of {', '.join(sorted(keys))}")
-        key, typ = keys[name]
-        out[key] = _count(value, name, parse_count) if typ is parse_count else value
-    return out
-
-
-def _count(value, name: str, parse) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return parse(value)
-    except Exception:  # argparse's error type: say it as a config error here
-        raise ConfigError(f"{name}: not a count: {value!r} (use e.g. 20M, 500k or 4096)") from None
 
 
 # ================================================================================================ evaluate
@@ -250,15 +230,15 @@ def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | N
     >>> ev = saelab.evaluate(run, suites=["core", "probing"])      # doctest: +SKIP
     >>> ev.core.explained_variance                                 # doctest: +SKIP
     """
-    from saelab.cli import parse_count
     from saelab.eval.run import evaluate_run, load_run, probe_run, score_run
+    from saelab.settings import as_count
 
     run = _as_run(run)
     suites = [suites] if isinstance(suites, str) else list(suites)
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ConfigError(f"suites: {bad or suites!r}; use any of {', '.join(SUITES)}")
-    n = None if tokens is None else _count(tokens, "tokens", parse_count)
+    n = None if tokens is None else as_count(tokens, "tokens")
     loaded = load_run(run.path)
     ev = Evaluation(run)
     if "core" in suites:
@@ -280,13 +260,13 @@ def calibrate(run, dataset: str, target_l0: float | None = None, tokens: int | s
     >>> path, info = saelab.calibrate(run, dataset="path/to/my/code", target_l0=32)   # doctest: +SKIP
     """
     from saelab.activations import stream_activations
-    from saelab.cli import parse_count
     from saelab.data.corpus import CorpusSpec, check_source
     from saelab.eval.run import load_run
+    from saelab.settings import as_count
     from saelab.training.calibrate import check_target, recalibrate
 
     run = _as_run(run)
-    n = _count(tokens, "tokens", parse_count)
+    n = as_count(tokens, "tokens")
     corpus = CorpusSpec(source=dataset)
     check_source(corpus, split)
     check_target(run.sae, target_l0)  # before the model is loaded
@@ -311,12 +291,12 @@ def dashboard(run, tokens: int | str = 1_000_000, out: str | Path | None = None,
 
     >>> bundle = saelab.dashboard(run, tokens="200k"); bundle.table().sort_values("density")   # doctest: +SKIP
     """
-    from saelab.cli import parse_count
     from saelab.dashboard.reader import open as open_bundle
     from saelab.dashboard.run import build_run_bundle
+    from saelab.settings import as_count
 
     run = _as_run(run)
-    return open_bundle(build_run_bundle(run.path, out=out, tokens=_count(tokens, "tokens", parse_count),
+    return open_bundle(build_run_bundle(run.path, out=out, tokens=as_count(tokens, "tokens"),
                                         progress=progress, **kw))
 
 
@@ -494,8 +474,8 @@ def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.
     """
     from numbers import Number
 
-    from saelab.cli import parse_count
     from saelab.eval.run import steer_run
+    from saelab.settings import as_count
 
     run = _as_run(run)
     latents = [int(latents)] if isinstance(latents, Number) else [int(f) for f in latents]
@@ -506,7 +486,7 @@ def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.
     else:
         grid = [float(alpha)] if isinstance(alpha, Number) else [float(a) for a in alpha]
     result, paths = steer_run(run.path, latents, grid, prompt or "", max_new_tokens, temperature, seed, sweep, mode,
-                              _count(tokens, "tokens", parse_count), strength_scale)
+                              as_count(tokens, "tokens"), strength_scale)
     return SteeringSweep(run, result, paths) if sweep else Steering(run, **result)
 
 

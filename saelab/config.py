@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from saelab.data.corpus import CorpusSpec
+from saelab.settings import parse_count, setting
 
 T = TypeVar("T")
 DTYPES = ("float32", "float16", "bfloat16")
+MIDDLE_HOOK = "the middle residual stream, blocks.{L//2}.hook_resid_pre"  # how `--help` names the default hook
 
 
 from saelab.errors import ConfigError  # noqa: E402  (re-exported: `from saelab.config import ConfigError` works)
@@ -31,9 +33,10 @@ def check(cond: bool, field_name: str, message: str) -> None:
 class ModelSpec:
     """Which language model: 'reference' (embedded), a hub name such as 'gpt2', or a local directory."""
 
-    name: str = "reference"
-    device: str = "cpu"
-    dtype: str = "float32"
+    name: str = setting("reference", "'reference' (the embedded model), a hub name such as gpt2, or a local model "
+                                     "directory", flag="--model")
+    device: str = setting("cpu", "cpu, cuda[:N] or auto")
+    dtype: str = setting("float32", "float32, float16 or bfloat16", flag="--model-dtype")
 
     def __post_init__(self):
         check(bool(self.name), "model.name", "must be 'reference', a hub name or a local path")
@@ -73,16 +76,22 @@ class CacheConfig:
 
     model: ModelSpec = field(default_factory=ModelSpec)
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
-    hooks: list[str] = field(default_factory=list)  # [] → the middle residual stream, blocks.{L // 2}.hook_resid_pre
-    out: str = ""  # "" → cache/<model>-<first hook>[+N]
-    tokens: int = 1_000_000  # target size in tokens (BOS included), rounded up to whole rows
-    context_size: int = 128
-    split: str = "train"
-    dtype: str = "float32"  # storage dtype of activations and gradients
-    with_grads: bool = False  # also store d(next-token CE, summed over predicted tokens)/d(activation)
-    exclude_bos: bool = True  # drop position 0 (BOS) of every row from the training rows
-    batch_rows: int = 32  # rows per model forward
-    shard_rows: int = 0  # rows per shard (a multiple of batch_rows); 0 → about 64 MB per activation file
+    hooks: list[str] = setting([], "comma-separated hook names; all are captured in one forward pass",
+                               default_text=MIDDLE_HOOK)
+    out: str = setting("", "cache directory; rerunning resumes or extends it", default_text="cache/<model>-<hook>")
+    # the target size in tokens (BOS included), rounded up to whole rows
+    tokens: int = setting(1_000_000, "cache size in tokens, e.g. 2M, 500k or 20000; a larger value later extends "
+                                     "the cache", parse=parse_count)
+    context_size: int = setting(128, "tokens per packed row, BOS included")
+    split: str = setting("train", "corpus split: train, validation or all")
+    dtype: str = setting("float32", "storage dtype: float32, float16 or bfloat16 (stored as raw bits, exact)")
+    with_grads: bool = setting(False, "also store d(next-token cross-entropy, summed over predicted "
+                                      "tokens)/d(activation) per hook, from one backward pass per batch (for "
+                                      "gradient-TopK SAEs)")
+    exclude_bos: bool = setting(True, "keep position 0 (BOS) as a training row (by default it is left out: its norm "
+                                      "dwarfs the rest)", flag="--keep-bos", negate=True)
+    batch_rows: int = setting(32, "rows per model forward")
+    shard_rows: int = setting(0, "rows per shard, a multiple of --batch-rows", default_text="~64 MB files")
 
     def __post_init__(self):
         check(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
@@ -154,8 +163,8 @@ def _scalar(tp: type, value: Any, path: str) -> Any:
 def from_dict(cls: type[T], data: dict, path: str = "") -> T:
     """Build a config dataclass from a dict; unknown keys are an error naming the key. A class may rename older
     keys first with a `_migrate(dict) -> dict` static method (configs saved by earlier saelab versions)."""
-    if hasattr(cls, "_migrate") and isinstance(data, dict):
-        data = cls._migrate(dict(data))
+    if isinstance(data, dict):
+        data = migrate(cls, data)
     types = _field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -245,8 +254,18 @@ def merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: dict | None = None) -> T:
-    data = read_file(path) if path else {}
+def migrate(cls: type, data: dict) -> dict:
+    """`data` with the older keys a config class renames (its `_migrate`), so that overrides apply to the new ones."""
+    return cls._migrate(dict(data)) if hasattr(cls, "_migrate") else data
+
+
+def load_config(cls: type[T], path: str | Path | T | None = None, overrides: dict | None = None) -> T:
+    """A `cls` from the YAML/JSON file at `path` (or from a `cls` already built, or from the defaults), with
+    `overrides` ({dotted key: value}, e.g. from `saelab.settings.overrides_from_args`) applied on top."""
+    if isinstance(path, cls):
+        data, path = to_dict(path), None
+    else:
+        data = migrate(cls, read_file(path)) if path else {}
     try:
         return from_dict(cls, merge(data, overrides or {}))
     except ConfigError as e:
@@ -280,22 +299,24 @@ class SAEConfig:
     Fields here are common to every architecture; what only one architecture has lives in `options`, checked
     against that architecture's own small options dataclass (`saelab.sae.architectures`)."""
 
-    architecture: str = "topk"  # topk, batchtopk, matryoshka, gtopk (training); jumprelu (inference only)
+    # the registered architectures (`saelab.sae.architectures`); jumprelu is for inference only
+    architecture: str = setting("topk", "`saelab train --arch NAME --help` lists its options", flag="--arch")
     d_in: int = 0
-    n_latents: int = 0
-    expansion_factor: int = 16
-    k: int = 32
-    hook_name: str = ""
+    n_latents: int = setting(0, "SAE width", default_text="16 × d_in")
+    expansion_factor: int = setting(16, "width as a multiple of d_in when --n-latents is not given")
+    k: int = setting(32, "active latents per token")
+    hook_name: str = setting("", "hook to train on", flag="--hook", default_text=MIDDLE_HOOK)
     model_name: str = "reference"
     # "scale": one fixed factor so that E||x||² = d_in (from cache statistics), folded into the weights at save;
     # "layer_norm": per-token (x − μ)/(σ + ln_eps) as in OpenAI's released SAEs, undone on output by x̂·σ + μ;
     # "constant_norm_rescale": per-token x·√d/||x|| (SAELens), undone on output; "none".
-    normalize: str = "scale"
+    normalize: str = setting("scale", "input normalisation: scale (folded at save), layer_norm or none")
     input_scale: float = 1.0
     ln_eps: float = 1e-5  # layer_norm: σ + ε on the way in only (OpenAI's and SAELens's convention)
     ln_unbiased: bool = True  # layer_norm: the unbiased σ, as SAELens, so SAELens reproduces our SAEs exactly
-    k_aux: int = 0  # 0 means d_in // 2 (sparsify, dictionary_learning); OpenAI used 256, the paper ~512
-    aux_coef: float = 1 / 32
+    # 0 means d_in // 2 (sparsify, dictionary_learning); OpenAI used 256, the paper ~512
+    k_aux: int = setting(0, "AuxK latents", default_text="d_in // 2")
+    aux_coef: float = setting(1 / 32, "AuxK loss coefficient", default_text="1/32")
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
 
@@ -310,8 +331,6 @@ class SAEConfig:
         return data
 
     def __post_init__(self):
-        from saelab.sae.architectures import check_options  # lazy: saelab.sae imports this module
-
         check(self.normalize in NORMALIZATIONS, "sae.normalize", f"must be one of {NORMALIZATIONS}, got {self.normalize!r}")
         check(self.d_in >= 0, "sae.d_in", f"must be >= 0, got {self.d_in}")
         check(self.n_latents >= 0, "sae.n_latents", f"must be >= 0, got {self.n_latents}")
@@ -332,6 +351,15 @@ class SAEConfig:
                 self.k_aux = max(1, self.d_in // 2)
 
 
+def check_options(architecture: str, options: dict | None) -> dict:
+    """Validate an architecture's options against its own options dataclass (unknown keys and wrong types name the
+    field), before any model is loaded; returns them complete, defaults filled in, as a plain dict."""
+    from saelab.sae.architectures import get_architecture  # the registry, imported when first needed
+
+    opts = from_dict(get_architecture(architecture).Options, dict(options or {}), path=f"sae.options[{architecture}]")
+    return dataclasses.asdict(opts)
+
+
 SOURCES = ("auto", "cache", "stream")
 
 
@@ -343,30 +371,55 @@ class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     corpus: CorpusSpec = field(default_factory=CorpusSpec)
     sae: SAEConfig = field(default_factory=SAEConfig)
-    hook_name: str = ""  # "" → the middle residual stream, blocks.{n_layers // 2}.hook_resid_pre
-    out: str = ""  # "" → runs/<name>
-    name: str = ""  # "" → <model>-<hook>-<architecture>-k<k>
-    source: str = "auto"  # auto: a cache if `cache` is given (or made), else stream
-    cache: str = ""  # an existing activation cache to train from
-    cache_tokens: int = 1_000_000  # when source=auto makes a cache: its size (several epochs over it are fine)
-    context_size: int = 128
-    tokens: int = 2_000_000  # training tokens: a first SAE in minutes on 2 cores (EV ~0.85); 20M for full quality
-    batch_size: int = 4096
-    lr: float = 0.0  # 0 → 2e-4 / sqrt(n_latents / 2^14)  (Gao et al. Fig. 3, as sparsify and dictionary_learning)
+    out: str = setting("", "run directory", default_text="runs/<name>")
+    name: str = setting("", "run name", default_text="<model>-<hook>-<arch>-k<k>")
+    source: str = setting("auto", "auto: the --cache, else a cache made in the run directory; or stream")
+    cache: str = setting("", "train from this existing activation cache", default_text="none")
+    # when source=auto makes a cache: its size (several epochs over it are fine)
+    cache_tokens: int = setting(1_000_000, "size of the cache made when none is given", parse=parse_count)
+    context_size: int = setting(128, "tokens per row")
+    # a first SAE in minutes on 2 cores (EV ~0.85)
+    tokens: int = setting(2_000_000, "training tokens, e.g. 20M for a full-quality SAE; the default is a first look "
+                                     "in ~4 minutes on 2 CPU cores", parse=parse_count)
+    batch_size: int = setting(4096, "tokens per step per process")
+    # 0 → Gao et al. Fig. 3's scaling, as sparsify and dictionary_learning
+    lr: float = setting(0.0, "learning rate", default_text="2e-4 / sqrt(n_latents / 2^14)")
     lr_warmup_steps: int = 50
     lr_decay_fraction: float = 0.2  # linear decay to 0 over the last fraction of training
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 6.25e-10  # OpenAI's
     grad_clip: float = 1.0
-    dead_tokens: int = 0  # 0 → min(10M, tokens / 4): latents silent this many tokens are dead (AuxK, metrics)
-    seed: int = 0
+    # latents silent this many tokens are dead (AuxK, metrics)
+    dead_tokens: int = setting(0, "a latent silent this many tokens is dead", parse=parse_count,
+                               default_text="min(10M, tokens/4)")
+    seed: int = setting(0, "seed")
     log_every: int = 10
-    checkpoint_every: int = 200  # steps; also at the end
+    checkpoint_every: int = setting(200, "steps between checkpoints")  # also at the end
     keep_checkpoints: int = 2
-    resume: bool = False
-    eval_tokens: int = 65_536  # held-out tokens for the final core metrics (0 skips)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    wandb: str = ""  # a Weights & Biases project to log to ("" : none); saelab.training.tracking
+    resume: bool = setting(False, "continue from the run's last checkpoint")
+    eval_tokens: int = setting(65_536, "held-out tokens for the final core metrics; 0 skips them", parse=parse_count)
+    threads: int = setting(0, "torch CPU threads", default_text="torch's")
+    # saelab.training.tracking
+    wandb: str = setting("", "log to this Weights & Biases project: the config, the metrics of metrics.jsonl and the "
+                             "closing core metrics, one wandb run per SAE (rank 0 under torchrun); "
+                             "WANDB_MODE=offline writes them to disk for `wandb sync`", default_text="none")
+
+    @staticmethod
+    def _migrate(data: dict) -> dict:
+        """Before one hook field, the hook was also a top-level `hook_name` (configs and sweep files of earlier
+        saelab versions); it is the SAE's `sae.hook_name`."""
+        if "hook_name" not in data:
+            return data
+        hook = data.pop("hook_name")
+        sae = data.get("sae")
+        if sae is not None and not isinstance(sae, dict) or not hook:
+            return data
+        sae = dict(sae or {})
+        if sae.get("hook_name") and sae["hook_name"] != hook:
+            raise ConfigError(f"sae.hook_name: {sae['hook_name']!r}, but hook_name is {hook!r}",
+                              hint="give the hook once (--hook)")
+        data["sae"] = {**sae, "hook_name": hook}
+        return data
 
     def __post_init__(self):
         check(self.source in SOURCES, "source", f"must be one of {SOURCES}, got {self.source!r}")

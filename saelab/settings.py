@@ -8,8 +8,8 @@ notebook API and `--help` are generated from it.
 `corpus.*`, `sae.*`), each help ending in its default once; `overrides_from_args(args, TrainConfig)` and
 `overrides_from_kwargs(TrainConfig, {"hook": ..., "tokens": "2M"}, "saelab.train")` turn what a user gave into
 config overrides ({dotted key: value}) for `saelab.config.load_config`. A setting's keyword name is its flag's
-(`--n-latents` → n_latents, `--hook` → hook), except a flag that turns a setting off (`--keep-bos`), whose keyword is
-the field's own name (exclude_bos). Standard library only, so every layer may declare settings.
+(`--n-latents` → n_latents, `--hook` → hook), except a flag that turns a setting off (`--keep-bos`), whose keyword
+is the field's own name (exclude_bos). Standard library only, so every layer may declare settings.
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ from saelab.errors import ConfigError
 MULTIPLIERS = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "b": 10 ** 9}
 
 
-class CountError(ConfigError, argparse.ArgumentTypeError):
-    """Not a count. A `ConfigError` in the API; as an argparse `type`, the flag's one-line usage error."""
+class TextError(ConfigError, argparse.ArgumentTypeError):
+    """Text that is not a setting's value. A `ConfigError` in the API; as an argparse `type`, the flag's one-line
+    usage error."""
+
+
+class CountError(TextError):
+    """Not a count."""
 
 
 def parse_count(text: str) -> int:
@@ -49,6 +54,14 @@ def as_count(value: Any, name: str) -> int:
         raise ConfigError(f"{name}: {e.message}") from None
 
 
+def parse_ints(text: str) -> list[int]:
+    """'1,2,4' → [1, 2, 4]."""
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise TextError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def format_count(n: int) -> str:
     """20_000_000 → '20M', 500_000 → '500k', 65_536 → '65536': how a count default reads in `--help`."""
     for suffix, mult in (("G", 10 ** 9), ("M", 10 ** 6), ("k", 10 ** 3)):
@@ -59,15 +72,16 @@ def format_count(n: int) -> str:
 
 def setting(default: Any, help: str, *, flag: str | None = None, default_text: str | None = None,
             parse: Callable[[str], Any] | None = None, choices: tuple | None = None, metavar: str | None = None,
-            negate: bool = False):
+            negate: bool = False, repeat: bool = False):
     """A config dataclass field with its `--help` text (without the default: the help appends "(default X)").
 
     flag: the command-line flag when it is not `--<field-name>` ("--hook" for hook_name); default_text: the default
     as a user should read it when the raw value is a placeholder ("16 × d_in" for n_latents 0); parse: text → value
     for flags and keyword strings (`parse_count`); choices: the values argparse accepts; negate: a bool whose flag
-    turns it off (`--keep-bos` for exclude_bos)."""
+    turns it off (`--keep-bos` for exclude_bos); repeat: a list given by repeating its flag (`--alpha 2 --alpha 4`;
+    not given: the default)."""
     meta = {"help": help, "flag": flag, "default_text": default_text, "parse": parse, "choices": choices,
-            "metavar": metavar, "negate": negate or None}
+            "metavar": metavar, "negate": negate or None, "repeat": repeat or None}
     meta = {k: v for k, v in meta.items() if v is not None}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -119,34 +133,41 @@ def flags(cls: type, prefix: str = "") -> list[Flag]:
     return out
 
 
-def add_flag(parser, flag: Flag, *, defaults: bool = False, switches: bool = False, note: str = ""):
+def add_flag(parser, flag: Flag, *, defaults: bool = False, options: bool = False, note: str = ""):
     """Add one setting's flag to an argparse parser or group. defaults False: every flag defaults to None, so a
     --config file's value is not overridden by a default; True: the field's default. A bool is an on-switch
-    (`store_true`), an off-switch with `negate`, or with `switches` a `--x/--no-x` pair."""
+    (`store_true`) or, with `negate`, an off-switch. `options`: an architecture's option, whose text goes unparsed to
+    its options dataclass (which checks it and names the field), a bool as a `--x/--no-x` pair."""
     default = flag.default if defaults else None
     kw: dict[str, Any] = {"dest": flag.name, "default": default}
-    if flag.type is bool and switches:
+    if flag.type is bool and options:
         kw.update(action=argparse.BooleanOptionalAction, help=flag.help(note=note))
     elif flag.type is bool:
         kw.update(action="store_const", const=not flag.meta.get("negate"), help=flag.help(False, note))
     else:
-        parse = flag.meta.get("parse") or (flag.type if flag.type in (int, float) else None)
+        parse = flag.meta.get("parse") or (flag.type if flag.type in (int, float) and not options else None)
         kw.update(help=flag.help(note=note), metavar=flag.meta.get("metavar") or flag.name.upper())
+        if flag.meta.get("repeat"):  # one value per flag; argparse would append to a default list, so None
+            kw.update(action="append", default=None)
+            item = typing.get_args(flag.type)
+            parse = flag.meta.get("parse") or (item[0] if item and item[0] in (int, float) else None)
         if parse is not None:
             kw["type"] = parse
         if "choices" in flag.meta:
             kw["choices"] = flag.meta["choices"]
+            if "metavar" not in flag.meta:
+                del kw["metavar"]  # argparse shows the choices: {a,b,c}
     return parser.add_argument(flag.option, **kw)
 
 
-def add_flags(parser, cls: type, *, defaults: bool = False, switches: bool = False,
+def add_flags(parser, cls: type, *, defaults: bool = False, options: bool = False,
               listed: dict[str, list[str]] | None = None) -> None:
     """One flag per declared setting of `cls` (see `add_flag`). `listed`: dotted key → the values to name first in
     that flag's help (e.g. the registered architectures, known only where the registry may be imported)."""
     for flag in flags(cls):
         names = (listed or {}).get(flag.key)
         note = f"{', '.join(names[:-1])} or {names[-1]}; " if names else ""
-        add_flag(parser, flag, defaults=defaults, switches=switches, note=note)
+        add_flag(parser, flag, defaults=defaults, options=options, note=note)
 
 
 def overrides_from_kwargs(cls: type, kwargs: dict, where: str) -> dict:
@@ -183,5 +204,5 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict:
     return overrides_from_kwargs(cls, flag_values(args, cls), "flags")
 
 
-__all__ = ["setting", "parse_count", "as_count", "format_count", "CountError", "Flag", "flags", "add_flag",
-           "add_flags", "overrides_from_kwargs", "overrides_from_args", "flag_values"]
+__all__ = ["setting", "parse_count", "parse_ints", "as_count", "format_count", "TextError", "CountError", "Flag",
+           "flags", "add_flag", "add_flags", "overrides_from_kwargs", "overrides_from_args", "flag_values"]

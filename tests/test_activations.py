@@ -588,7 +588,8 @@ def test_cli_help(capsys):
 
 
 def test_cli_parses_counts_and_defaults():
-    from saelab.cli import build_parser, cache_config_from_args
+    from saelab.cli import build_parser
+    from saelab.cli.cache import cache_config_from_args
 
     args = build_parser().parse_args(["cache", "--hooks", f"{H1},{H2}", "--tokens", "2M", "--out", "d",
                                       "--with-grads", "--dtype", "bfloat16"])
@@ -673,7 +674,7 @@ def test_trainer_runs_from_a_cache(cache2, tmp_path):
     except ImportError as e:  # the trainer's dependencies (kernels) are written in parallel
         pytest.skip(f"trainer not importable yet: {e}")
 
-    cfg = TrainConfig(sae=SAEConfig(n_latents=512, k=8), tokens=64 * 6, batch_size=64, eval_tokens=0,
-                      checkpoint_every=3, hook_name=H1)
+    cfg = TrainConfig(sae=SAEConfig(n_latents=512, k=8, hook_name=H1), tokens=64 * 6, batch_size=64, eval_tokens=0,
+                      checkpoint_every=3)
     res = train(cfg, ActivationCache(cache2, hook_name=H1, batch_size=64), tmp_path / "run", progress=False)
     assert res.steps == 6

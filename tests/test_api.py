@@ -147,14 +147,15 @@ def test_patch_refuses_bad_settings_before_loading_the_model(kw, error, match, m
 
 # ------------------------------------------------------------------------------------------ run, train, top activations
 def test_settings_map_to_the_commands_config_keys():
-    from saelab.api import _overrides
-    from saelab.cli import CACHE_FLAGS, TRAIN_FLAGS
+    from saelab.config import CacheConfig, TrainConfig
+    from saelab.settings import overrides_from_kwargs
 
-    got = _overrides("t", TRAIN_FLAGS, {"tokens": "2M", "k": 16, "arch": "batchtopk", "n_latents": 512,
-                                        "model": "reference"})
+    got = overrides_from_kwargs(TrainConfig, {"tokens": "2M", "k": 16, "arch": "batchtopk", "n_latents": 512,
+                                              "model": "reference"}, "t")
     assert got == {"tokens": 2_000_000, "sae.k": 16, "sae.architecture": "batchtopk", "sae.n_latents": 512,
                    "model.name": "reference"}
-    assert _overrides("c", CACHE_FLAGS, {"hooks": "a,b", "tokens": "500k"}) == {"hooks": "a,b", "tokens": 500_000}
+    assert overrides_from_kwargs(CacheConfig, {"hooks": "a,b", "tokens": "500k"}, "c") == {"hooks": "a,b",
+                                                                                          "tokens": 500_000}
     with pytest.raises(ConfigError, match="unknown setting 'nlatents'"):
         saelab.train(nlatents=5)
     with pytest.raises(ConfigError, match="tokens: not a count"):

@@ -595,5 +595,5 @@ def test_a_run_from_a_cache_records_the_cache_model(shared, tmp_path):
     (other / "manifest.json").write_text(json.dumps(m))
     cfg = resolve(TrainConfig(cache=str(other), out=str(tmp_path / "run"), eval_tokens=0))
     assert cfg.model.name == str(reference_dir()) and cfg.sae.model_name == str(reference_dir())
-    assert cfg.hook_name == HOOK and cfg.sae.hook_name == HOOK and cfg.context_size == T
+    assert cfg.sae.hook_name == HOOK and cfg.context_size == T  # one hook field (issue 25)
     assert not (tmp_path / "run").exists()  # resolving writes nothing

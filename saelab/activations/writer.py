@@ -39,12 +39,9 @@ from saelab.config import CacheConfig
 from saelab.data.corpus import check_source
 from saelab.errors import ConfigError, DataError
 from saelab.files import fsync_dir, tmp_path
+from saelab.models.loading import default_hook_name
 
 Fault = Callable[[str, int, int], None]
-
-
-def default_hook(model) -> str:
-    return f"blocks.{model.cfg.n_layers // 2}.hook_resid_pre"
 
 
 def default_out(cfg: CacheConfig, hooks: list[str]) -> str:
@@ -264,7 +261,7 @@ def _finished_without_model(cfg: CacheConfig) -> Path | None:
 def _plan(cfg: CacheConfig, model) -> tuple[_Plan, HookCapture]:
     """The hooks (the default one when none is named), the output folder (checked), the sizes and the spec; and the
     hook capture, whose probe gives every hook's width."""
-    hooks = list(cfg.hooks) or [default_hook(model)]
+    hooks = list(cfg.hooks) or [default_hook_name(model)]
     root = Path(cfg.out or default_out(cfg, hooks))
     check_out_dir(root)
     T = cfg.context_size
@@ -542,4 +539,4 @@ def write_cache(cfg: CacheConfig, progress: bool = True, model=None, _fault: Fau
     return root
 
 
-__all__ = ["write_cache", "default_hook", "check_writable"]
+__all__ = ["write_cache", "check_writable"]

@@ -18,11 +18,6 @@ from saelab.cli.patch import add_patch, run_patch  # noqa: F401
 from saelab.cli.steer import add_steer, run_steer  # noqa: F401
 from saelab.cli.bench import add_bench, run_bench  # noqa: F401
 from saelab.cli.doctor import add_doctor, run_doctor  # noqa: F401
-# TEMPORARY while the front door is rebuilt (issue 25): older import paths
-from saelab.cli.flags import parse_count  # noqa: F401
-from saelab.cli.train import TRAIN_FLAGS  # noqa: F401
-from saelab.cli.cache import CACHE_FLAGS, cache_config_from_args  # noqa: F401
-from saelab.cli.dashboard import explorer_script  # noqa: F401
 
 
 COMMANDS = ["info", "hooks", "reference", "train", "eval", "cache", "dashboard", "patch", "explore", "steer", "bench",

@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.cli.flags import _add_model_flags, _add_table_flags, _table_overrides, parse_count
-
-
-# ---- cache
-CACHE_FLAGS = {  # flag → (config key, type, help)
-    "--hooks": ("hooks", str, "comma-separated hook names (default: the middle residual stream, "
-                              "blocks.{L//2}.hook_resid_pre); all are captured in one forward pass"),
-    "--tokens": ("tokens", parse_count, "cache size in tokens, e.g. 2M, 500k or 20000 (default 1M); a larger value "
-                                        "later extends the cache"),
-    "--out": ("out", str, "cache directory (default cache/<model>-<hook>); rerunning resumes or extends it"),
-    "--dataset": ("corpus.source", str, "corpus: 'stdlib' (default), an HF dataset name or a local path"),
-    "--text-field": ("corpus.text_field", str, "text field of dataset rows (default: text)"),
-    "--split": ("split", str, "corpus split: train (default), validation or all"),
-    "--context-size": ("context_size", int, "tokens per packed row, BOS included (default 128)"),
-    "--dtype": ("dtype", str, "storage dtype: float32 (default), float16 or bfloat16 (stored as raw bits, exact)"),
-    "--batch-rows": ("batch_rows", int, "rows per model forward (default 32)"),
-    "--shard-rows": ("shard_rows", int, "rows per shard, a multiple of --batch-rows (default: ~64 MB files)"),
-}
-
 
 def add_cache(sub) -> None:
+    from saelab.config import CacheConfig
+    from saelab.settings import add_flags
+
     p = sub.add_parser(
         "cache", help="write model activations (and LM-loss gradients) of several hooks to disk; verify a cache",
         description="Run the model once per batch of packed rows, capture every --hooks in that one forward pass "
@@ -41,13 +25,7 @@ def add_cache(sub) -> None:
                         "describe a cache")
     p.add_argument("path", nargs="?", help="the cache directory, for verify and info")
     p.add_argument("--config", help="a YAML/JSON CacheConfig; flags override it")
-    _add_model_flags(p, defaults=False)  # so a --config file's model is not overridden by a default
-    _add_table_flags(p, CACHE_FLAGS)
-    p.add_argument("--with-grads", action="store_true", default=None,
-                   help="also store d(next-token cross-entropy, summed over predicted tokens)/d(activation) per "
-                        "hook, from one backward pass per batch (for gradient-TopK SAEs)")
-    p.add_argument("--keep-bos", action="store_true", default=None,
-                   help="keep position 0 (BOS) as a training row (default: excluded, its norm dwarfs the rest)")
+    add_flags(p, CacheConfig)  # defaults None: a --config file's values are not overridden by a default
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--repair", action="store_true",
                    help="with verify: drop the first damaged shard and every later one from the manifest, so that "
@@ -56,20 +34,21 @@ def add_cache(sub) -> None:
 
 
 def cache_config_from_args(args):
+    """The --config file's CacheConfig (or the defaults) with the flags given on top."""
     from saelab.config import CacheConfig, load_config
+    from saelab.settings import overrides_from_args
 
-    overrides = _table_overrides(args, CACHE_FLAGS)
-    overrides.update({"with_grads": args.with_grads, "exclude_bos": False if args.keep_bos else None})
-    return load_config(CacheConfig, args.config, overrides)
+    return load_config(CacheConfig, args.config, overrides_from_args(args, CacheConfig))
 
 
 def run_cache(args) -> int:
     import time
     from pathlib import Path
 
-    from saelab.activations import describe, repair_cache, verify_cache, write_cache
+    from saelab.activations import describe, repair_cache, verify_cache
     from saelab.activations.format import NONFINITE, read_manifest
     from saelab.activations.verify import cache_bytes
+    from saelab.api import cache
     from saelab.errors import ConfigError
 
     if args.action in ("verify", "info"):
@@ -107,7 +86,7 @@ def run_cache(args) -> int:
     before = 0
     if cfg.out and (Path(cfg.out) / "manifest.json").exists():
         before = read_manifest(cfg.out)["n_tokens"]
-    path = write_cache(cfg, progress=not args.no_progress)
+    path = cache(cfg, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
     manifest = read_manifest(path)
     done = manifest["n_tokens"] - before

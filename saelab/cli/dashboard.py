@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from saelab.cli.flags import parse_count
+from saelab.settings import parse_count
 
 
 # ---- dashboard

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from saelab.cli.flags import _int_list, parse_count
+from saelab.cli.flags import _int_list
+from saelab.settings import parse_count
 
 
 # ---- eval

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from saelab.errors import ConfigError, DataError
+from saelab.settings import setting
 
 SPLITS = ("train", "validation", "all")
 LOCAL_SUFFIXES = {".txt": "text", ".py": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -36,8 +37,8 @@ class CorpusSpec:
     (e.g. "NeelNanda/pile-10k"), or a local path (file or directory of .txt/.py/.md/.jsonl/.parquet).
     """
 
-    source: str = "stdlib"
-    text_field: str = "text"
+    source: str = setting("stdlib", "corpus: 'stdlib', an HF dataset name or a local path", flag="--dataset")
+    text_field: str = setting("text", "text field of dataset rows")
     hf_config: str | None = None
     hf_split: str = "train"
     validation_per_mille: int = 50  # 5 % of documents go to validation

@@ -207,6 +207,23 @@ def _firing(model) -> set[str]:
     return found
 
 
+def default_hook_name(model) -> str:
+    """The hook `saelab cache` and `saelab train` use when none is given: the middle residual stream,
+    `blocks.{n_layers // 2}.hook_resid_pre`. `model`: a loaded model, or a model name or folder (its config is read;
+    nothing is loaded)."""
+    if isinstance(model, (str, Path)):
+        from transformers import AutoConfig
+
+        try:
+            hf = AutoConfig.from_pretrained(locate_model(str(model)))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"model {str(model)!r}: its config cannot be read ({str(e).splitlines()[0]})") from e
+        n_layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer")
+    else:
+        n_layers = model.cfg.n_layers
+    return f"blocks.{n_layers // 2}.hook_resid_pre"
+
+
 def hook_layer(hook_name: str) -> int | None:
     """The block index a hook lives in (`blocks.3.hook_resid_post` → 3), or None outside the blocks."""
     m = _LAYER.match(hook_name)

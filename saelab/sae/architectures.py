@@ -3,7 +3,8 @@
 `SparseAutoencoder` holds the parameters (W_enc, b_enc, W_dec, b_dec), the input normalisation and save/load. An
 `Architecture` owns everything that differs between TopK-family SAEs:
 
-* its options: a small dataclass (`Options`), stored in `SAEConfig.options`, listed by `saelab train --arch A --help`;
+* its options: a small dataclass (`Options`) of `saelab.settings.setting` fields, stored in `SAEConfig.options` and
+  checked there (`saelab.config.check_options`), listed by `saelab train --arch A --help`;
 * `select(...)`: which latents a token uses in training (TopK: per token; BatchTopK: over the batch; g-SAE: with
   the LM-loss gradient); `select_inference(...)`: the batch-independent rule (e.g. a learned threshold);
 * `losses(...)`: the training objective (default: FVU + AuxK; Matryoshka adds per-prefix losses);
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -62,13 +63,6 @@ class ThresholdOptions:
         check(0 <= self.threshold_momentum < 1, "threshold_momentum", f"must be in [0, 1), got {self.threshold_momentum}")
         check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")
         check(self.calibration_tokens >= 0, "calibration_tokens", f"must be >= 0, got {self.calibration_tokens}")
-
-
-def option(default: Any, help: str):
-    """A field of an architecture's options dataclass, with its `--help` text."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -368,16 +362,6 @@ def get_architecture(name: str) -> type[Architecture]:
     if name not in reg:
         raise ConfigError(f"sae.architecture: unknown architecture {name!r}; choose one of {sorted(reg)}")
     return reg[name]
-
-
-def check_options(name: str, options: dict | None) -> dict:
-    """Validate an architecture's options (unknown keys and wrong types name the field); returns them complete,
-    defaults filled in, as a plain dict."""
-    from saelab.config import from_dict
-
-    arch = get_architecture(name)
-    opts = from_dict(arch.Options, dict(options or {}), path=f"sae.options[{name}]")
-    return dataclasses.asdict(opts)
 
 
 def option_fields(name: str) -> list[dataclasses.Field]:

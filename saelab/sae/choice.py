@@ -58,8 +58,9 @@ import torch.distributed as dist
 
 from saelab.distributed import rank_world
 from saelab.sae.architectures import (Architecture, ThresholdOptions, auxk_loss, batch_topk_indices,
-                                      calibration_inputs, gather_rows, option, pack_rows, threshold_indices,
+                                      calibration_inputs, gather_rows, pack_rows, threshold_indices,
                                       topk_indices)
+from saelab.settings import setting as option
 from saelab.sae.batchtopk import BatchTopK
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from saelab.kernels import ops_for
-from saelab.sae.architectures import option
+from saelab.settings import setting as option
 from saelab.sae.topk import TopK, TopKOptions
 
 

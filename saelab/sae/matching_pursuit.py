@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from saelab.kernels import encoder_values, ops_for
-from saelab.sae.architectures import Architecture, option
+from saelab.sae.architectures import Architecture
+from saelab.settings import setting as option
 from saelab.sae.code import SparseCode
 
 SELECT_MODES = ("relu", "max", "abs")

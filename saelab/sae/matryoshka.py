@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from saelab.kernels import grouped_decode
-from saelab.sae.architectures import ThresholdOptions, option
+from saelab.sae.architectures import ThresholdOptions
+from saelab.settings import setting as option
 from saelab.sae.batchtopk import BatchTopK
 
 PAPER_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from saelab.kernels import sparse_decode
-from saelab.sae.architectures import Architecture, fvu, option, topk_indices
+from saelab.sae.architectures import Architecture, fvu, topk_indices
+from saelab.settings import setting as option
 
 
 @dataclass

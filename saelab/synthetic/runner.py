@@ -11,13 +11,22 @@ from pathlib import Path
 from saelab.synthetic.generator import TreeSpec, generate
 from saelab.synthetic.metrics import score
 
-ARCHS = ("topk", "batchtopk", "matryoshka", "mp", "mutual", "feature_choice")
-# Matryoshka on 20 latents: the parents' share first. MP as in the paper's synthetic runs (App. B.1, the authors' toy
-# code): pursue each token until its residual is ≤ 0.05 or it re-selects an atom (at most n_latents steps, not k).
+
+def planted_archs() -> tuple[str, ...]:
+    """The architectures this benchmark trains by default: every registered trainable one that selects without the
+    LM-loss gradient (planted data has no language model)."""
+    from saelab.sae.architectures import registry
+
+    return tuple(name for name, arch in registry().items() if arch.trainable and not arch.needs_grads)
+
+
+# The benchmark's own choices on top of each architecture's option defaults (its Options dataclass). Matryoshka on
+# 20 latents: the parents' share first. MP as in the paper's synthetic runs (App. B.1, the authors' toy code):
+# pursue each token until its residual is ≤ 0.05 or it re-selects an atom (at most n_latents steps, not k).
 # `BenchSpec.mp_steps` > 0 runs the library's own pursuit instead: that many steps, no early stop (mp_steps = k is
 # MP's default); with fewer steps than some rows have features, MP absorbs (README, planted features)
-DEFAULT_OPTIONS = {"matryoshka": {"group_fractions": [0.25, 0.75]},
-                   "mp": {"tol": 0.05, "stop_on_duplicate_support": True}}
+BENCH_OPTIONS = {"matryoshka": {"group_fractions": [0.25, 0.75]},
+                 "mp": {"tol": 0.05, "stop_on_duplicate_support": True}}
 
 
 @dataclass
@@ -34,7 +43,8 @@ class BenchSpec:
     mp_steps: int = 0  # 0: MP pursues to convergence (the paper's); N: N steps, no early stop (the library's T)
 
 
-def run_benchmark(spec: BenchSpec, archs=ARCHS, out: str | Path | None = None, progress: bool = True) -> list[dict]:
+def run_benchmark(spec: BenchSpec, archs=None, out: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """One row per architecture of `archs` (default `planted_archs()`): its scores against the planted truth."""
     import torch
 
     from saelab.activations.in_memory import InMemoryActivations
@@ -46,8 +56,8 @@ def run_benchmark(spec: BenchSpec, archs=ARCHS, out: str | Path | None = None, p
     width = spec.width or spec.tree.n_features
     rows = []
     root = Path(out or tempfile.mkdtemp(prefix="saelab-synthetic-"))
-    for arch in archs:
-        options = dict(DEFAULT_OPTIONS.get(arch, {}), **({"steps": width} if arch == "mp" else {}))
+    for arch in archs or planted_archs():
+        options = dict(BENCH_OPTIONS.get(arch, {}), **({"steps": width} if arch == "mp" else {}))
         if arch == "mp" and spec.mp_steps:
             options = {"steps": spec.mp_steps}
         cfg = TrainConfig(sae=SAEConfig(architecture=arch, n_latents=width, k=spec.k, normalize="none",

@@ -18,23 +18,11 @@ from pathlib import Path
 
 from saelab.config import ModelSpec, TrainConfig
 from saelab.distributed import all_or_none, rank_device, rank_world
-from saelab.errors import CacheError, ConfigError, DataError, ModelError, SaelabError
-from saelab.models.loading import locate_model, model_id
+from saelab.errors import CacheError, ConfigError, DataError, SaelabError
+from saelab.models.loading import default_hook_name, locate_model, model_id
 from saelab.rundir import RunDir
 from saelab.training.trainer import TrainResult, default_run_name, train
 
-
-def default_hook_name(model_name: str) -> str:
-    """The middle residual stream: `blocks.{n_layers // 2}.hook_resid_pre`."""
-    from transformers import AutoConfig
-
-    path = locate_model(model_name)
-    try:
-        hf = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model {model_name!r}: its config cannot be read ({str(e).splitlines()[0]})") from e
-    n_layers = getattr(hf, "num_hidden_layers", None) or getattr(hf, "n_layer")
-    return f"blocks.{n_layers // 2}.hook_resid_pre"
 
 
 def _take_from_cache(data: dict, key: str, cache_value, default, flag: str, cache: str) -> None:
@@ -69,7 +57,7 @@ def _check_cache(cfg: TrainConfig, data: dict) -> int:
     _take_from_cache(data, "corpus", spec["corpus"], dataclasses.asdict(CorpusSpec()), "--dataset", cfg.cache)
     _take_from_cache(data, "context_size", spec["context_size"], defaults.context_size, "--context-size", cfg.cache)
 
-    hook = data["hook_name"]
+    hook = data["sae"]["hook_name"]
     if not hook:
         if len(hooks) == 1:
             hook = hooks[0]
@@ -83,7 +71,7 @@ def _check_cache(cfg: TrainConfig, data: dict) -> int:
         raise CacheError(f"the cache at {cfg.cache} has no hook {hook!r}; it holds {', '.join(hooks)}",
                          hint=f"pass --hook with one of them, or write a cache of that hook with "
                               f"`saelab cache --hooks {hook} --out DIR`")
-    data["hook_name"] = hook
+    data["sae"]["hook_name"] = hook
     d_in = int(spec["d_in"][hook])
     if cfg.sae.d_in and cfg.sae.d_in != d_in:
         raise ConfigError(f"sae.d_in: {cfg.sae.d_in}, but {hook} in the cache at {cfg.cache} is {d_in} wide",
@@ -131,10 +119,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         require_wandb()
     data = to_dict(cfg)
     data["model"]["name"] = model_id(cfg.model.name)  # a local folder by its absolute path (what the SAE records)
-    if cfg.hook_name and cfg.sae.hook_name and cfg.hook_name != cfg.sae.hook_name:
-        raise ConfigError(f"sae.hook_name: {cfg.sae.hook_name!r}, but hook_name is {cfg.hook_name!r}",
-                          hint="give the hook once (--hook)")
-    data["hook_name"] = cfg.hook_name or cfg.sae.hook_name
     if cfg.source == "stream" and cfg.cache:
         raise ConfigError(f"source: 'stream', but a cache is given ({cfg.cache})",
                           hint="drop --cache to stream activations from the model, or --source to read the cache")
@@ -144,8 +128,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     else:
         locate_model(cfg.model.name)
         check_source(cfg.corpus, "train")
-        if not data["hook_name"]:
-            data["hook_name"] = default_hook_name(cfg.model.name)
+        if not cfg.sae.hook_name:
+            data["sae"]["hook_name"] = default_hook_name(cfg.model.name)
     if cfg.eval_tokens:  # the final evaluation needs the model and the validation split: fail now, not after training
         locate_model(data["model"]["name"])
         try:
@@ -153,7 +137,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         except DataError as e:
             raise DataError(f"{e.message} (the final evaluation reads it)",
                             hint=f"--eval-tokens 0 skips the evaluation; {e.hint}") from None
-    data["sae"]["hook_name"] = data["hook_name"]
     data["sae"]["model_name"] = data["model"]["name"]
     if not cfg.name:
         data["name"] = default_run_name(from_dict(TrainConfig, data))
@@ -161,7 +144,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         data["out"] = str(Path("runs") / data["name"])
     _check_out(Path(data["out"]))
     if d_in is not None and cfg.resume:
-        _check_resume_width(Path(data["out"]), data["hook_name"], d_in, cfg.cache)
+        _check_resume_width(Path(data["out"]), data["sae"]["hook_name"], d_in, cfg.cache)
     return from_dict(TrainConfig, data)
 
 
@@ -177,17 +160,17 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
         cache_dir = Path(cfg.cache) if cfg.cache else RunDir(cfg.out).cache
         with all_or_none():  # the other ranks wait for rank 0's cache (and stop with it if it cannot be made)
             if not cfg.cache and rank == 0:
-                write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.hook_name],
+                write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.sae.hook_name],
                                         out=str(cache_dir), tokens=cfg.cache_tokens, context_size=cfg.context_size,
                                         with_grads=grads), progress=progress)
         with all_or_none():  # e.g. a cache with fewer blocks of rows than there are ranks
-            return ActivationCache(cache_dir, hook_name=cfg.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
+            return ActivationCache(cache_dir, hook_name=cfg.sae.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
                                    rank=rank, world_size=world, with_grads=grads)
     from saelab.models import load_model
 
     with all_or_none():
         model = load_model(cfg.model.name, device=rank_device(cfg.model.resolved_device()), dtype=cfg.model.dtype)
-        return stream_activations(model, cfg.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
+        return stream_activations(model, cfg.sae.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
                                   batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
                                   with_grads=grads)
 

@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from saelab.config import TrainConfig, from_dict, merge, read_file, to_dict
+from saelab.config import TrainConfig, from_dict, merge, migrate, read_file, to_dict
 from saelab.distributed import rank_device
 from saelab.errors import ConfigError
 from saelab.training.pipeline import prepare
 from saelab.training.trainer import TrainResult, _flatten, train_many
 
 # what every SAE of a sweep shares: the batches (source, hook, sizes, seed), the steps and the checkpoint schedule
-SHARED = ("model.name", "model.dtype", "model.device", "corpus", "hook_name", "source", "cache", "cache_tokens",
+SHARED = ("model.name", "model.dtype", "model.device", "corpus", "sae.hook_name", "source", "cache", "cache_tokens",
           "context_size", "tokens", "batch_size", "seed", "checkpoint_every", "keep_checkpoints", "resume", "threads")
 FILE_HINT = "a sweep file holds shared TrainConfig fields and `saes`, a list of per-SAE overrides (each with a name)"
 
@@ -46,6 +46,7 @@ def load_sweep(path: str | Path, overrides: dict | None = None, config: str | Pa
                           hint=f"move the settings of {config} to the top of {path}")
     data = read_file(path)
     saes = data.pop("saes", None)
+    data = migrate(TrainConfig, data)  # older keys renamed, so the flags and each SAE's entry override the new ones
     if not isinstance(saes, list) or not saes:
         what = "has no `saes` list" if saes is None else f"`saes` must be a non-empty list, got {saes!r}"
         raise ConfigError(f"{path}: {what}", hint=FILE_HINT)
@@ -64,7 +65,7 @@ def load_sweep(path: str | Path, overrides: dict | None = None, config: str | Pa
             raise ConfigError(f"{path}: saes[{i}].out: an SAE of a sweep has its run folder at <out>/<name>",
                               hint="give the SAE a `name`, and `out` once at the top of the sweep file")
         try:
-            cfg = from_dict(TrainConfig, merge(shared, entry), f"saes[{i}]")
+            cfg = from_dict(TrainConfig, merge(shared, migrate(TrainConfig, entry)), f"saes[{i}]")
         except ConfigError as e:
             raise _hinted(e, path) from None
         name = entry.get("name") or f"{cfg.sae.architecture}-k{cfg.sae.k}"
@@ -88,7 +89,7 @@ def check_shared(cfgs: list[TrainConfig]) -> None:
         for key in sorted(first):
             if not any(key == s or key.startswith(s + ".") for s in SHARED) or mine[key] == first[key]:
                 continue
-            if key == "hook_name":
+            if key == "sae.hook_name":
                 raise ConfigError(f"saes[{i}] ({cfg.name}): hook_name is {mine[key]!r}, but saes[0] "
                                   f"({cfgs[0].name}) trains on {first[key]!r}; a sweep trains on one hook (the "
                                   f"cache reader yields one hook per batch)", hint="run one sweep per hook")

@@ -122,7 +122,7 @@ def make_optimizer(sae: SparseAutoencoder, lr: float, cfg: TrainConfig) -> torch
 
 def default_run_name(cfg: TrainConfig) -> str:
     model = Path(cfg.model.name).name.replace("/", "_")
-    return f"{model}-{cfg.hook_name or cfg.sae.hook_name}-{cfg.sae.architecture}-k{cfg.sae.k}"
+    return f"{model}-{cfg.sae.hook_name}-{cfg.sae.architecture}-k{cfg.sae.k}"
 
 
 class SAERun:
@@ -162,8 +162,7 @@ class SAERun:
         """A new SAE, initialised from the first batch (already on the device) and the source's statistics."""
         cfg, device, world = self.cfg, self.device, self.world
         with self.own_rng():
-            sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), "d_in": first.shape[1],
-                                            "hook_name": cfg.sae.hook_name or cfg.hook_name})
+            sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), "d_in": first.shape[1]})
             sae = SparseAutoencoder(sae_cfg, device=device)
             sae.reset_parameters(seed=cfg.seed)
             var_total = float(stats["var"].sum()) if stats is not None else None
@@ -188,7 +187,8 @@ class SAERun:
         """The state saved at checkpoint `step`; returns its metadata (the source's cursors)."""
         path = ckpt.checkpoint_steps(self.run_dir)[step]
         tensors, meta = ckpt.load_checkpoint(path)
-        check_resume_config(meta.get("config", {}), to_dict(self.cfg), path)
+        # a checkpoint of an earlier saelab may name the hook at the top level too
+        check_resume_config(TrainConfig._migrate(dict(meta.get("config", {}))), to_dict(self.cfg), path)
         with self.own_rng():
             sae = SparseAutoencoder(from_dict(SAEConfig, meta["sae"]), device=self.device)
         sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
