@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import time
+import types
 
 import pytest
 import torch
@@ -221,6 +222,17 @@ def test_fingerprint_and_dtype():
 
 
 # ------------------------------------------------------------------------------------------------ quality
+def test_model_device_is_where_the_weights_are():
+    model = load_model("reference")  # a copy of its own: it is moved below
+    assert loading.model_device(model) == torch.device("cpu")
+    torch.nn.Module.to(model, "meta")  # moves the weights but not cfg.device (TransformerBridge.to would set both)
+    assert model.cfg.device == "cpu" and loading.model_device(model) == torch.device("meta")
+    assert loading.model_device(hf_reference()) == torch.device("cpu")  # a transformers model: no cfg
+    no_weights = types.SimpleNamespace(cfg=types.SimpleNamespace(device="meta"))
+    assert loading.model_device(no_weights) == torch.device("meta")
+    assert loading.model_device(object()) == torch.device("cpu")
+
+
 @pytest.fixture(scope="module")
 def card():
     path = reference_dir() / "quality.json"

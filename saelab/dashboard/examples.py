@@ -208,7 +208,8 @@ def top_examples(model, sae, latent: int, n: int = 10, corpus=None, tokens: int 
 
     from saelab.dashboard.reader import Example
     from saelab.data.corpus import CorpusSpec
-    from saelab.eval.splice import capture, corpus_rows, model_device
+    from saelab.eval.splice import capture, corpus_rows
+    from saelab.models.loading import model_device
 
     rows = corpus_rows(model, corpus if corpus is not None else CorpusSpec(), "validation", context_size,
                        max(1, math.ceil(tokens / context_size)))

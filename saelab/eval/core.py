@@ -63,8 +63,9 @@ import numpy as np
 import torch
 
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, as_rows, batches, capture, corpus_rows, default_special_ids,
-                                infers_with_grad, lm_loss_grad, model_device, prediction_mask, replace_rows,
-                                run_with_replacement, sae_reconstruct, special_mask)
+                                infers_with_grad, lm_loss_grad, prediction_mask, replace_rows, run_with_replacement,
+                                sae_reconstruct, special_mask)
+from saelab.models.loading import model_device
 
 if TYPE_CHECKING:  # only the `indices` / `values` of a code are read here
     from saelab.sae.code import SparseCode

@@ -63,7 +63,8 @@ import torch
 
 from saelab.errors import ConfigError, DataError
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, capture, default_special_ids, infers_with_grad,
-                                lm_loss_grad, model_device, special_mask)
+                                lm_loss_grad, special_mask)
+from saelab.models.loading import model_device
 
 KS = (1, 2, 5, 10, 20)
 LEVELS = ("sequence", "token")  # of a user's labelled data

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from saelab.models.loading import model_device
+
 if TYPE_CHECKING:
     from saelab.sae.code import SparseCode
 
@@ -93,16 +95,6 @@ def corpus_rows(model, corpus, split: str, context_size: int, max_rows: int) -> 
     if not got:
         raise ValueError(f"corpus {corpus!r} split {split!r} gave no rows of {context_size} tokens")
     return torch.as_tensor(np.stack(got)).long()
-
-
-def model_device(model) -> torch.device:
-    dev = getattr(getattr(model, "cfg", None), "device", None)
-    if dev is not None:
-        return torch.device(dev)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
 
 
 def batches(rows: torch.Tensor, batch_rows: int, device: torch.device | str = "cpu",
@@ -427,7 +419,7 @@ def splice(model, saes, keep_error: bool = True, positions: Positions | dict[str
         yield sites
 
 
-__all__ = ["as_rows", "corpus_rows", "model_device", "batches", "default_special_ids", "special_mask",
+__all__ = ["as_rows", "corpus_rows", "batches", "default_special_ids", "special_mask",
            "prediction_mask", "gather_rows", "replace_rows", "capture", "run_with_replacement",
            "sae_reconstruct", "GRAD_RULE", "FALLBACK_RULE", "infers_with_grad", "lm_loss_grad",
            "decoder_directions", "check_sae_fits", "add_latents", "SpliceSite", "splice"]

@@ -48,7 +48,8 @@ import torch
 from saelab.errors import ConfigError
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, add_latents, capture, check_sae_fits, corpus_rows,
                                 decoder_directions, default_special_ids, gather_rows, infers_with_grad, lm_loss_grad,
-                                model_device, special_mask, splice)
+                                special_mask, splice)
+from saelab.models.loading import model_device
 
 SCORE_PROMPT = "import os\n\n"
 AMP_FACTOR = 10.0

@@ -158,6 +158,17 @@ def load_model(name: str = REFERENCE, device: str | torch.device = "cpu", dtype:
     return bridge
 
 
+def model_device(model) -> torch.device:
+    """The device a model's inputs go to: its first parameter's (the embedding's). The parameters are the truth:
+    `cfg.device` is a record that a move around TransformerBridge's own `.to` (torch.nn.Module.to, or moving
+    `original_model`) leaves stale. Something without parameters: its `cfg.device`, else the CPU."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        dev = getattr(getattr(model, "cfg", None), "device", None)
+        return torch.device(dev if dev is not None else "cpu")
+
+
 def _architecture(path: str) -> str:
     """'model_type X, architectures [...]' from a local folder's config.json, else the hub name."""
     config = Path(path) / "config.json"

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from saelab.data.corpus import CorpusSpec, iter_documents
 from saelab.data.packing import batched_rows, iter_packed_rows, special_ids
+from saelab.models.loading import model_device
 
 CLOSERS = ")]}"
 
@@ -25,10 +26,6 @@ CLOSERS = ")]}"
 def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
     out = model(tokens)
     return out.logits if hasattr(out, "logits") else out
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
