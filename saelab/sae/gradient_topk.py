@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from saelab.kernels import ops_for
+from saelab.kernels.topk_stream import streaming_topk
 from saelab.settings import setting as option
 from saelab.sae.topk import TopK, TopKOptions
 
@@ -49,6 +50,7 @@ class GradientTopKOptions(TopKOptions):
 
 class GradientTopK(TopK):
     name = "gtopk"
+    streams = True
     help = "gradient-TopK / g-SAE (Olmo et al. 2025): TopK selection by z + β·z·|W_dec g| (values stay z)"
     Options = GradientTopKOptions
     needs_grads = True
@@ -58,6 +60,18 @@ class GradientTopK(TopK):
             return super().select(sae, pre, grad, k)
         return gradient_topk_indices(pre, grad, sae.W_dec.detach(), k, self.opt.beta, self.opt.grad_norm,
                                      self.opt.candidates), None
+
+    def select_streaming(self, sae, x_c, grad, k):
+        if grad is None or self.opt.beta == 0:
+            return super().select_streaming(sae, x_c, grad, k)
+        W_dec, chunk = sae.W_dec.detach(), self.cfg.encoder_chunk
+        C = min(self.cfg.n_latents, self.opt.candidates * k)
+        if self.opt.candidates == 0 or C >= self.cfg.n_latents:
+            key = gradient_key(grad, W_dec, self.opt.beta, self.opt.grad_norm)
+            return streaming_topk(x_c, sae.W_enc, sae.b_enc, k, chunk, key=key)
+        top_values, top_indices = streaming_topk(x_c, sae.W_enc, sae.b_enc, C, chunk)
+        pos = candidate_positions(top_values, top_indices, grad, W_dec, k, self.opt.beta, self.opt.grad_norm)
+        return top_values.gather(1, pos), top_indices.gather(1, pos)
 
     def select_inference(self, sae, pre, grad):
         return self.select(sae, pre, grad if self.opt.inference_grads else None, self.cfg.k)
@@ -81,16 +95,29 @@ def gradient_topk_indices(pre: torch.Tensor, grad: torch.Tensor, W_dec: torch.Te
     """Indices [B, k] of the top-k gradient scores: exact over all latents (candidates=0), or among each token's
     top candidates·k pre-activations. |d_i · g| is taken along each decoder row's unit direction."""
     n = pre.shape[1]
-    scale = attribution_scale(grad, grad_norm)
-    row_norm = W_dec.norm(dim=1).clamp_min(1e-30)
     C = min(n, candidates * k)
     if candidates == 0 or C >= n:
-        att = (grad.to(W_dec.dtype) @ W_dec.T).abs() / (scale * row_norm)
-        return gradient_scores(pre, att, beta).topk(k, dim=-1, sorted=False).indices
+        return gradient_key(grad, W_dec, beta, grad_norm)(pre, 0, n).topk(k, dim=-1, sorted=False).indices
     top = pre.topk(C, dim=-1, sorted=False)
-    att = ops_for(top.indices, grad, W_dec).gather_dot(top.indices, grad.to(W_dec.dtype).contiguous(), W_dec)
-    scores = gradient_scores(top.values, att.abs() / (scale * row_norm[top.indices]), beta)
-    return top.indices.gather(1, scores.topk(k, dim=-1, sorted=False).indices)
+    return top.indices.gather(1, candidate_positions(top.values, top.indices, grad, W_dec, k, beta, grad_norm))
+
+
+def gradient_key(grad: torch.Tensor, W_dec: torch.Tensor, beta: float, grad_norm: str):
+    """The exact gradient scores of latents s:e from their pre-activations [B, e − s] (a `streaming_topk` key; the
+    dense selection is this key over all latents): one GEMM of the gradient with those decoder rows."""
+    g = grad.to(W_dec.dtype)
+    denom = attribution_scale(grad, grad_norm) * W_dec.norm(dim=1).clamp_min(1e-30)
+    return lambda pre, s, e: gradient_scores(pre, (g @ W_dec[s:e].T).abs() / denom[s:e], beta)
+
+
+def candidate_positions(top_values: torch.Tensor, top_indices: torch.Tensor, grad: torch.Tensor,
+                        W_dec: torch.Tensor, k: int, beta: float, grad_norm: str) -> torch.Tensor:
+    """Positions [B, k] in each token's candidates (its top pre-activations and their latents) of the k best
+    gradient scores, the attributions by a sparse gather-dot."""
+    att = ops_for(top_indices, grad, W_dec).gather_dot(top_indices, grad.to(W_dec.dtype).contiguous(), W_dec)
+    row_norm = W_dec.norm(dim=1).clamp_min(1e-30)
+    scores = gradient_scores(top_values, att.abs() / (attribution_scale(grad, grad_norm) * row_norm[top_indices]), beta)
+    return scores.topk(k, dim=-1, sorted=False).indices
 
 
 ARCHITECTURE = GradientTopK

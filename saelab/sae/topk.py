@@ -22,8 +22,13 @@ class TopK(Architecture):
     help = "TopK (Gao et al. 2024): the k largest pre-activations of each token"
     Options = TopKOptions
 
+    streams = True
+
     def select(self, sae, pre, grad, k):
         return topk_indices(pre.clamp_min(0) if self.opt.relu_before_topk else pre, k), None
+
+    def stream_key(self, sae, grad):
+        return relu_key if self.opt.relu_before_topk else None
 
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
         x_hat, losses = super().losses(sae, x_norm, x_c, pre, code, grad, dead_mask)
@@ -33,6 +38,11 @@ class TopK(Architecture):
             losses["multi_topk_fvu"] = fvu(err4, sae.loss_normalizer)
             losses["loss"] = losses["loss"] + losses["multi_topk_fvu"] / 8
         return x_hat, losses
+
+
+def relu_key(pre, s: int, e: int):
+    """Rank ReLU'd pre-activations (a `streaming_topk` key)."""
+    return pre.clamp_min(0)
 
 
 ARCHITECTURE = TopK
