@@ -14,7 +14,8 @@ In a notebook (`saelab.api`, the same code the CLI runs):
 """
 
 __version__ = "0.1.0"
-API = ("train", "cache", "evaluate", "calibrate", "dashboard", "top_activations", "steer", "patch", "Run")
+API = ("train", "cache", "evaluate", "calibrate", "dashboard", "top_activations", "steer", "patch", "Run", "info",
+       "hooks", "train_reference", "bench_synthetic", "doctor_report")
 
 
 def __getattr__(name):  # lazy, so `import saelab` stays cheap (TransformerLens takes seconds to import)

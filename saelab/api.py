@@ -18,11 +18,17 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
+from saelab.config import ModelSpec, check
+from saelab.data.corpus import SPLITS, CorpusSpec
 from saelab.display import table_html, tokens_html
 from saelab.errors import ConfigError
+from saelab.eval.patching_report import PatchSettings
+from saelab.eval.run import SteerSettings
 from saelab.rundir import RunDir
+from saelab.settings import as_count, parse_count, setting
+from saelab.synthetic.runner import PlantedBenchSettings
 
-SUITES = ("core", "probing", "steering")
+SUITES = {"core": 65_536, "probing": 80_000, "steering": 65_536}  # `saelab eval --suite`s: their default tokens
 
 
 # ================================================================================================ a run
@@ -136,6 +142,110 @@ def load_sae(path: str | Path, device: str = "cpu"):
     return load(Run(path).dir.sae, device=device)
 
 
+# ================================================================================================ models
+@dataclass
+class ModelInfo:
+    """`saelab.info`'s report: a model's shape, its hook names and its held-out loss on a corpus's validation
+    split (`tokens` scored)."""
+
+    name: str
+    n_layers: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    hooks: list[str]
+    nats_per_token: float
+    bits_per_byte: float
+    tokens: int
+
+    @property
+    def residual_hooks(self) -> list[str]:
+        return [h for h in self.hooks if h.endswith(("hook_resid_pre", "hook_resid_post", "hook_resid_mid"))]
+
+    def __str__(self) -> str:  # what `saelab info` prints
+        resid, mid = self.residual_hooks, self.n_layers // 2
+        return "\n".join([
+            f"model      {self.name}: {self.n_layers} layers, d_model {self.d_model}, vocab {self.d_vocab}, "
+            f"context {self.n_ctx}",
+            f"hooks      {len(self.hooks)} in all; residual stream: {', '.join(resid[:6])}"
+            f"{' …' if len(resid) > 6 else ''}",
+            f"           middle residual stream: blocks.{mid}.hook_resid_pre (= blocks.{mid - 1}.hook_resid_post)",
+            f"held-out   {self.nats_per_token:.4f} nats/token, {self.bits_per_byte:.4f} bits/byte over "
+            f"{self.tokens:,} tokens of the validation split"])
+
+    def _repr_html_(self) -> str:
+        return table_html({"model": self.name, "layers": self.n_layers, "d_model": self.d_model,
+                           "vocab": self.d_vocab, "context": self.n_ctx, "hooks": len(self.hooks),
+                           "nats/token (held-out)": self.nats_per_token, "bits/byte (held-out)": self.bits_per_byte,
+                           "tokens scored": self.tokens}, title="saelab model")
+
+
+@dataclass
+class InfoSettings:
+    """`saelab info`'s settings beside the model's (`saelab.info`'s keywords), checked when built."""
+
+    dataset: str = setting(CorpusSpec.source, "corpus: 'stdlib', an HF dataset or a local path")
+    rows: int = setting(32, "validation rows to score")
+    context_size: int = setting(128, "tokens per row")
+
+    def __post_init__(self):
+        check(self.rows > 0, "--rows", f"must be > 0, got {self.rows}")
+        check(self.context_size >= 2, "--context-size", f"must be >= 2, got {self.context_size}")
+
+
+def info(model: str = ModelSpec.name, device: str = ModelSpec.device, model_dtype: str = ModelSpec.dtype,
+         dataset: str = InfoSettings.dataset, rows: int = InfoSettings.rows,
+         context_size: int = InfoSettings.context_size) -> ModelInfo:
+    """Load a model as `saelab info` does and report its shape, hook names and held-out loss over `rows` rows
+    of `context_size` tokens of `dataset`'s validation split.
+
+    >>> saelab.info("reference").bits_per_byte                # doctest: +SKIP
+    """
+    from saelab.data.corpus import check_source
+    from saelab.errors import DataError
+    from saelab.models import load_model, quality
+    from saelab.models.loading import hook_names
+
+    spec = ModelSpec(name=model, device=device, dtype=model_dtype)
+    st = InfoSettings(dataset, rows, context_size)
+    corpus = CorpusSpec(st.dataset)
+    check_source(corpus, "validation")
+    loaded = load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype)
+    cfg = loaded.cfg
+    check(context_size <= cfg.n_ctx, "--context-size",
+          f"must be <= the model's context ({cfg.n_ctx}), got {context_size}")
+    r = quality.bits_per_byte(loaded, loaded.tokenizer, corpus, "validation", context_size=context_size,
+                              max_rows=rows)
+    if not r["tokens"]:
+        raise DataError(f"dataset {dataset!r}: its validation split holds less than one row of {context_size} "
+                        f"tokens", hint="use a larger dataset or a smaller --context-size")
+    return ModelInfo(model, cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.n_ctx, hook_names(loaded),
+                     r["nats_per_token"], r["bits_per_byte"], r["tokens"])
+
+
+def hooks(model: str = ModelSpec.name, device: str = ModelSpec.device, model_dtype: str = ModelSpec.dtype,
+          grep: str = "") -> list[str]:
+    """Every hook name of a model (those containing `grep`), as `saelab hooks` lists them.
+
+    >>> saelab.hooks("gpt2", grep="resid_post")               # doctest: +SKIP
+    """
+    from saelab.models import load_model
+    from saelab.models.loading import hook_names
+
+    spec = ModelSpec(name=model, device=device, dtype=model_dtype)
+    return [h for h in hook_names(load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype))
+            if grep in h]
+
+
+def train_reference(out: str | Path, dataset: str = CorpusSpec.source, **recipe) -> dict:
+    """Rebuild the embedded reference model as `saelab reference train` does: the byte-level BPE tokenizer and
+    the GPT-2-architecture model trained on `dataset`'s train split into `out`, measured, with its MODEL_CARD.md.
+    Keywords are `saelab.models.train_reference.ReferenceRecipe`'s fields; returns the training report."""
+    from saelab.models.train_reference import ReferenceRecipe, train_reference as train
+
+    return train(ReferenceRecipe(out=str(out), **recipe), CorpusSpec(dataset))
+
+
 # ================================================================================================ train
 def train(config: str | Path | None = None, *, progress: bool = True, sweep: str | Path | None = None,
           **settings) -> Run | list[Run] | None:
@@ -220,38 +330,69 @@ class Evaluation:
         ran = [s for s in SUITES if getattr(self, s) is not None]
         return f"Evaluation({self.run!r}, suites={ran})"
 
+    def __str__(self) -> str:  # what `saelab eval` prints
+        from saelab.eval.core import format_core
+        from saelab.eval.probing import format_probing
+        from saelab.eval.steering import format_scores
+
+        formats = {"core": format_core, "probing": format_probing, "steering": format_scores}
+        return "\n".join(formats[s](getattr(self, s)) for s in SUITES if getattr(self, s) is not None)
+
 
 def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | None = None,
              **probing) -> Evaluation:
     """Score a run as `saelab eval RUN --suite …` does, for each suite in `suites` (core, probing, steering),
-    loading the model once. `probing` keywords: selection, data, level ("sequence" or "token": see
-    `saelab.eval.probing`), text_field, label_field, pooling.
+    loading the model once; `tokens` held-out tokens (default: each suite's, `SUITES`). `probing` keywords:
+    `saelab.eval.probing.ProbingSettings`'s (selection, max_density, ks, data, level, text_field, label_field,
+    pooling), checked, and the data read, before the model loads.
 
     >>> ev = saelab.evaluate(run, suites=["core", "probing"])      # doctest: +SKIP
     >>> ev.core.explained_variance                                 # doctest: +SKIP
     """
     from saelab.eval.run import evaluate_run, load_run, probe_run, score_run
-    from saelab.settings import as_count
 
-    run = _as_run(run)
     suites = [suites] if isinstance(suites, str) else list(suites)
     bad = [s for s in suites if s not in SUITES]
     if bad or not suites:
         raise ConfigError(f"suites: {bad or suites!r}; use any of {', '.join(SUITES)}")
     n = None if tokens is None else as_count(tokens, "tokens")
-    loaded = load_run(run.path)
-    ev = Evaluation(run)
-    if "core" in suites:
-        ev.core, ev.paths["core"] = evaluate_run(run.path, n or 65_536, loaded=loaded)
+    check(n is None or n > 0, "--tokens", f"must be > 0, got {n}")
+    budget = {s: n or SUITES[s] for s in suites}
     if "probing" in suites:
-        ev.probing, ev.paths["probing"] = probe_run(run.path, n or 80_000, loaded=loaded, **probing)
+        from saelab.eval.probing import ProbingSettings
+
+        probe = ProbingSettings(**probing)
+        probe.labelled  # noqa: B018  (read and checked before the model loads: a bad line fails at once)
+    path = run.path if isinstance(run, Run) else Path(run)
+    loaded = load_run(path)
+    ev = Evaluation(_as_run(run))
+    if "core" in suites:
+        ev.core, ev.paths["core"] = evaluate_run(path, budget["core"], loaded=loaded)
+    if "probing" in suites:
+        ev.probing, ev.paths["probing"] = probe_run(path, budget["probing"], loaded=loaded, settings=probe)
     if "steering" in suites:
-        ev.steering, ev.paths["steering"] = score_run(run.path, n or 65_536, loaded=loaded)
+        ev.steering, ev.paths["steering"] = score_run(path, budget["steering"], loaded=loaded)
     return ev
 
 
-def calibrate(run, dataset: str, target_l0: float | None = None, tokens: int | str = 65_536, split: str = "all",
-              out: str | Path | None = None, model=None, progress: bool = True) -> tuple[Path, dict]:
+@dataclass
+class CalibrateSettings:
+    """`saelab calibrate`'s settings beside the run and the dataset (`saelab.calibrate`'s keywords), checked when
+    built; `tokens` may be text ("64k")."""
+
+    target_l0: float | None = setting(None, "mean active latents per token", default_text="the SAE's k", parse=float)
+    tokens: int = setting(65_536, "tokens of --dataset to fit on", parse=parse_count)
+    split: str = setting("all", "which part of --dataset by saelab's document split", choices=SPLITS)
+    out: str | None = setting(None, "where to write the SAE", default_text="RUN/calibrated-<dataset name>")
+
+    def __post_init__(self):
+        self.tokens = as_count(self.tokens, "tokens")
+        check(self.tokens > 0, "--tokens", f"must be > 0, got {self.tokens}")
+
+
+def calibrate(run, dataset: str, target_l0: float | None = CalibrateSettings.target_l0,
+              tokens: int | str = CalibrateSettings.tokens, split: str = CalibrateSettings.split,
+              out: str | Path | None = CalibrateSettings.out, model=None, progress: bool = True) -> tuple[Path, dict]:
     """Re-fit a thresholded SAE's inference threshold(s) (BatchTopK, Matryoshka, mutual or feature choice) on
     activations of your own text for mean L0 = `target_l0` (default k), as `saelab calibrate` does; the weights stay
     as they were. Writes the re-calibrated SAE to `out` (default RUN/calibrated-<dataset name>) and returns
@@ -260,19 +401,19 @@ def calibrate(run, dataset: str, target_l0: float | None = None, tokens: int | s
     >>> path, info = saelab.calibrate(run, dataset="path/to/my/code", target_l0=32)   # doctest: +SKIP
     """
     from saelab.activations import stream_activations
-    from saelab.data.corpus import CorpusSpec, check_source
+    from saelab.activations.writer import check_writable
+    from saelab.data.corpus import check_source
     from saelab.eval.run import load_run
-    from saelab.settings import as_count
     from saelab.training.calibrate import check_target, recalibrate
 
+    st = CalibrateSettings(target_l0, tokens, split, out)
+    n, target_l0, split = st.tokens, st.target_l0, st.split
     run = _as_run(run)
-    n = as_count(tokens, "tokens")
     corpus = CorpusSpec(source=dataset)
     check_source(corpus, split)
     check_target(run.sae, target_l0)  # before the model is loaded
-    target = Path(out) if out is not None else run.path / f"calibrated-{Path(dataset.rstrip('/')).name or 'text'}"
-    from saelab.activations.writer import check_writable
-
+    target = Path(st.out) if st.out is not None else \
+        run.path / f"calibrated-{Path(dataset.rstrip('/')).name or 'text'}"
     check_writable(target, ConfigError)
     sae, loaded_model, cfg, _ = load_run(run.path) if model is None else (run.sae, model, run.config, None)
     context = cfg.context_size if cfg is not None else 128
@@ -280,24 +421,51 @@ def calibrate(run, dataset: str, target_l0: float | None = None, tokens: int | s
                                 batch_size=min(4096, n))
     info = recalibrate(sae, (b.acts for b in stream), target_l0=target_l0, tokens=n)
     info["dataset"], info["split"] = dataset, split
-    sae.save(target, extra={"calibration": info})
+    from saelab.training.trainer import saelens_run_metadata
+
+    sae.save(target, extra={"calibration": info}, metadata=saelens_run_metadata(cfg, sae))
     return target, info
 
 
-def dashboard(run, tokens: int | str = 1_000_000, out: str | Path | None = None, progress: bool = True, **kw):
+@dataclass
+class DashboardRunSettings:
+    """`saelab dashboard RUN`'s settings (`saelab.dashboard`'s keywords); None: the run's own (its corpus, context
+    size, device), or for split and map `build_run_bundle`'s and `DashboardSettings`'s defaults. (Nothing from
+    `saelab.dashboard` is imported here: the package would shadow `saelab.dashboard`, this module's function.)"""
+
+    tokens: int = setting(1_000_000, "held-out tokens to scan, fewer if the split is shorter", parse=parse_count)
+    out: str | None = setting(None, "bundle directory", default_text="RUN/dashboard")
+    split: str | None = setting(None, "rows to scan: heldout (the validation split, then the train split's rows past "
+                                "those the run's training cache holds: fresh rows for >= 1M tokens, the dead-latent "
+                                "count's window), validation, train or all", default_text="heldout")
+    dataset: str | None = setting(None, "another corpus: 'stdlib', an HF dataset name or a local path",
+                                  default_text="the run's training corpus")
+    context_size: int | None = setting(None, "tokens per row, BOS included", default_text="the run's, 128", parse=int)
+    map: str | None = setting(None, "decoder map: UMAP when umap-learn is installed (auto), else PCA",
+                              choices=("auto", "umap", "pca"), default_text="auto")
+    device: str | None = setting(None, "cpu, cuda[:N] or auto", default_text="the run's")
+    force: bool = setting(False, "rebuild even if OUT already holds a finished bundle")
+
+
+def dashboard(run, tokens: int | str = DashboardRunSettings.tokens, out: str | Path | None = DashboardRunSettings.out,
+              split: str = DashboardRunSettings.split, dataset: str | None = DashboardRunSettings.dataset,
+              context_size: int | None = DashboardRunSettings.context_size, map: str = DashboardRunSettings.map,
+              device: str | None = DashboardRunSettings.device, force: bool = DashboardRunSettings.force,
+              progress: bool = True):
     """Build the run's dashboard bundle as `saelab dashboard RUN` does and open it (`saelab.dashboard.open`):
     every latent's statistics, examples, logit effects and neighbours; what the explorer and `top_activations`
-    read. Other keywords (split, dataset, context_size, device, force) are `build_run_bundle`'s.
+    read. The settings are `DashboardRunSettings`'s (map: the decoder map's method); see `build_run_bundle`.
 
     >>> bundle = saelab.dashboard(run, tokens="200k"); bundle.table().sort_values("density")   # doctest: +SKIP
     """
+    from saelab.dashboard.build import DashboardSettings
     from saelab.dashboard.reader import open as open_bundle
-    from saelab.dashboard.run import build_run_bundle
-    from saelab.settings import as_count
+    from saelab.dashboard.run import HELDOUT, build_run_bundle
 
-    run = _as_run(run)
-    return open_bundle(build_run_bundle(run.path, out=out, tokens=as_count(tokens, "tokens"),
-                                        progress=progress, **kw))
+    settings = DashboardSettings(map_method=map) if map is not None else DashboardSettings()
+    return open_bundle(build_run_bundle(Path(run), out=out, tokens=as_count(tokens, "tokens"), split=split or HELDOUT,
+                                        dataset=dataset, context_size=context_size, settings=settings, device=device,
+                                        progress=progress, force=force))
 
 
 # ================================================================================================ latents
@@ -439,9 +607,9 @@ class SteeringSweep:
 
     def figure(self):
         """Plotly: success and fluency against α, a line per latent (the sweep's HTML page)."""
-        from saelab.eval.run import _sweep_figure
+        from saelab.eval.run import sweep_figure
 
-        return _sweep_figure(self.result)
+        return sweep_figure(self.result)
 
     def __str__(self) -> str:  # what `saelab steer --sweep` prints
         from saelab.eval.run import format_steer
@@ -458,35 +626,40 @@ class SteeringSweep:
                          title=f"steering sweep · {r['n_prompts']} prompt(s) × {r['max_new_tokens']} new tokens")
 
 
-def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = 4.0, prompt: str = "def ",
-          max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0, mode: str = "add",
-          sweep: bool = False, alphas: Sequence[float] | None = None, tokens: int | str = 16_384,
-          strength_scale: str = "position"):
+def steer(run, latents: int | Sequence[int], alpha: float | Sequence[float] = SteerSettings.alpha,
+          prompt: str = SteerSettings.prompt, max_new_tokens: int = SteerSettings.max_new_tokens,
+          temperature: float = SteerSettings.temperature, seed: int = SteerSettings.seed,
+          mode: str = SteerSettings.mode,
+          sweep: bool = False, alphas: Sequence[float] | None = None, tokens: int | str = SteerSettings.tokens,
+          strength_scale: str = SteerSettings.strength_scale):
     """Steer generation with SAE latents as `saelab steer` does: add α × (the largest latent activation at the
     position, the paper's rule) × the latent's decoder direction at every position (mode="clamp": set the one
-    latent to that value instead) → `Steering` (steered vs unsteered text). sweep=True → `SteeringSweep` over the
-    grid `alphas` (default: the paper's 13 strengths, 0 to 20; prompt "" for the eight neutral code prefixes).
+    latent to that value instead) → `Steering` (steered vs unsteered text); `alpha`: one strength, or one per
+    latent. sweep=True → `SteeringSweep` over the grid `alphas`, or several `alpha`s (default: the paper's 13
+    strengths, 0 to 20). prompt "": a newline, or for a sweep the eight neutral code prefixes.
     strength_scale="corpus": α × each latent's max activation instead, from RUN/eval/steering_scores.parquet
-    (`saelab.evaluate(run, suites=["steering"])`) or else a pass over `tokens` held-out tokens.
+    (`saelab.evaluate(run, suites=["steering"])`) or else a pass over `tokens` held-out tokens. The settings are
+    `saelab.eval.run.SteerSettings`'s, checked before the model loads.
 
     >>> saelab.steer(run, [12], alpha=4, prompt="def f(")                          # doctest: +SKIP
-    >>> saelab.steer(run, [12, 40], sweep=True, prompt="").figure()                # doctest: +SKIP
+    >>> saelab.steer(run, [12, 40], sweep=True).figure()                           # doctest: +SKIP
     """
     from numbers import Number
 
     from saelab.eval.run import steer_run
-    from saelab.settings import as_count
 
-    run = _as_run(run)
     latents = [int(latents)] if isinstance(latents, Number) else [int(f) for f in latents]
-    if sweep:
-        grid = [float(a) for a in (alphas or ())]
-        if len(grid) == 1:
-            raise ConfigError(f"alphas: a sweep needs at least two strengths, got {grid}")
-    else:
-        grid = [float(alpha)] if isinstance(alpha, Number) else [float(a) for a in alpha]
-    result, paths = steer_run(run.path, latents, grid, prompt or "", max_new_tokens, temperature, seed, sweep, mode,
-                              as_count(tokens, "tokens"), strength_scale)
+    strengths = [alpha] if isinstance(alpha, Number) else list(alpha)
+    if sweep and alphas is not None:
+        if len(alphas) == 1:
+            raise ConfigError(f"alphas: a sweep needs at least two strengths, got {[float(a) for a in alphas]}")
+        strengths = list(alphas)
+    st = SteerSettings(alpha=strengths, strength_scale=strength_scale, prompt=prompt or "",
+                       max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, mode=mode, sweep=sweep,
+                       tokens=as_count(tokens, "tokens"))
+    path = run.path if isinstance(run, Run) else Path(run)
+    result, paths = steer_run(path, latents, st)
+    run = _as_run(run)
     return SteeringSweep(run, result, paths) if sweep else Steering(run, **result)
 
 
@@ -518,9 +691,9 @@ class PatchingReport:
 
     def to_dict(self) -> dict:
         """The report as plain JSON types (what patching-<task>.json holds)."""
-        from saelab.eval.patching_report import _jsonable
+        from saelab.eval.patching_report import jsonable
 
-        return json.loads(json.dumps(self.report, default=_jsonable))
+        return jsonable(self.report)
 
     def __str__(self) -> str:  # what `saelab patch` prints
         from saelab.eval.patching_report import format_report
@@ -556,29 +729,105 @@ class PatchingReport:
         return f"PatchingReport(task={self.report['task']!r}, methods={list(self.report['seconds'])})"
 
 
-def patch(model="reference", task: str = "bracket", saes=(), pairs: int = 32,
-          methods: str | Sequence[str] = "all", components: str | Sequence[str] = "resid,attn,mlp,head",
-          relp_rules: str = "ln,identity,half", ig_steps: int = 10, circuit_method: str = "ig", seed: int = 0,
-          max_ap_nodes: int = 2000, out: str | Path | None = None, progress: bool = True) -> PatchingReport:
+def patch(model=ModelSpec.name, task: str = PatchSettings.task, saes=(), pairs: int = PatchSettings.pairs,
+          methods: str | Sequence[str] = PatchSettings.methods,
+          components: str | Sequence[str] = PatchSettings.components, relp_rules: str = PatchSettings.relp_rules,
+          ig_steps: int = PatchSettings.ig_steps, circuit_method: str = PatchSettings.circuit_method,
+          seed: int = PatchSettings.seed, max_ap_nodes: int = PatchSettings.max_ap_nodes,
+          out: str | Path | bool | None = None, progress: bool = True, device: str = ModelSpec.device,
+          model_dtype: str = ModelSpec.dtype) -> PatchingReport:
     """Activation patching vs attribution patching, RelP and integrated gradients on a contrast task, as
     `saelab patch` does; with `saes` (Runs, run/SAE directories or SparseAutoencoders, frozen here) also every
-    SAE latent and error node, and the feature circuit's faithfulness/completeness curve. `model`: a name or a
-    loaded model. Writes patching-<task>.json and .html only when `out` is given.
+    SAE latent and error node, and the feature circuit's faithfulness/completeness curve. `model`: a name (loaded
+    on `device` in `model_dtype`) or a loaded model. The settings are `saelab.eval.patching_report.PatchSettings`'s,
+    checked before anything loads. Writes patching-<task>.json and .html only when `out` is given (True:
+    RUN/eval/patching of the first SAE run, else eval/patching).
 
     >>> rep = saelab.patch("reference", task="bracket", pairs=16)                  # doctest: +SKIP
     >>> rep.correlation["relp"]["resid"]; rep.figures["scatter"]                   # doctest: +SKIP
     >>> saelab.patch(saes=[run]).figures["faithfulness"]                           # doctest: +SKIP
     """
-    from saelab.eval.patching_report import load_saes, patch_settings, run_patching, write_report
+    from saelab.eval.patching_report import load_saes, run_patching, sae_sources, write_report
 
+    st = PatchSettings(task=task, pairs=pairs, methods=methods, components=components, relp_rules=relp_rules,
+                       ig_steps=ig_steps, circuit_method=circuit_method, max_ap_nodes=max_ap_nodes, seed=seed)
     if isinstance(saes, (str, Path, Run)) or hasattr(saes, "encode"):  # one SAE given bare
         saes = [saes]
-    st = patch_settings(methods, components, relp_rules, pairs, ig_steps, circuit_method, list(saes), task)
+    sources, default_out = sae_sources(saes)
     if isinstance(model, (str, Path)):
         from saelab.models import load_model
 
-        model = load_model(str(model))
-    report = run_patching(model, task, pairs, st.methods, st.kinds, st.rules, ig_steps, load_saes(model, st.saes),
-                          circuit_method, seed, progress=progress, max_ap_nodes=max_ap_nodes)
-    paths = write_report(report, out) if out is not None else ()
+        model = load_model(str(model), device=device, dtype=model_dtype)
+    report = run_patching(model, st.task, st.pairs, st.method_names, st.kinds, st.rules, st.ig_steps,
+                          load_saes(model, sources), st.circuit_method, st.seed, progress=progress,
+                          max_ap_nodes=st.max_ap_nodes)
+    paths = () if out is None or out is False else write_report(report, default_out if out is True else out)
     return PatchingReport(report, report.pop("_figures", {}), paths)
+
+
+# ================================================================================================ benchmarks
+@dataclass
+class PlantedBench:
+    """`saelab.bench_synthetic`'s result: one row per (architecture, tree) with its scores against the planted
+    truth (absorption, recovered, mean_max_cos, code_f1, dead, l0, fvu, …); `paths` the JSON and HTML written."""
+
+    rows: list[dict]
+    paths: list[Path]
+
+    def figure(self):
+        """Plotly: the scores per architecture (the HTML page's chart)."""
+        from saelab.synthetic.runner import figure
+
+        return figure(self.rows)
+
+    def __str__(self) -> str:  # what `saelab bench synthetic` prints
+        from saelab.synthetic.runner import format_rows
+
+        return format_rows(self.rows)
+
+    def _repr_html_(self) -> str:
+        from saelab.display import grid_html
+        from saelab.synthetic.runner import TABLE_COLUMNS
+
+        return grid_html(["arch", "parents", *TABLE_COLUMNS],
+                         [[r["arch"], r["parents"], *(r[c] for c in TABLE_COLUMNS)] for r in self.rows],
+                         title="planted-feature benchmark")
+
+
+def bench_synthetic(archs: str | Sequence[str] | None = PlantedBenchSettings.archs,
+                    k: int = PlantedBenchSettings.k,
+                    mp_steps: int = PlantedBenchSettings.mp_steps,
+                    steps: int = PlantedBenchSettings.steps,
+                    batch: int = PlantedBenchSettings.batch,
+                    corr: float = PlantedBenchSettings.corr,
+                    noise: float = PlantedBenchSettings.noise,
+                    parents: str = PlantedBenchSettings.parents,
+                    seed: int = PlantedBenchSettings.seed,
+                    out: str | Path = PlantedBenchSettings.out, progress: bool = True) -> PlantedBench:
+    """Train every architecture on planted hierarchical features and score it against the truth, as `saelab bench
+    synthetic` does; writes OUT/synthetic.json and .html. The settings are
+    `saelab.synthetic.runner.PlantedBenchSettings`'s, checked before any training.
+
+    >>> saelab.bench_synthetic(archs="topk,mp", steps=300).figure()             # doctest: +SKIP
+    """
+    from saelab.synthetic.runner import run_planted_bench
+
+    st = PlantedBenchSettings(archs=archs, k=k, mp_steps=mp_steps, steps=steps, batch=batch, corr=corr, noise=noise,
+                              parents=parents, seed=seed, out=str(out))
+    return PlantedBench(*run_planted_bench(st, progress=progress))
+
+
+# ================================================================================================ environment
+def doctor_report(json_path: str | Path | None = None) -> tuple[dict, Path | None]:
+    """The environment a bug report needs and the sparse kernels' self-tests on every device, as `saelab doctor`
+    runs them (see `saelab.doctor`): (the report, its JSON file when `json_path` is given; the path is checked before
+    the self-tests run). report["ok"]: every check passed; `saelab.doctor.format_report` gives its text.
+
+    >>> report, _ = saelab.doctor_report(); report["ok"]                       # doctest: +SKIP
+    """
+    from saelab.doctor import check_json_path, collect, write_json
+
+    if json_path is not None:
+        check_json_path(json_path)  # before the self-tests, so a bad path fails at once
+    report = collect()
+    return report, write_json(report, json_path) if json_path is not None else None

@@ -94,9 +94,10 @@ def test_span_data_has_one_example_per_token_and_splits_by_row(span_file, refere
 def test_token_level_probing_end_to_end(span_file, reference_model, tmp_path):
     from saelab.config import TrainConfig
     from saelab.eval.run import probe_run
+    from saelab.rundir import RunDir
 
     sae = _random_sae(reference_model.cfg.d_model)
-    loaded = (sae, reference_model, TrainConfig(context_size=32), tmp_path / "eval")  # short rows: fast forwards
+    loaded = (sae, reference_model, TrainConfig(context_size=32), RunDir(tmp_path))  # short rows: fast forwards
     result, path = probe_run(tmp_path, data=str(span_file), level="token", progress=False, loaded=loaded)
     saved = json.loads(path.read_text())
     assert saved["level"] == result.level == "token" and set(saved["tasks"]) == {"def", "in_parens"}

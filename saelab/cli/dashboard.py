@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from saelab.settings import parse_count
+from saelab.settings import add_flags, flag_values
 
 
 # ---- dashboard
@@ -14,7 +14,8 @@ def add_dashboard(sub) -> None:
     p = sub.add_parser(
         "dashboard", help="build a run's dashboard bundle (every latent's stats, examples, logits, neighbours)",
         description="One streaming pass of held-out rows (of the SAE's training corpus: its validation split, then "
-                    "train rows the SAE never trained on) through the model, stopped at the SAE's hook, then every latent's statistics, "
+                    "train rows the SAE never trained on) through the model, stopped at the SAE's hook, then every "
+                    "latent's statistics, "
                     "activation histogram, top / interval / random examples, logit lens, decoder and co-activation "
                     "neighbours, token index, decoder map and the run's evaluator scores, written as a bundle "
                     "(memory-mapped arrays + Parquet + manifest.json) that `saelab explore` and "
@@ -23,34 +24,18 @@ def add_dashboard(sub) -> None:
                "  saelab dashboard runs/x --tokens 200k --out /tmp/x-dash",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="a run directory (with sae/ and config.yaml) or an SAE directory (cfg.json)")
-    p.add_argument("--tokens", type=parse_count, default=1_000_000,
-                   help="held-out tokens to scan (default 1M; fewer if the split is shorter)")
-    p.add_argument("--out", help="bundle directory (default RUN/dashboard)")
-    p.add_argument("--split", default="heldout",
-                   help="rows to scan: heldout (default; the validation split, then the train split's rows past "
-                        "those the run's training cache holds: fresh rows for >= 1M tokens, the dead-latent count's "
-                        "window), validation, train or all")
-    p.add_argument("--dataset", help="another corpus: 'stdlib', an HF dataset name or a local path "
-                                     "(default: the run's training corpus)")
-    p.add_argument("--context-size", type=int, help="tokens per row, BOS included (default: the run's, 128)")
-    p.add_argument("--map", default="auto", choices=["auto", "umap", "pca"],
-                   help="decoder map: UMAP when umap-learn is installed (auto), else PCA")
-    p.add_argument("--device", help="cpu, cuda[:N] or auto (default: the run's)")
-    p.add_argument("--force", action="store_true", help="rebuild even if OUT already holds a finished bundle")
+    from saelab.api import DashboardRunSettings
+
+    add_flags(p, DashboardRunSettings, defaults=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_dashboard(args) -> int:
-    from pathlib import Path
+    from saelab.api import DashboardRunSettings, dashboard
+    from saelab.dashboard.run import summary
 
-    from saelab.dashboard.build import DashboardSettings
-    from saelab.dashboard.run import build_run_bundle, summary
-
-    path = build_run_bundle(Path(args.run), out=args.out, tokens=args.tokens, split=args.split,
-                            dataset=args.dataset, context_size=args.context_size,
-                            settings=DashboardSettings(map_method=args.map), device=args.device,
-                            progress=not args.no_progress, force=args.force)
-    print(summary(path))
+    bundle = dashboard(args.run, **flag_values(args, DashboardRunSettings), progress=not args.no_progress)
+    print(summary(bundle.path))
     return 0
 
 

@@ -21,12 +21,11 @@ def add_doctor(sub) -> None:
 
 
 def run_doctor(args) -> int:
-    from saelab.doctor import check_json_path, collect, format_report, write_json
+    from saelab.api import doctor_report
+    from saelab.doctor import format_report
 
-    if args.json:
-        check_json_path(args.json)  # before the self-tests, so a bad path fails at once
-    report = collect()
+    report, path = doctor_report(args.json)
     print(format_report(report))
-    if args.json:
-        print(f"wrote {write_json(report, args.json)}")
+    if path is not None:
+        print(f"wrote {path}")
     return 0 if report["ok"] else 1

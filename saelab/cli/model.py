@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from saelab.cli.flags import _add_model_flags, _model_spec
+from saelab.settings import add_flags, flag_values
 
 
 # ---- info
@@ -12,61 +12,34 @@ def add_info(sub) -> None:
     p = sub.add_parser("info", help="load a model and print a short report: hooks and held-out loss",
                        description="Load a model (the embedded reference model by default) and report its shape, "
                                    "its residual-stream hooks and its held-out loss on the corpus.")
-    _add_model_flags(p)
-    p.add_argument("--dataset", default="stdlib", help="corpus: 'stdlib' (default), an HF dataset or a local path")
-    p.add_argument("--rows", type=int, default=32, help="validation rows to score (default 32)")
-    p.add_argument("--context-size", type=int, default=128, help="tokens per row (default 128)")
+    from saelab.api import InfoSettings
+    from saelab.config import ModelSpec
 
+    add_flags(p, ModelSpec, defaults=True)
+    add_flags(p, InfoSettings, defaults=True)
 
 
 def run_info(args) -> int:
-    from saelab.config import check
-    from saelab.data.corpus import CorpusSpec, check_source
-    from saelab.errors import DataError
-    from saelab.models import load_model, quality
-    from saelab.models.loading import hook_names
+    from saelab.api import InfoSettings, info
 
-    spec = _model_spec(args)
-    check(args.rows > 0, "--rows", f"must be > 0, got {args.rows}")
-    check(args.context_size >= 2, "--context-size", f"must be >= 2, got {args.context_size}")
-    corpus = CorpusSpec(args.dataset)
-    check_source(corpus, "validation")
-    model = load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype)
-    cfg = model.cfg
-    check(args.context_size <= cfg.n_ctx, "--context-size",
-          f"must be <= the model's context ({cfg.n_ctx}), got {args.context_size}")
-    names = hook_names(model)
-    resid = [h for h in names if h.endswith(("hook_resid_pre", "hook_resid_post", "hook_resid_mid"))]
-    print(f"model      {args.model}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.d_vocab}, "
-          f"context {cfg.n_ctx}")
-    print(f"hooks      {len(names)} in all; residual stream: {', '.join(resid[:6])}{' …' if len(resid) > 6 else ''}")
-    print(f"           middle residual stream: blocks.{cfg.n_layers // 2}.hook_resid_pre "
-          f"(= blocks.{cfg.n_layers // 2 - 1}.hook_resid_post)")
-    r = quality.bits_per_byte(model, model.tokenizer, corpus, "validation",
-                              context_size=args.context_size, max_rows=args.rows)
-    if not r["tokens"]:
-        raise DataError(f"dataset {args.dataset!r}: its validation split holds less than one row of "
-                        f"{args.context_size} tokens", hint="use a larger dataset or a smaller --context-size")
-    print(f"held-out   {r['nats_per_token']:.4f} nats/token, {r['bits_per_byte']:.4f} bits/byte "
-          f"over {r['tokens']:,} tokens of the validation split")
+    print(info(args.model, args.device, args.model_dtype, **flag_values(args, InfoSettings)))
     return 0
 
 
 # ---- hooks
 def add_hooks(sub) -> None:
     p = sub.add_parser("hooks", help="list every hook name of a model", description="List every valid hook name.")
-    _add_model_flags(p)
+    from saelab.config import ModelSpec
+
+    add_flags(p, ModelSpec, defaults=True)
     p.add_argument("--grep", default="", help="only names containing this text")
 
 
 def run_hooks(args) -> int:
-    from saelab.models import load_model
-    from saelab.models.loading import hook_names
+    from saelab.api import hooks
 
-    spec = _model_spec(args)
-    for name in hook_names(load_model(spec.name, device=spec.resolved_device(), dtype=spec.dtype)):
-        if args.grep in name:
-            print(name)
+    for name in hooks(args.model, args.device, args.model_dtype, args.grep):
+        print(name)
     return 0
 
 
@@ -79,6 +52,7 @@ def add_reference(sub) -> None:
                         description="Train the byte-level BPE tokenizer and the GPT-2-architecture reference model "
                                     "on the train split, then measure it and write MODEL_CARD.md.")
     t.add_argument("--out", required=True, help="output directory (a Hugging Face model directory)")
+    from saelab.data.corpus import CorpusSpec
     from saelab.models.train_reference import ReferenceRecipe
 
     d = ReferenceRecipe(out="")
@@ -87,7 +61,7 @@ def add_reference(sub) -> None:
         t.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name),
                        help=f"default {getattr(d, name)}")
     t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    t.add_argument("--dataset", default="stdlib", help="corpus (default: stdlib)")
+    t.add_argument("--dataset", default=CorpusSpec.source, help=f"corpus (default {CorpusSpec.source})")
     t.add_argument("--init-from", default="", help="continue from this model directory (weights + tokenizer)")
     t.add_argument("--decay", default=d.decay, choices=["cosine", "linear"], help="lr decay shape (cosine)")
     t.add_argument("--save-dtype", default=d.save_dtype, help="dtype of the saved weights (float16)")
@@ -106,10 +80,9 @@ def add_reference(sub) -> None:
 
 
 def run_reference(args) -> int:
-    from saelab.data.corpus import CorpusSpec
-    from saelab.models.train_reference import ReferenceRecipe, train_reference
+    from saelab.api import train_reference
 
-    recipe = ReferenceRecipe(out=args.out, steps=args.steps, n_layer=args.n_layer, n_embd=args.n_embd,
+    report = train_reference(args.out, args.dataset, steps=args.steps, n_layer=args.n_layer, n_embd=args.n_embd,
                              n_head=args.n_head, n_ctx=args.n_ctx, batch_rows=args.batch_rows,
                              vocab_size=args.vocab_size, seed=args.seed, threads=args.threads, lr=args.lr,
                              warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps,
@@ -117,6 +90,5 @@ def run_reference(args) -> int:
                              precision=args.precision, compile=args.compile, device=args.device,
                              checkpoint_every=args.checkpoint_every, repeat_frac=args.repeat_frac,
                              random_repeat_frac=args.random_repeat_frac)
-    report = train_reference(recipe, CorpusSpec(args.dataset))
     print(json.dumps(report["validation"], indent=1))
     return 0

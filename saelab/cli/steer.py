@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from saelab.settings import add_flags, flag_values
+
 
 # ---- steer
 def add_steer(sub) -> None:
@@ -22,33 +24,17 @@ def add_steer(sub) -> None:
     p.add_argument("run", help="a run directory (with sae/) or an SAE directory")
     p.add_argument("--latent", type=int, action="append", required=True,
                    help="latent index; repeat to steer several at once")
-    p.add_argument("--alpha", type=float, action="append", default=None,
-                   help="strength in units of --strength-scale (default 4); one, or one per --latent; with "
-                        "--sweep, several give the grid (default: the paper's 0, 0.2, 0.4, 0.8, 1.2, 1.6, 2, 3, 4, "
-                        "6, 8, 10, 20)")
-    p.add_argument("--strength-scale", default="position", choices=["position", "corpus"],
-                   help="what α multiplies: position (default, the paper's rule): the largest latent activation "
-                        "of the SAE at each steered position; corpus: the latent's own largest activation over "
-                        "held-out text (RUN/eval/steering_scores.parquet, else a 16k-token pass)")
-    p.add_argument("--prompt", default="", help="text to continue (default: a newline; --sweep: 8 neutral code "
-                                                "prefixes)")
-    p.add_argument("--max-new-tokens", type=int, default=30, help="tokens to generate (30)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy (0.7)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
-    p.add_argument("--mode", default="add", choices=["add", "clamp"],
-                   help="add (default): add α·scale·d_f; clamp: set the latent to α·scale, SAE error term kept")
-    p.add_argument("--sweep", action="store_true", help="concept success and fluency over a strength grid")
+    from saelab.eval.run import SteerSettings
+
+    add_flags(p, SteerSettings, defaults=True)
 
 
 def run_steer(args) -> int:
-    from pathlib import Path
+    from saelab.api import steer
+    from saelab.eval.run import SteerSettings
 
-    from saelab.eval.run import format_steer, steer_run
-
-    result, paths = steer_run(Path(args.run), args.latent, args.alpha or [4.0], args.prompt, args.max_new_tokens,
-                              args.temperature, args.seed, args.sweep, args.mode,
-                              strength_scale=args.strength_scale)
-    print(format_steer(result))
-    for path in paths:
+    result = steer(args.run, args.latent, **flag_values(args, SteerSettings))
+    print(result)
+    for path in result.paths if args.sweep else ():
         print(f"wrote {path}")
     return 0

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -16,15 +17,69 @@ from saelab.eval.relp import RelPRules
 from saelab.eval.tasks import check_task, make_task, solve_rate
 from saelab.files import write_text_atomic
 from saelab.rundir import RunDir
+from saelab.settings import setting
 
 # RelP rule ablations reported beside the main configuration: what each rule contributes
 RULE_VARIANTS = {"no_ln": {"layernorm": False}, "no_identity": {"identity": False}, "with_attn": {"attention": True}}
+CIRCUIT_METHODS = ("attribution", "relp", "ig")  # estimators that can rank a circuit's nodes
 
 
-def run_patching(model, task: str = "bracket", n_pairs: int = 32, methods=patching.METHODS,
-                 kinds=patching.KINDS, rules: RelPRules = RelPRules(), ig_steps: int = 10, saes=(),
-                 circuit_method: str = "ig", seed: int = 0, rule_variants: bool = True, max_ap_nodes: int = 2000,
-                 progress: bool = False) -> dict:
+@dataclass
+class PatchSettings:
+    """`saelab patch`'s settings (`saelab.patch`'s keywords), checked when built, before anything loads: the task (a
+    built-in name or a well-formed pairs file) included. methods, components: comma text or lists; relp_rules: text
+    or `RelPRules`. `method_names`, `kinds` and `rules` are their parsed forms."""
+
+    task: str = setting("bracket", "bracket, copy, quote, ioi (GPT-2-style English models), or a .jsonl file of "
+                        "{clean, corrupted, answer, wrong} pairs")
+    pairs: int = setting(32, "prompt pairs")
+    methods: str | Sequence[str] = setting("all", f"comma list of {', '.join(patching.METHODS)}, or all",
+                                           flag="--method")
+    components: str | Sequence[str] = setting(",".join(patching.KINDS),
+                                              f"comma list of {', '.join(patching.KINDS)}")
+    relp_rules: str | RelPRules = setting(RelPRules().label, "RelP rules: comma list of ln, attn, identity, half, "
+                                          "or none")
+    ig_steps: int = setting(10, "integrated-gradients steps")
+    circuit_method: str = setting(CIRCUIT_METHODS[-1], "estimator that ranks circuit nodes")
+    max_ap_nodes: int = setting(2000, "SAE nodes patched one by one for the ground truth (a seeded sample when more "
+                                "change)")
+    seed: int = setting(0, "task sampling seed")
+
+    def __post_init__(self):
+        from saelab.errors import ConfigError
+
+        for name, got, allowed in (("method", self.method_names, patching.METHODS),
+                                   ("components", self.kinds, patching.KINDS)):
+            bad = [m for m in got if m not in allowed]
+            if bad or not got:
+                raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
+        for flag, v in (("--pairs", self.pairs), ("--ig-steps", self.ig_steps)):
+            if v < 1:
+                raise ConfigError(f"{flag}: must be >= 1, got {v}")
+        if self.circuit_method not in CIRCUIT_METHODS:
+            raise ConfigError(f"--circuit-method: {self.circuit_method!r}; use attribution, relp or ig")
+        self.rules  # noqa: B018  (parsed here: a bad rule fails before anything loads)
+        check_task(self.task)
+
+    @property
+    def method_names(self) -> list[str]:
+        return list(patching.METHODS) if self.methods == "all" else _names(self.methods)
+
+    @property
+    def kinds(self) -> list[str]:
+        return _names(self.components)
+
+    @property
+    def rules(self) -> RelPRules:
+        return RelPRules.parse(self.relp_rules) if isinstance(self.relp_rules, str) else self.relp_rules
+
+
+
+def run_patching(model, task: str = PatchSettings.task, n_pairs: int = PatchSettings.pairs,
+                 methods=patching.METHODS, kinds=patching.KINDS, rules: RelPRules = RelPRules(),
+                 ig_steps: int = PatchSettings.ig_steps, saes=(), circuit_method: str = PatchSettings.circuit_method,
+                 seed: int = PatchSettings.seed, rule_variants: bool = True,
+                 max_ap_nodes: int = PatchSettings.max_ap_nodes, progress: bool = False) -> dict:
     """All estimators on one task; returns a JSON-ready dict (tensors as nested lists) plus '_figures'."""
     batch = make_task(model, task, n_pairs, seed)
     solved = solve_rate(model, batch)
@@ -134,40 +189,10 @@ def _edges(model, batch, base, fa, scores, method, rules, per_layer: int = 8):
     return out
 
 
-# ================================================================================================ settings
-@dataclass
-class PatchSettings:
-    """`saelab patch`'s / `saelab.patch`'s settings, checked before the model loads."""
-
-    methods: list[str]
-    kinds: list[str]
-    rules: RelPRules
-    saes: list  # SAE directories (Path) or SparseAutoencoder objects, as given
-    default_out: Path | None  # RUN/eval/patching of the first SAE given as a directory
-
-
-def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="ln,identity,half",
-                   pairs: int = 32, ig_steps: int = 10, circuit_method: str = "ig", saes=(),
-                   task: str | None = None) -> PatchSettings:
-    """Check the settings of a patching run (comma strings or lists), the task (a built-in name or a well-formed
-    pairs file) and find the SAE directories of run paths, raising ConfigError / DataError / SAEFileError before
-    anything loads."""
-    from saelab.errors import ConfigError
-
-    methods = list(patching.METHODS) if methods == "all" else _names(methods)
-    kinds = _names(components)
-    for name, got, allowed in (("method", methods, patching.METHODS), ("components", kinds, patching.KINDS)):
-        bad = [m for m in got if m not in allowed]
-        if bad or not got:
-            raise ConfigError(f"--{name}: {bad or got!r} not allowed; use a comma list of {', '.join(allowed)}")
-    for flag, v in (("--pairs", pairs), ("--ig-steps", ig_steps)):
-        if v < 1:
-            raise ConfigError(f"{flag}: must be >= 1, got {v}")
-    if circuit_method not in ("attribution", "relp", "ig"):
-        raise ConfigError(f"--circuit-method: {circuit_method!r}; use attribution, relp or ig")
-    rules = RelPRules.parse(relp_rules) if isinstance(relp_rules, str) else relp_rules
-    if task is not None:
-        check_task(task)
+def sae_sources(saes) -> tuple[list, Path]:
+    """The SAEs to splice in (SAE directories or SparseAutoencoder objects; a run directory is found as its SAE's,
+    else an SAEFileError before anything loads) and the default output folder: RUN/eval/patching of the first SAE
+    given as a run directory, else eval/patching."""
     sources, out = [], None
     for sae in saes:
         if isinstance(sae, torch.nn.Module):
@@ -176,7 +201,7 @@ def patch_settings(methods="all", components="resid,attn,mlp,head", relp_rules="
         run = RunDir.open(sae)  # a path or anything path-like (a saelab.Run)
         sources.append(run.sae)
         out = out or run.patching
-    return PatchSettings(methods, kinds, rules, sources, out)
+    return sources, out or Path("eval/patching")
 
 
 def _names(value) -> list[str]:
@@ -185,7 +210,7 @@ def _names(value) -> list[str]:
 
 
 def load_saes(model, sources) -> list:
-    """The SAEs of `PatchSettings.saes` on the model's device, checked against it (another model's SAE: one
+    """The SAEs of `sae_sources` on the model's device, checked against it (another model's SAE: one
     clear line before any work), frozen (gradients flow through them, not into them), in hook order."""
     from saelab.sae import SparseAutoencoder
 
@@ -280,6 +305,11 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     return jpath, hpath
 
 
+def jsonable(report: dict) -> dict:
+    """The report as plain JSON types (tensors as lists), as patching-<task>.json holds it."""
+    return json.loads(json.dumps({k: v for k, v in report.items() if k != "_figures"}, default=_jsonable))
+
+
 def _jsonable(v):
     if torch.is_tensor(v):
         return v.tolist()
@@ -313,5 +343,5 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_patching", "write_report", "format_report", "patch_settings", "load_saes", "PatchSettings",
-           "RULE_VARIANTS"]
+__all__ = ["run_patching", "write_report", "format_report", "sae_sources", "load_saes", "PatchSettings", "jsonable",
+           "RULE_VARIANTS", "CIRCUIT_METHODS"]

@@ -55,6 +55,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -65,6 +66,7 @@ from saelab.errors import ConfigError, DataError
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, capture, default_special_ids, infers_with_grad,
                                 lm_loss_grad, special_mask)
 from saelab.models.loading import model_device
+from saelab.settings import parse_ints, setting
 
 KS = (1, 2, 5, 10, 20)
 LEVELS = ("sequence", "token")  # of a user's labelled data
@@ -297,6 +299,56 @@ def _checked_spans(spans: Any, n_chars: int, where: str) -> dict[str, list[tuple
 def _is_int_pair(p: Any) -> bool:
     return isinstance(p, (list, tuple)) and len(p) == 2 and all(
         isinstance(v, int) and not isinstance(v, bool) for v in p)
+
+
+# ================================================================================================ settings
+@dataclass
+class ProbingSettings:
+    """`saelab eval --suite probing`'s settings (`saelab.evaluate(..., suites=["probing"])`'s keywords), checked
+    when built. data: a user's labelled data (read into `labelled`) instead of the reference code tasks."""
+
+    selection: str = setting(SELECTIONS[0], "probing: how the k features are ranked on the probe-train examples: "
+                             "mean_diff (|mean_pos - mean_neg|, SAEBench), f_stat (ANOVA F: the std-normalised mean "
+                             "difference), probe_loss (the loss of a 1-D probe on each feature alone, Gao et al. 2024)",
+                             choices=SELECTIONS)
+    max_density: float | None = setting(None, "probing: leave out of the selection SAE latents active on more than "
+                                        f"this share of the probe-train tokens, e.g. {DENSE_DENSITY:g}",
+                                        default_text="none left out", parse=float)
+    ks: Sequence[int] = setting(KS, "probing: comma-separated probe sizes k", default_text=",".join(map(str, KS)),
+                                parse=parse_ints)
+    data: str | None = setting(None, "probing: your labelled data instead of the code tasks: a .jsonl/.csv file or "
+                               "an HF dataset with a text and a label column (--level sequence), or a .jsonl file "
+                               "with the text and positive character spans per task (--level token), each line like "
+                               f"{SPANS_FORMAT}", default_text="the code tasks")
+    level: str = setting(LEVELS[0], "probing --data: sequence: one example per text, label per text; token: one "
+                         "example per BPE token, positive inside a task's [start, end) character spans (a line "
+                         "without a task's key is unlabelled for it)", choices=LEVELS)
+    text_field: str = setting("text", "probing --data: the text column")
+    label_field: str | None = setting(None, "probing --data: the label column, or at --level token the spans column",
+                                      default_text="label; spans")
+    pooling: str = setting("mean", "probing --data at --level sequence: pool token activations by their mean or "
+                           "take the last token", choices=("mean", "last"))
+
+    def __post_init__(self):
+        from saelab.config import check
+
+        check(self.level in LEVELS, "--level", f"{self.level!r}; use {' or '.join(LEVELS)}")
+        check(self.selection in SELECTIONS, "--selection", f"{self.selection!r}; use {', '.join(SELECTIONS)}")
+        check(self.max_density is None or 0 < self.max_density <= 1, "--max-density",
+              f"must be in (0, 1], got {self.max_density}")
+        self.ks = list(self.ks)
+        check(len(self.ks) > 0 and all(isinstance(k, int) and k >= 1 for k in self.ks), "--ks",
+              f"must be positive integers, got {self.ks}")
+
+    @cached_property
+    def labelled(self):
+        """The user's labelled data, read and checked once (touch it before a model loads: a bad line fails at
+        once): (rows, tasks) at level "token", rows at level "sequence"; None for the reference tasks."""
+        if not self.data:
+            return None
+        if self.level == "token":
+            return load_spans(self.data, self.text_field, self.label_field or "spans")
+        return load_labelled(self.data, self.text_field, self.label_field or "label")
 
 
 def gather_span_data(model, hook: str, rows: Sequence[tuple[str, dict]], tasks: Sequence[str],

@@ -4,7 +4,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+from saelab.config import check
+from saelab.eval.steering import ALPHAS, STRENGTH_SCALES, check_strength_scale
+from saelab.settings import setting
+
+STEER_TOKENS = 16_384  # held-out tokens of the corpus pass that finds each latent's max activation
 
 
 def load_run(run: Path):
@@ -28,7 +36,7 @@ def load_run(run: Path):
     return sae, model, cfg, rd
 
 
-def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
+def evaluate_run(run: Path, tokens: int, loaded=None):
     """Core metrics of the SAE of a run directory (or a bare SAE directory) with the model and corpus it was trained
     on → (CoreMetrics, RUN/eval/core.json); a g-SAE's with the LM-loss gradient and, in `topk_fallback`, without.
     `loaded`: `load_run(run)`'s result, to load the model once."""
@@ -40,45 +48,36 @@ def evaluate_run(run: Path, tokens: int = 65_536, loaded=None):
     return metrics, _write_json(rd.core, metrics.to_dict(), indent=2)
 
 
-def probe_run(run: Path, tokens: int = 80_000, selection: str = "mean_diff", data: str | None = None,
-              text_field: str = "text", label_field: str | None = None, pooling: str = "mean",
-              progress: bool = True, loaded=None, level: str = "sequence", max_density: float | None = None,
-              ks=None):
-    """Sparse probing of a run's SAE: the reference code tasks on held-out files (or a user's labelled data at
-    `level` "sequence": text + label rows, or "token": text + character spans per task; label_field defaults to
-    "label" / "spans") → (ProbingResult, RUN/eval/probing.json). selection, max_density, ks: `probe_tasks`'s
-    (ks None: its KS)."""
-    from saelab.config import check
-    from saelab.eval.probing import (KS, LEVELS, SELECTIONS, gather_sequence_data, gather_span_data, load_labelled,
-                                     load_spans, probe_tasks, reference_data)
+def probe_run(run: Path, tokens: int | None = None, progress: bool = True, loaded=None, settings=None, **fields):
+    """Sparse probing of a run's SAE: the reference code tasks on `tokens` held-out tokens (or a user's labelled data
+    at `level` "sequence": text + label rows, or "token": text + character spans per task) → (ProbingResult,
+    RUN/eval/probing.json). `settings`: a `ProbingSettings`, or its fields as keywords (selection, max_density,
+    ks, data, level, text_field, label_field, pooling)."""
+    from saelab.eval.probing import (ProbingSettings, gather_sequence_data, gather_span_data, probe_tasks,
+                                     reference_data)
     from saelab.eval.splice import infers_with_grad
 
-    check(level in LEVELS, "--level", f"{level!r}; use {' or '.join(LEVELS)}")
-    check(selection in SELECTIONS, "--selection", f"{selection!r}; use {', '.join(SELECTIONS)}")
-    check(max_density is None or 0 < max_density <= 1, "--max-density", f"must be in (0, 1], got {max_density}")
-    ks = list(KS) if ks is None else list(ks)
-    check(len(ks) > 0 and all(isinstance(k, int) and k >= 1 for k in ks), "--ks",
-          f"must be positive integers, got {ks}")
-    if data and level == "token":  # the data is read (and checked) before the model loads: a bad line fails at once
-        rows, tasks = load_spans(data, text_field, label_field or "spans")
-    elif data:
-        rows = load_labelled(data, text_field, label_field or "label")
+    st = settings if settings is not None else ProbingSettings(**fields)
+    if tokens is None and not st.data:
+        raise TypeError("probe_run: the reference tasks need a token budget (tokens)")
+    labelled = st.labelled  # read (and checked) before the model loads: a bad line fails at once
     sae, model, cfg, rd = loaded or load_run(run)
     with_grad = infers_with_grad(sae)  # a g-SAE: activations with the LM-loss gradient, its fallback probed beside
-    if data and level == "token":
+    if st.data and st.level == "token":
+        rows, tasks = labelled
         pd = gather_span_data(model, sae.cfg.hook_name, rows, tasks, context_size=cfg.context_size, progress=progress,
                               with_grad=with_grad)
-    elif data:
-        pd = gather_sequence_data(model, sae, sae.cfg.hook_name, rows, name=Path(data).stem or "user",
-                                  pooling=pooling, context_size=cfg.context_size)
+    elif st.data:
+        pd = gather_sequence_data(model, sae, sae.cfg.hook_name, labelled, name=Path(st.data).stem or "user",
+                                  pooling=st.pooling, context_size=cfg.context_size)
     else:
         pd = reference_data(model, sae.cfg.hook_name, cfg.corpus, max_tokens=tokens, context_size=cfg.context_size,
                             progress=progress, with_grad=with_grad)
-    result = probe_tasks(pd, sae, ks=ks, selection=selection, progress=progress, max_density=max_density)
+    result = probe_tasks(pd, sae, ks=st.ks, selection=st.selection, progress=progress, max_density=st.max_density)
     return result, _write_json(rd.probing, result.to_dict())
 
 
-def score_run(run: Path, tokens: int = 65_536, progress: bool = True, loaded=None):
+def score_run(run: Path, tokens: int, progress: bool = True, loaded=None):
     """Input and output scores of every latent of a run's SAE → (SteeringScores,
     RUN/eval/steering_scores.parquet (+ .json))."""
     from saelab.eval.steering import score_latents, write_scores
@@ -100,9 +99,36 @@ def _write_json(path: Path, obj, indent: int = 1) -> Path:
     return path
 
 
-def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, max_new_tokens: int = 30,
-              temperature: float = 0.7, seed: int = 0, sweep: bool = False, mode: str = "add",
-              tokens: int = 16_384, strength_scale: str = "position") -> tuple[dict, list[Path]]:
+@dataclass
+class SteerSettings:
+    """`saelab steer`'s settings (`saelab.steer`'s keywords), checked when built. `alpha`: one strength, or one per
+    latent; with `sweep`, two or more are the grid (else the paper's, `ALPHAS`)."""
+
+    alpha: Sequence[float] = setting((4.0,), "strength in units of --strength-scale; one, or one per --latent; with "
+                                     "--sweep, several give the grid", repeat=True,
+                                     default_text="4; with --sweep the paper's " + ", ".join(f"{a:g}" for a in ALPHAS))
+    strength_scale: str = setting(STRENGTH_SCALES[0], "what α multiplies: position (the paper's rule): the largest "
+                                  "latent activation of the SAE at each steered position; corpus: the latent's own "
+                                  "largest activation over held-out text (RUN/eval/steering_scores.parquet, else a "
+                                  f"{STEER_TOKENS:,}-token pass)", choices=STRENGTH_SCALES)
+    prompt: str = setting("", "text to continue", default_text="a newline; --sweep: 8 neutral code prefixes")
+    max_new_tokens: int = setting(30, "tokens to generate")
+    temperature: float = setting(0.7, "sampling temperature; 0 = greedy")
+    seed: int = setting(0, "sampling seed")
+    mode: str = setting("add", "add: add α·scale·d_f; clamp: set the latent to α·scale, SAE error term kept",
+                        choices=("add", "clamp"))
+    sweep: bool = setting(False, "concept success and fluency over a strength grid")
+    tokens: int = STEER_TOKENS  # strength_scale "corpus" without RUN/eval/steering_scores.parquet: the pass's tokens
+
+    def __post_init__(self):
+        check_strength_scale(self.strength_scale)
+        check(self.max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {self.max_new_tokens}")
+        check(self.temperature >= 0, "--temperature", f"must be >= 0, got {self.temperature}")
+        check(self.mode in ("add", "clamp"), "--mode", f"{self.mode!r}; use add or clamp")
+        self.alpha = [float(a) for a in self.alpha]
+
+
+def steer_run(run: Path, latents: list[int], settings: SteerSettings) -> tuple[dict, list[Path]]:
     """`saelab steer`: steered vs unsteered generations of a prompt (several latents at once), or with sweep=True
     concept success and fluency over a strength grid per latent (default: the paper's, `ALPHAS`), written to
     RUN/eval/steer_sweep_<latents>.json and .html (Plotly). Amounts are α × the largest latent activation at each
@@ -115,17 +141,14 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
 
     import torch
 
-    from saelab.config import check
     from saelab.errors import ConfigError
     from saelab.eval.splice import check_sae_fits
-    from saelab.eval.steering import (ALPHAS, Steer, check_strength_scale, generate, lens_tokens, prompt_tokens,
-                                      steer_directions, steering_success)
+    from saelab.eval.steering import Steer, generate, lens_tokens, prompt_tokens, steer_directions, steering_success
 
-    check_strength_scale(strength_scale)
-    check(max_new_tokens > 0, "--max-new-tokens", f"must be > 0, got {max_new_tokens}")
-    check(temperature >= 0, "--temperature", f"must be >= 0, got {temperature}")
-    check(mode in ("add", "clamp"), "--mode", f"{mode!r}; use add or clamp")
-    prompt = prompt if (prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
+    st = settings
+    alphas, sweep, mode, strength_scale = st.alpha, st.sweep, st.mode, st.strength_scale
+    max_new_tokens, temperature, seed = st.max_new_tokens, st.temperature, st.seed
+    prompt = st.prompt if (st.prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
     sae, model, cfg, rd = load_run(run)
     check_sae_fits(model, sae)
     n = sae.cfg.n_latents
@@ -137,7 +160,7 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
         raise ConfigError(f"the prompt is {tok.shape[1]} tokens with BOS; with {max_new_tokens} new tokens that "
                           f"exceeds the model's context ({model.cfg.n_ctx})", hint="shorten --prompt")
     per_position = strength_scale == "position"
-    max_act = None if per_position else _max_activations(rd.steering_scores, model, sae, cfg, tokens)
+    max_act = None if per_position else _max_activations(rd.steering_scores, model, sae, cfg, st.tokens)
     lat = torch.as_tensor(latents)
     if not sweep:
         if len(alphas) not in (1, len(latents)):
@@ -168,7 +191,7 @@ def steer_run(run: Path, latents: list[int], alphas: list[float], prompt: str, m
     res["lens_tokens"] = {str(f): [model.tokenizer.decode([t]) for t in lens[f][:10].tolist()] for f in latents}
     path = _write_json(rd.steer_sweep(latents), res)
     html = path.with_suffix(".html")
-    _sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
+    sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
     os.replace(html.with_suffix(".html.tmp"), html)
     return res, [path, html]
 
@@ -215,7 +238,8 @@ def _max_activations(scores: Path, model, sae, cfg, tokens: int):
     return activation_sweep(model, sae, rows).max_activation
 
 
-def _sweep_figure(res: dict):
+def sweep_figure(res: dict):
+    """Plotly: a sweep's concept success and fluency against α, a line per latent (its HTML page)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from saelab.synthetic.generator import TreeSpec, generate
+from saelab.settings import setting
+from saelab.synthetic.generator import PARENT_MODES, TreeSpec, generate
 from saelab.synthetic.metrics import score
 
 
@@ -41,6 +43,47 @@ class BenchSpec:
     adam_betas: tuple[float, float] = (0.5, 0.9375)
     seed: int = 0
     mp_steps: int = 0  # 0: MP pursues to convergence (the paper's); N: N steps, no early stop (the library's T)
+
+
+@dataclass
+class PlantedBenchSettings:
+    """`saelab bench synthetic`'s settings (`saelab.bench_synthetic`'s keywords), checked when built; the defaults are
+    `BenchSpec`'s and `TreeSpec`'s. parents "both": the exclusive tree, then the independent one."""
+
+    archs: str | Sequence[str] | None = setting(None, "comma list of architectures",
+                                                default_text="every trainable one that selects without LM gradients")
+    k: int = setting(BenchSpec.k, "k of every SAE; MP pursues each row until its residual is <= "
+                     f"{BENCH_OPTIONS['mp']['tol']:g} or an atom repeats")
+    mp_steps: int = setting(BenchSpec.mp_steps, "0: MP pursues each row to convergence, as the paper's synthetic "
+                            "runs; N: exactly N steps, no early stop, as MP trains by default with N = k (it absorbs "
+                            "when N is below the number of features some rows hold)")
+    steps: int = setting(BenchSpec.steps, "training steps per SAE")
+    batch: int = setting(BenchSpec.batch, "batch size, the paper's")
+    corr: float = setting(TreeSpec.corr, "intra-level correlation ε of the features")
+    noise: float = setting(TreeSpec.noise, "Gaussian noise std added to the activations")
+    parents: str = setting("both", "how the tree's parents fire: exclusive (one per row, the paper's tree), "
+                           "independent (each on its own, so parents co-fire), or both, one table after the other",
+                           choices=(*PARENT_MODES, "both"))
+    seed: int = setting(BenchSpec.seed, "data and training seed")
+    out: str = setting("runs/bench-synthetic", "output folder")
+
+    def __post_init__(self):
+        from saelab.config import check
+
+        names = self.archs.split(",") if isinstance(self.archs, str) else self.archs or planted_archs()
+        self.archs = [a.strip() for a in names if a.strip()]
+        allowed = planted_archs()
+        for a in self.archs:
+            check(a in allowed, "--archs", f"{a!r} is not an architecture this benchmark can train; choose from "
+                                           f"{sorted(allowed)}")
+        check(self.k >= 1, "--k", f"must be >= 1, got {self.k}")
+        check(self.mp_steps >= 0, "--mp-steps", f"must be >= 0, got {self.mp_steps}")
+        check(self.steps >= 1, "--steps", f"must be >= 1, got {self.steps}")
+        check(self.batch >= 1, "--batch", f"must be >= 1, got {self.batch}")
+        check(0 <= self.corr < 1, "--corr", f"must be in [0, 1), got {self.corr}")
+        check(self.noise >= 0, "--noise", f"must be >= 0, got {self.noise}")
+        check(self.parents in (*PARENT_MODES, "both"), "--parents", f"{self.parents!r}; use exclusive, independent "
+                                                                    f"or both")
 
 
 def run_benchmark(spec: BenchSpec, archs=None, out: str | Path | None = None, progress: bool = True) -> list[dict]:
@@ -85,3 +128,35 @@ def figure(rows: list[dict]):
     fig.update_layout(barmode="group", title="Planted-feature benchmark (toy tree): lower absorption is better",
                       yaxis_title="value")
     return fig
+
+
+def run_planted_bench(settings: PlantedBenchSettings, progress: bool = True) -> tuple[list[dict], list[Path]]:
+    """`saelab bench synthetic`: every architecture of `settings` on each tree (`parents`), one row per (architecture,
+    tree), written to OUT/synthetic.json (settings and rows) and OUT/synthetic.html (a Plotly bar chart); returns the
+    rows and those two files."""
+    import json
+
+    from saelab.files import write_text_atomic
+
+    st, out, rows = settings, Path(settings.out), []
+    for parents in (PARENT_MODES if st.parents == "both" else [st.parents]):
+        spec = BenchSpec(tree=TreeSpec(corr=st.corr, noise=st.noise, parents=parents), k=st.k, steps=st.steps,
+                         batch=st.batch, seed=st.seed, mp_steps=st.mp_steps)
+        rows += run_benchmark(spec, st.archs, out / "runs" / parents, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "synthetic.json", json.dumps(
+        {"spec": {"k": st.k, "steps": st.steps, "batch": st.batch, "corr": st.corr, "noise": st.noise,
+                  "parents": st.parents, "mp_steps": st.mp_steps, "seed": st.seed},
+         "rows": rows}, indent=2))
+    figure(rows).write_html(str(out / "synthetic.html"))
+    return rows, [out / "synthetic.json", out / "synthetic.html"]
+
+
+TABLE_COLUMNS = ("absorption", "recovered", "mean_max_cos", "code_f1", "dead", "l0", "fvu")
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The rows as `saelab bench synthetic` prints them: one line per (architecture, tree)."""
+    lines = [f"{'arch':15}{'parents':>13}" + "".join(f"{c:>13}" for c in TABLE_COLUMNS)]
+    lines += [f"{r['arch']:15}{r['parents']:>13}" + "".join(f"{r[c]:13.4f}" for c in TABLE_COLUMNS) for r in rows]
+    return "\n".join(lines)
