@@ -195,3 +195,46 @@ def test_top_activations_from_the_model_match_a_brute_force_scan(sae_dir, refere
     html = got._repr_html_()
     assert html.count("<span") == sum(t - s for s, t in (e.window(12) for e in got.examples))
     assert len(got.texts()) == 3
+
+
+# ------------------------------------------------------------------------------------------ the commands' checks
+@pytest.mark.parametrize("call, match", [
+    (lambda: saelab.info(rows=0), "--rows: must be > 0, got 0"),
+    (lambda: saelab.info(context_size=1), "--context-size: must be >= 2"),
+    (lambda: saelab.bench_synthetic(archs="topk,gtopk"), "--archs: 'gtopk' is not an architecture"),
+    (lambda: saelab.bench_synthetic(corr=1.0), r"--corr: must be in \[0, 1\)"),
+    (lambda: saelab.calibrate("/no/such/run", dataset="x", tokens="0"), "--tokens: must be > 0, got 0"),
+    (lambda: saelab.evaluate("/no/such/run", suites="probing", max_density=0), r"--max-density: must be in \(0, 1\]"),
+    (lambda: saelab.evaluate("/no/such/run", tokens=0), "--tokens: must be > 0, got 0"),
+    (lambda: saelab.steer("/no/such/run", 1, temperature=-1), "--temperature: must be >= 0"),
+])
+def test_the_api_refuses_what_the_command_refuses_before_loading_anything(call, match, monkeypatch):
+    """The checks live in the API (or its settings dataclass), so a notebook gets the command's ConfigError, before
+    any model or run is read."""
+    import saelab.models
+
+    monkeypatch.setattr(saelab.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=match):
+        call()
+
+
+def test_hooks_and_info_are_what_the_model_reports(reference_model, shared_model):
+    from saelab.models import hook_names
+
+    assert saelab.hooks(grep="hook_resid_post") == [h for h in hook_names(reference_model) if "hook_resid_post" in h]
+    got = saelab.info(rows=2, context_size=16)
+    cfg = reference_model.cfg
+    assert (got.n_layers, got.d_model, got.d_vocab, got.n_ctx) == (cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.n_ctx)
+    assert got.tokens == 2 * 15 and got.hooks == hook_names(reference_model)
+    assert str(got).splitlines()[0].startswith("model      reference: ") and "saelab model" in got._repr_html_()
+
+
+def test_importing_the_api_leaves_saelab_dashboard_the_function():
+    """The subpackage saelab.dashboard, once imported, is bound over the API function `saelab.dashboard`: the API
+    module must not import it at load time (its functions import it when called)."""
+    import subprocess
+    import sys
+
+    code = "import sys, saelab; saelab.steer; print('saelab.dashboard' in sys.modules, callable(saelab.dashboard))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["False", "True"], r.stderr

@@ -71,3 +71,42 @@ def test_model_errors_are_one_line(capsys):
     assert code == 2 and out == ""
     assert err.startswith("saelab hooks: error: model './no/such/model/dir': no such local directory")
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ settings declared once
+def _subparsers():
+    import argparse
+
+    from saelab.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+# command → (its API function, flags whose API keyword has another name)
+API_OF = {"info": ("info", {}), "hooks": ("hooks", {}), "calibrate": ("calibrate", {}),
+          "dashboard": ("dashboard", {}), "steer": ("steer", {}), "bench": ("bench_synthetic", {}),
+          "patch": ("patch", {"method": "methods"})}
+
+
+@pytest.mark.parametrize("command", ["info", "hooks", "eval", "calibrate", "dashboard", "patch", "steer", "bench"])
+def test_each_flag_states_its_default_once_and_the_api_has_the_same(command):
+    """Every flag with a default says it once in its help, and the notebook API's keyword defaults to the same value
+    (the flag, its help and the API default come from one declaration)."""
+    import inspect
+
+    import saelab.api  # its functions (the package saelab.dashboard, once imported, hides saelab.dashboard)
+
+    parser = _subparsers()[command]
+    api = inspect.signature(getattr(saelab.api, API_OF[command][0])).parameters if command in API_OF else {}
+    for action in parser._actions:
+        if not action.option_strings or action.help is None or action.dest == "help":
+            continue
+        if action.default not in (None, False, "", []):
+            assert action.help.count("(default ") == 1, (action.option_strings, action.help)
+        name = API_OF.get(command, ("", {}))[1].get(action.dest, action.dest)
+        if name in api and action.default is not None:
+            want = api[name].default
+            got = action.default
+            assert (list(got) if isinstance(got, tuple) else got) == (list(want) if isinstance(want, tuple)
+                                                                        else want), (command, name)
