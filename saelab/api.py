@@ -18,14 +18,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
-from saelab.config import ModelSpec, check
+from saelab.config import ModelSpec
 from saelab.data.corpus import SPLITS, CorpusSpec
 from saelab.display import table_html, tokens_html
 from saelab.errors import ConfigError
 from saelab.eval.patching_report import PatchSettings
 from saelab.eval.run import SteerSettings
 from saelab.rundir import RunDir
-from saelab.settings import as_count, parse_count, setting
+from saelab.settings import as_count, check, parse_count, setting
 from saelab.synthetic.runner import PlantedBenchSettings
 
 SUITES = {"core": 65_536, "probing": 80_000, "steering": 65_536}  # `saelab eval --suite`s: their default tokens

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from saelab.data.corpus import CorpusSpec
-from saelab.settings import parse_count, setting
+from saelab.settings import check, parse_count, setting
 
 T = TypeVar("T")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -22,11 +22,6 @@ MIDDLE_HOOK = "the middle residual stream, blocks.{L//2}.hook_resid_pre"  # how 
 
 
 from saelab.errors import ConfigError  # noqa: E402  (re-exported: `from saelab.config import ConfigError` works)
-
-
-def check(cond: bool, field_name: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {message}")
 
 
 @dataclass
@@ -285,7 +280,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
         path.write_text(json.dumps(data, indent=2))
 
 
-__all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "check", "from_dict", "to_dict", "load_config", "save_config",
+__all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "from_dict", "to_dict", "load_config", "save_config",
            "merge", "read_file", "field"]
 
 

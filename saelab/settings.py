@@ -34,6 +34,12 @@ class CountError(TextError):
     """Not a count."""
 
 
+def check(cond: bool, field_name: str, message: str) -> None:
+    """A setting's check when its dataclass is built: unless `cond`, a `ConfigError` "<field_name>: <message>"."""
+    if not cond:
+        raise ConfigError(f"{field_name}: {message}")
+
+
 def parse_count(text: str) -> int:
     """'20M' → 20_000_000, '500k' → 500_000, '1.5G', '4096'."""
     t = str(text).strip().lower().replace("_", "")
@@ -204,5 +210,5 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict:
     return overrides_from_kwargs(cls, flag_values(args, cls), "flags")
 
 
-__all__ = ["setting", "parse_count", "parse_ints", "as_count", "format_count", "TextError", "CountError", "Flag",
+__all__ = ["setting", "check", "parse_count", "parse_ints", "as_count", "format_count", "TextError", "CountError", "Flag",
            "flags", "add_flag", "add_flags", "overrides_from_kwargs", "overrides_from_args", "flag_values"]

@@ -68,7 +68,7 @@ def run_explore(args) -> int:
     import subprocess
     from pathlib import Path
 
-    from saelab.config import check
+    from saelab.settings import check
     from saelab.errors import DataError
 
     check(0 < args.port < 65536, "--port", f"must be in 1..65535, got {args.port}")

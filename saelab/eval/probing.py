@@ -330,7 +330,7 @@ class ProbingSettings:
                            "take the last token", choices=("mean", "last"))
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.level in LEVELS, "--level", f"{self.level!r}; use {' or '.join(LEVELS)}")
         check(self.selection in SELECTIONS, "--selection", f"{self.selection!r}; use {', '.join(SELECTIONS)}")

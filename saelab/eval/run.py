@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from saelab.config import check
 from saelab.eval.steering import ALPHAS, STRENGTH_SCALES, check_strength_scale
-from saelab.settings import setting
+from saelab.settings import check, setting
 
 STEER_TOKENS = 16_384  # held-out tokens of the corpus pass that finds each latent's max activation
 

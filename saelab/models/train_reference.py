@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saelab.config import check
 from saelab.errors import ConfigError, ModelError
 from saelab.data.corpus import CorpusSpec, check_source, iter_documents
 from saelab.data.packing import iter_doc_tokens
+from saelab.settings import check
 
 EOT = "<|endoftext|>"
 

@@ -58,7 +58,7 @@ class ThresholdOptions:
                                               "keep the EMA)")
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(0 <= self.threshold_momentum < 1, "threshold_momentum", f"must be in [0, 1), got {self.threshold_momentum}")
         check(self.threshold_start_step >= 0, "threshold_start_step", f"must be >= 0, got {self.threshold_start_step}")

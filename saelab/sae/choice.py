@@ -88,7 +88,7 @@ class AllocationOptions:
                                          "about the last 20 steps")
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.capacity in ("uniform", "zipf"), "capacity", f"must be uniform or zipf, got {self.capacity!r}")
         check(0 <= self.zipf_exponent <= 10, "zipf_exponent",

@@ -41,7 +41,7 @@ class GradientTopKOptions(TopKOptions):
     inference_grads: bool = option(True, "encode(x, grad=g) selects with the gradient; False: always plain TopK")
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         check(self.grad_norm in ("rms", "none"), "grad_norm", f"must be rms or none, got {self.grad_norm!r}")

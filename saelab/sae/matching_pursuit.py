@@ -78,7 +78,7 @@ class MatchingPursuitOptions:
                                           "(n² floats); above it, one r·Dᵀ GEMM per step")
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         check(self.inference_steps >= 0, "inference_steps", f"must be >= 0, got {self.inference_steps}")

@@ -33,7 +33,7 @@ class MatryoshkaOptions(ThresholdOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        from saelab.config import check
+        from saelab.settings import check
 
         fr = [float(f) for f in self.group_fractions]
         check(len(fr) >= 1 and all(f > 0 for f in fr), "group_fractions", f"must be positive numbers, got {fr}")

@@ -50,7 +50,7 @@ class ReLUOptions:
     l1_warmup_fraction: float = option(0.05, WARMUP_HELP)
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.l1_coef >= 0, "l1_coef", f"must be >= 0, got {self.l1_coef}")
         check(0 <= self.l1_warmup_fraction <= 1, "l1_warmup_fraction",

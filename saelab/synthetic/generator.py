@@ -38,7 +38,7 @@ class TreeSpec:
     parents: str = "exclusive"  # exclusive: one parent per row (the paper's); independent: each parent on its own
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         check(self.parents in PARENT_MODES, "parents", f"must be one of {PARENT_MODES}, got {self.parents!r}")
         for name in ("p_leaf", "p_parent", "p_child"):

@@ -68,7 +68,7 @@ class PlantedBenchSettings:
     out: str = setting("runs/bench-synthetic", "output folder")
 
     def __post_init__(self):
-        from saelab.config import check
+        from saelab.settings import check
 
         names = self.archs.split(",") if isinstance(self.archs, str) else self.archs or planted_archs()
         self.archs = [a.strip() for a in names if a.strip()]
