@@ -49,7 +49,7 @@ class Run:
     @cached_property
     def sae(self):
         """The trained `SparseAutoencoder` (saelab or SAELens layout)."""
-        from saelab.sae.saelens import load_sae
+        from saelab.sae.sae import load_sae
 
         return load_sae(self.dir.sae)
 
@@ -137,7 +137,7 @@ def load_sae(path: str | Path, device: str = "cpu"):
     >>> sae = saelab.load_sae("runs/demo")                 # doctest: +SKIP
     >>> code = sae.encode(x); x_hat = sae.decode(code)     # doctest: +SKIP
     """
-    from saelab.sae.saelens import load_sae as load
+    from saelab.sae.sae import load_sae as load
 
     return load(Run(path).dir.sae, device=device)
 

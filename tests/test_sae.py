@@ -167,6 +167,48 @@ def test_load_refuses_pickles(tmp_path):
         SparseAutoencoder.load(tmp_path)
 
 
+def test_the_sae_package_imports_no_stage_above_it_and_no_cycle():
+    """saelab/sae/ is a floor below training, models, activations and the evaluators: its modules import only each
+    other, the kernels and the low floors (config's SAEConfig, errors, settings, distributed), and never in a cycle
+    (the SAELens format gets the SAE as an argument; `SparseAutoencoder.save`/`load` call it)."""
+    import ast
+    from pathlib import Path
+
+    import saelab
+
+    floors = ("saelab.kernels", "saelab.config", "saelab.errors", "saelab.settings", "saelab.distributed")
+    root = Path(saelab.__file__).parent / "sae"
+    mods = {f"saelab.sae.{p.stem}" if p.stem != "__init__" else "saelab.sae": p for p in root.glob("*.py")}
+    edges = {m: set() for m in mods}
+    for mod, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "saelab":
+                names = [a.name for a in node.names]
+                if node.module == "saelab":
+                    assert names == ["__version__"], f"{path.name} imports {names} from saelab"
+                elif node.module.startswith(floors):
+                    assert not {"TrainConfig", "CacheConfig"} & set(names), f"{path.name}: {names} are a stage's"
+                else:
+                    assert node.module in mods, f"{path.name} imports {node.module}, a stage above saelab/sae"
+                    edges[mod] |= {f"{node.module}.{n}" if f"{node.module}.{n}" in mods else node.module
+                                   for n in names}
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("saelab") for a in node.names), f"{path.name}: import saelab..."
+    done, stack = set(), []
+
+    def visit(m):  # depth-first: a module met again on the current path closes a cycle
+        assert m not in stack, f"import cycle: {' -> '.join(stack[stack.index(m):] + [m])}"
+        if m not in done:
+            stack.append(m)
+            for n in sorted(edges[m]):
+                visit(n)
+            stack.pop()
+            done.add(m)
+
+    for m in sorted(edges):
+        visit(m)
+
+
 def test_geometric_median():
     pts = torch.tensor([[1.0, 0], [-1, 0], [0, 1], [0, -1], [100, 100]])
     med = geometric_median(pts)

@@ -23,7 +23,8 @@ import saelab
 from saelab.config import SAEConfig
 from saelab.errors import SAEFileError
 from saelab.sae import SparseAutoencoder
-from saelab.sae.saelens import SAELENS_FORMAT, load_sae, save_sae
+from saelab.sae.sae import load_sae
+from saelab.sae.saelens import SAELENS_FORMAT, save_sae
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
 NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "cfg.json").exists())
@@ -205,6 +206,26 @@ def test_cfg_json_has_what_saelens_reads(tmp_path):
     weights = load_file(str(tmp_path / "sae" / "sae_weights.safetensors"))
     assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"}  # exactly JumpReLUSAE's state
     assert weights["W_enc"].shape == (24, 96) and weights["threshold"].shape == (96,)
+
+
+def test_the_runs_fields_come_from_the_caller(tmp_path):
+    """The SAE knows its model and hook; its hook's layer, context size and dataset are its run's: null in a bare
+    save, the run's when the trainer (or calibrate) passes them."""
+    from saelab.config import CorpusSpec, TrainConfig
+    from saelab.training.trainer import saelens_run_metadata
+
+    def run_fields(folder):
+        meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+        return meta["hook_layer"], meta["context_size"], meta["dataset_path"]
+
+    sae, _ = make("topk")
+    save_sae(sae, tmp_path / "bare")
+    assert run_fields(tmp_path / "bare") == (None, None, None)
+    cfg = TrainConfig(context_size=48, corpus=CorpusSpec(source="NeelNanda/pile-10k"))
+    sae.save(tmp_path / "run", metadata=saelens_run_metadata(cfg, sae))
+    assert run_fields(tmp_path / "run") == (1, 48, "NeelNanda/pile-10k")  # blocks.1.hook_resid_pre
+    sae.save(tmp_path / "no-config", metadata=saelens_run_metadata(None, sae))
+    assert run_fields(tmp_path / "no-config") == (1, None, None)
 
 
 # ------------------------------------------------------------------------------------------ broken folders

@@ -25,6 +25,7 @@ from saelab.config import SAEConfig
 from saelab.kernels import sparse_decode
 from saelab.sae.architectures import get_architecture
 from saelab.sae.code import SparseCode
+from saelab.sae.saelens import load_weights, read_sae_folder, save_sae
 
 
 @dataclass
@@ -195,18 +196,23 @@ class SparseAutoencoder(nn.Module):
         self.arch.after_step(self, out, step)
 
     # ------------------------------------------------------------------------------------------ save / load
-    def save(self, path: str | Path, extra: dict | None = None) -> Path:
-        """Write `cfg.json` + `sae_weights.safetensors` (SAELens layout) + `saelab.json` (see `saelab.sae.saelens`)."""
-        from saelab.sae.saelens import save_sae
-
-        return save_sae(self, path, extra)
+    def save(self, path: str | Path, extra: dict | None = None, metadata: dict | None = None) -> Path:
+        """Write `cfg.json` + `sae_weights.safetensors` (SAELens layout) + `saelab.json` (see `saelab.sae.saelens`);
+        `metadata`: SAELens metadata fields the caller knows and the SAE does not (the run's: its hook's layer)."""
+        return save_sae(self, path, extra, metadata)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SparseAutoencoder":
-        """Load a saelab or SAELens folder from safetensors + JSON only; nothing is unpickled."""
-        from saelab.sae.saelens import load_sae
-
+        """Load a saelab or SAELens folder from safetensors + JSON only; nothing is unpickled (`load_sae`)."""
         return load_sae(path, device=device)
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
+    """A `SparseAutoencoder` from a saelab folder or a SAELens-saved one: `saelab.sae.saelens` reads the folder, the
+    SAE is built from its config and given its weights; a `SAEFileError` names the file for anything missing,
+    broken or inconsistent."""
+    folder = read_sae_folder(path)
+    return load_weights(SparseAutoencoder(folder.cfg, device=device), folder)
 
 
 def geometric_median(x: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:

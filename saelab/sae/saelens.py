@@ -4,10 +4,11 @@
 the folder, reproduces x̂ and keeps our metadata, and `ActivationsStore.from_sae` finds what it needs) plus
 saelab's own `saelab.json` (the full config, training summary and metrics).
 
-`load_sae` reads saelab folders and SAELens-saved ones (TopK, JumpReLU, ReLU "standard" as saelab's `relu`, Gated,
-and BatchTopK, which SAELens saves for inference as JumpReLU). An architecture may name a tensor differently from
-SAELens (Gated's b_enc is SAELens's b_gate: `saelens_export`'s "rename"). SAELens conventions that saelab does not
-have are folded into the weights exactly, so the imported SAE computes the same codes and reconstruction:
+`read_sae_folder` and `load_weights` read saelab folders and SAELens-saved ones (TopK, JumpReLU, ReLU "standard" as
+saelab's `relu`, Gated, and BatchTopK, which SAELens saves for inference as JumpReLU). An architecture may name a
+tensor differently from SAELens (Gated's b_enc is SAELens's b_gate: `saelens_export`'s "rename"). SAELens
+conventions that saelab does not have are folded into the weights exactly, so the imported SAE computes the same
+codes and reconstruction:
 
 * `apply_b_dec_to_input=False` (pre = x̃·W_enc + b_enc): b_enc ← b_enc + b_dec·W_enc, since saelab always centres
   (Gated's magnitude path too: b_mag ← b_mag + exp(r_mag)·(b_dec·W_enc));
@@ -19,6 +20,9 @@ have are folded into the weights exactly, so the imported SAE computes the same 
 Anything else (another architecture, an unfolded `expected_average_only_in` scale, whitening, a fine-tuning scale)
 is refused with a `SAEFileError` that says why; so is a broken folder: a file missing, truncated or not JSON, files
 that disagree with each other, or non-finite weights. Every message names the file that is wrong.
+
+The SAE is an argument here, never imported (`SparseAutoencoder.save` and `saelab.sae.sae.load_sae` call this
+module): what is not the SAE's own — how its activations were produced — comes from the caller.
 """
 
 from __future__ import annotations
@@ -26,14 +30,13 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from saelab.config import SAEConfig, from_dict
 from saelab.errors import SaelabError, SAEFileError
-from saelab.sae.sae import SparseAutoencoder
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -51,7 +54,7 @@ RESAVE = "restore the original file, or save the SAE again from SAELens"
 
 
 # ------------------------------------------------------------------------------------------------------ save
-def folded_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
+def folded_state(sae) -> dict[str, torch.Tensor]:
     """Weights that act on raw activations: a fixed input scale s is folded in (x̃ = s·x), as SAELens does:
     W_enc ← s·W_enc, W_dec ← W_dec / s, b_dec ← b_dec / s (the code values are unchanged)."""
     s = sae.cfg.input_scale if sae.cfg.normalize == "scale" else 1.0
@@ -63,7 +66,7 @@ def folded_state(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     }
 
 
-def saelens_export(sae: SparseAutoencoder) -> dict:
+def saelens_export(sae) -> dict:
     """The architecture's SAELens view: {"architecture", "cfg" (extra cfg.json keys), "tensors" (extra weights),
     "rename" (our name → SAELens's, for a base tensor SAELens names differently)}."""
     export = sae.arch.saelens_export(sae)
@@ -71,15 +74,19 @@ def saelens_export(sae: SparseAutoencoder) -> dict:
             "tensors": dict(export.get("tensors") or {}), "rename": dict(export.get("rename") or {})}
 
 
-def saelens_metadata(sae: SparseAutoencoder, train_config: dict | None = None) -> dict:
-    """The metadata SAELens reads (`SAEMetadata`, `ActivationsStore.from_sae`): the model, hook and how its
-    activations were produced. From the run's train config when given, else saelab's defaults."""
-    from saelab.config import TrainConfig
-    from saelab.models.loading import hook_layer
-
+def run_metadata(train_config: dict | None) -> dict:
+    """SAELens metadata on how an SAE's activations were produced, from its run's train config (a dict): the context
+    size and the dataset; null without one, since the SAE itself does not know them."""
     tc = train_config or {}
-    default = TrainConfig()
-    corpus = tc.get("corpus") or asdict(default.corpus)
+    return {"context_size": tc.get("context_size"), "dataset_path": (tc.get("corpus") or {}).get("source")}
+
+
+def saelens_metadata(sae, train_config: dict | None = None) -> dict:
+    """The metadata SAELens reads (`SAEMetadata`, `ActivationsStore.from_sae`): the model and hook from the SAE's
+    config, the context size and dataset from the run's train config (`run_metadata`). `hook_layer` is null here:
+    it follows the model's naming of its blocks, so the caller that knows the model sets it (`save_sae`'s
+    `metadata`)."""
+    run = run_metadata(train_config)
     return {
         "sae_lens_version": SAELENS_FORMAT,
         "sae_lens_training_version": None,  # not trained by SAELens
@@ -87,11 +94,11 @@ def saelens_metadata(sae: SparseAutoencoder, train_config: dict | None = None) -
         "model_class_name": "HookedTransformer",
         "hook_name": sae.cfg.hook_name,
         "hook_head_index": None,
-        "hook_layer": hook_layer(sae.cfg.hook_name),
-        "context_size": int(tc.get("context_size") or default.context_size),
+        "hook_layer": None,
+        "context_size": run["context_size"],
         "prepend_bos": True,  # every row starts with BOS (saelab.data.packing)
         "seqpos_slice": [1, None],  # and the SAE is trained without position 0 (the BOS)
-        "dataset_path": corpus.get("source"),
+        "dataset_path": run["dataset_path"],
         "model_from_pretrained_kwargs": {},
         "exclude_special_tokens": False,
         "sequence_separator_token": "eos",  # documents are joined by EOS
@@ -102,7 +109,7 @@ def saelens_metadata(sae: SparseAutoencoder, train_config: dict | None = None) -
     }
 
 
-def saelens_cfg(sae: SparseAutoencoder, export: dict, metadata: dict) -> dict:
+def saelens_cfg(sae, export: dict, metadata: dict) -> dict:
     """cfg.json as SAELens 6 writes it (`SAEConfig.to_dict`)."""
     cfg = sae.cfg
     out = {"architecture": export["architecture"], "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": cfg.dtype,
@@ -117,13 +124,13 @@ def saelens_cfg(sae: SparseAutoencoder, export: dict, metadata: dict) -> dict:
     return out
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, extra: dict | None = None,
-             metadata: dict | None = None) -> Path:
+def save_sae(sae, path: str | Path, extra: dict | None = None, metadata: dict | None = None) -> Path:
     """Write `cfg.json` + `sae_weights.safetensors` (SAELens layout) + `saelab.json` into the folder `path`.
 
     `extra` goes into saelab.json (the trainer passes the training summary and `train_config`, from which the
-    SAELens metadata — context size, dataset — is taken); `metadata` overrides SAELens metadata fields. Each file is
-    written to a temporary name and renamed, so an interrupted save leaves no half-written file."""
+    SAELens metadata — context size, dataset — is taken); `metadata` sets SAELens metadata fields that only the
+    caller knows (`saelab.training.trainer.saelens_run_metadata`). Each file is written to a temporary name and renamed, so an
+    interrupted save leaves no half-written file."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -153,9 +160,21 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, extra: dict | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAutoencoder:
-    """Load a saelab folder or a SAELens-saved one (see the module docstring); raise `SAEFileError` naming the
-    file for anything missing, broken or inconsistent."""
+@dataclass
+class SAEFolder:
+    """A saelab or SAELens SAE folder as read: the config to build the SAE from and the weights for it."""
+
+    path: Path
+    cfg: SAEConfig
+    raw: dict  # cfg.json
+    state: dict[str, torch.Tensor]  # the weights, by the file's names
+    info: dict  # saelab.json; {} for a folder SAELens saved
+    fold: dict  # the SAELens conventions to fold into the weights (`fold_conventions`'s arguments)
+
+
+def read_sae_folder(path: str | Path) -> SAEFolder:
+    """Read a saelab folder or a SAELens-saved one (see the module docstring), before any SAE is built; raise
+    `SAEFileError` naming the file for anything missing or broken."""
     path = Path(path)
     if not path.is_dir():
         raise SAEFileError(f"{path}: {'no such folder' if not path.exists() else 'not a folder'}",
@@ -168,17 +187,22 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> SparseAuto
                                 "point at the folder that holds cfg.json and sae_weights.safetensors")
     raw = _read_json(path / CFG_FILE)
     state = _read_weights(weights)
-    info, fold = {}, {}
     if (path / SAELAB_FILE).exists():
         info = _read_json(path / SAELAB_FILE)
-        sae = SparseAutoencoder(_saelab_config(info, path / SAELAB_FILE), device=device)
+        return SAEFolder(path, _saelab_config(info, path / SAELAB_FILE), raw, state, info, {})
+    cfg, state, fold = import_saelens(raw, state, path)
+    return SAEFolder(path, cfg, raw, state, {}, fold)
+
+
+def load_weights(sae, folder: SAEFolder):
+    """Set `sae`, built from `folder.cfg`, to the folder's weights once they are checked against it (a file that
+    disagrees with the other, or weights that do not fit, is a `SAEFileError` naming it); returns the SAE."""
+    path, state, info, fold = folder.path, folder.state, folder.info, folder.fold
+    if info:  # a saelab folder: its cfg.json must say what saving its saelab.json would
         if "threshold" in state and hasattr(sae, "threshold") and state["threshold"].shape == sae.threshold.shape:
             with torch.no_grad():  # the export (what cfg.json should say) depends on whether θ was learned
                 sae.threshold.copy_(state["threshold"])
-        _check_agreement(sae, raw, path)
-    else:
-        cfg, state, fold = import_saelens(raw, state, path)
-        sae = SparseAutoencoder(cfg, device=device)
+        _check_agreement(sae, folder.raw, path)
     _check_tensors(sae, state, path)
     ours = {theirs: name for name, theirs in saelens_export(sae)["rename"].items()}
     state = {ours.get(name, name): t for name, t in state.items()}
@@ -307,7 +331,7 @@ def _saelab_config(info: dict, where: Path) -> SAEConfig:
         raise SAEFileError(f"{where}: {e.message}", hint=e.hint) from None
 
 
-def _check_agreement(sae: SparseAutoencoder, raw: dict, path: Path) -> None:
+def _check_agreement(sae, raw: dict, path: Path) -> None:
     """A saelab folder's cfg.json must say what save_sae would write for its saelab.json (else one was edited or
     the folder mixes two SAEs)."""
     expect = saelens_cfg(sae, saelens_export(sae), {})
@@ -323,7 +347,7 @@ def _check_agreement(sae: SparseAutoencoder, raw: dict, path: Path) -> None:
                                     f"or delete {SAELAB_FILE} to load the folder as a plain SAELens SAE")
 
 
-def _check_tensors(sae: SparseAutoencoder, state: dict, path: Path) -> None:
+def _check_tensors(sae, state: dict, path: Path) -> None:
     """The file holds exactly the SAE's tensors, with the config's shapes, all finite."""
     where = path / WEIGHTS_FILE
     export = saelens_export(sae)

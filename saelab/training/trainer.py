@@ -24,8 +24,10 @@ import torch.distributed as dist
 
 from saelab.config import SAEConfig, TrainConfig, from_dict, save_config, to_dict
 from saelab.distributed import rank_world
+from saelab.models.loading import hook_layer
 from saelab.rundir import RunDir
 from saelab.sae import SparseAutoencoder
+from saelab.sae.saelens import run_metadata
 from saelab.training import checkpoint as ckpt
 
 
@@ -93,6 +95,13 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def saelens_run_metadata(cfg: TrainConfig | None, sae) -> dict:
+    """The SAELens metadata of the run that trained `sae`, which the SAE cannot know (`SparseAutoencoder.save`'s
+    `metadata`): its hook's block in the model and, from the run's config when there is one, the context size and
+    the dataset."""
+    return {**run_metadata(to_dict(cfg) if cfg is not None else None), "hook_layer": hook_layer(sae.cfg.hook_name)}
 
 
 def check_resume_config(saved: dict, new: dict, where) -> None:
@@ -319,7 +328,8 @@ class SAERun:
                     "dead_latents": int((self.since_fired > self.threshold).sum())}
         if rank == 0:
             sae.save(self.dir.sae,
-                     extra={"training": {**training, "final_metrics": self.last}, "train_config": to_dict(self.cfg)})
+                     extra={"training": {**training, "final_metrics": self.last}, "train_config": to_dict(self.cfg)},
+                     metadata=saelens_run_metadata(self.cfg, sae))
         if self.tracker is not None:
             self.tracker.summarize(training, "train/")
         return TrainResult(self.run_dir, sae, self.steps, self.tokens_seen, self.last, self.tracker)
