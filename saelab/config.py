@@ -230,6 +230,19 @@ def read_file(path: str | Path) -> dict:
     return data
 
 
+def flatten(d: dict, prefix: str = "", whole: tuple[str, ...] = ()) -> dict:
+    """A nested config dict as {dotted key: value}, for naming what differs between two of them; the mappings at
+    the dotted keys in `whole` stay one value."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key not in whole:
+            out.update(flatten(v, key + ".", whole))
+        else:
+            out[key] = v
+    return out
+
+
 def merge(base: dict, overrides: dict) -> dict:
     """Overrides win; nested dicts merge; dotted keys ('model.name') address nested fields."""
     out = json.loads(json.dumps(base))
@@ -281,7 +294,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 
 __all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "from_dict", "to_dict", "load_config", "save_config",
-           "merge", "read_file", "field"]
+           "merge", "flatten", "read_file", "field"]
 
 
 NORMALIZATIONS = ("none", "scale", "layer_norm", "constant_norm_rescale")

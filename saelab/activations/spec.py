@@ -8,7 +8,7 @@ import hashlib
 
 from saelab.activations.capture import GRAD_LOSS
 from saelab.activations.format import STORAGE
-from saelab.config import CacheConfig
+from saelab.config import CacheConfig, flatten
 
 SHARD_TARGET_BYTES = 64 * 2 ** 20  # per activation file, when shard_rows is 0
 
@@ -63,19 +63,8 @@ def build_spec(cfg: CacheConfig, model, hooks: list[str], d_in: dict[str, int], 
     }
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def spec_differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     diffs, derived = [], []
     for k in sorted(set(a) | set(b)):
         if a.get(k, "<absent>") != b.get(k, "<absent>"):

@@ -20,11 +20,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from saelab.config import TrainConfig, from_dict, merge, migrate, read_file, to_dict
+from saelab.config import TrainConfig, flatten, from_dict, merge, migrate, read_file, to_dict
 from saelab.distributed import rank_device
 from saelab.errors import ConfigError
 from saelab.training.pipeline import prepare
-from saelab.training.trainer import TrainResult, _flatten, train_many
+from saelab.training.trainer import TrainResult, train_many
 
 # what every SAE of a sweep shares: the batches (source, hook, sizes, seed), the steps and the checkpoint schedule
 SHARED = ("model.name", "model.dtype", "model.device", "corpus", "sae.hook_name", "source", "cache", "cache_tokens",
@@ -83,9 +83,9 @@ def load_sweep(path: str | Path, overrides: dict | None = None, config: str | Pa
 def check_shared(cfgs: list[TrainConfig]) -> None:
     """Every SAE reads the same batches for the same steps and checkpoints together; name the first field that
     differs."""
-    first = _flatten(to_dict(cfgs[0]))
+    first = flatten(to_dict(cfgs[0]))
     for i, cfg in enumerate(cfgs[1:], 1):
-        mine = _flatten(to_dict(cfg))
+        mine = flatten(to_dict(cfg))
         for key in sorted(first):
             if not any(key == s or key.startswith(s + ".") for s in SHARED) or mine[key] == first[key]:
                 continue

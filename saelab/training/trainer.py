@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from saelab.config import SAEConfig, TrainConfig, from_dict, save_config, to_dict
+from saelab.config import SAEConfig, TrainConfig, flatten, from_dict, save_config, to_dict
 from saelab.distributed import rank_world
 from saelab.models.loading import hook_layer
 from saelab.rundir import RunDir
@@ -86,17 +86,6 @@ RESUME_FREE = {"resume", "out", "name", "threads", "log_every", "checkpoint_ever
                "model.device", "source", "cache", "wandb"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and not (key.endswith("options")):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def saelens_run_metadata(cfg: TrainConfig | None, sae) -> dict:
     """The SAELens metadata of the run that trained `sae`, which the SAE cannot know (`SparseAutoencoder.save`'s
     `metadata`): its hook's block in the model and, from the run's config when there is one, the context size and
@@ -108,7 +97,8 @@ def check_resume_config(saved: dict, new: dict, where) -> None:
     """Refuse to resume a run with settings that would change it (tokens, batch size, architecture, k, lr, …)."""
     from saelab.errors import ConfigError
 
-    a, b = _flatten(saved), _flatten(new)
+    # an architecture's options are compared whole: which keys they have depends on the architecture
+    a, b = flatten(saved, whole=("sae.options",)), flatten(new, whole=("sae.options",))
     for key in sorted(set(a) | set(b)):
         if key in RESUME_FREE or key.split(".")[0] in RESUME_FREE:
             continue
