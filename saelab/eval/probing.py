@@ -599,13 +599,8 @@ class ProbingResult:
 def sae_features(sae, x: torch.Tensor, batch: int = 8192, grad: torch.Tensor | None = None) -> np.ndarray:
     """Dense SAE latents [n, n_latents] (float32) of activations x [n, d]; with `grad` (the LM-loss gradient at
     each row) a g-SAE selects with it."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            xb = x[i:i + batch].to(sae.W_dec.device)
-            code = sae.encode(xb) if grad is None else sae.encode(xb, grad=grad[i:i + batch].to(xb.device))
-            out.append(code.to_dense(sae.cfg.n_latents).float().cpu())
-    return torch.cat(out).numpy()
+    dense = [code.to_dense(sae.cfg.n_latents).float().cpu() for code in batch_codes(sae, x, batch, grad)]
+    return torch.cat(dense).numpy()
 
 
 def latent_density(sae, x: torch.Tensor, batch: int = 8192, grad: torch.Tensor | None = None) -> np.ndarray:
@@ -615,13 +610,18 @@ def latent_density(sae, x: torch.Tensor, batch: int = 8192, grad: torch.Tensor |
 
     F = sae.cfg.n_latents
     counts = torch.zeros(F, dtype=torch.int64)
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            xb = x[i:i + batch].to(sae.W_dec.device)
-            code = sae.encode(xb) if grad is None else sae.encode(xb, grad=grad[i:i + batch].to(xb.device))
-            _, lat, _ = active_entries(code, F)
-            counts += torch.bincount(lat.cpu(), minlength=F)
+    for code in batch_codes(sae, x, batch, grad):
+        _, lat, _ = active_entries(code, F)
+        counts += torch.bincount(lat.cpu(), minlength=F)
     return (counts.double() / max(x.shape[0], 1)).numpy()
+
+
+def batch_codes(sae, x: torch.Tensor, batch: int, grad: torch.Tensor | None = None):
+    """The SAE's codes of x [n, d], `batch` rows at a time on the SAE's device (`encode`: no autograd); with `grad`
+    (the LM-loss gradient at each row) a g-SAE selects with it."""
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch].to(sae.W_dec.device)
+        yield sae.encode(xb) if grad is None else sae.encode(xb, grad=grad[i:i + batch].to(xb.device))
 
 
 def train_density(data: ProbeData, sae) -> tuple[np.ndarray, int]:
