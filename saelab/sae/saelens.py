@@ -129,8 +129,8 @@ def save_sae(sae, path: str | Path, extra: dict | None = None, metadata: dict | 
 
     `extra` goes into saelab.json (the trainer passes the training summary and `train_config`, from which the
     SAELens metadata — context size, dataset — is taken); `metadata` sets SAELens metadata fields that only the
-    caller knows (`saelab.training.trainer.saelens_run_metadata`). Each file is written to a temporary name and renamed, so an
-    interrupted save leaves no half-written file."""
+    caller knows (`saelab.training.trainer.saelens_run_metadata`). Each file is written to a temporary name and
+    renamed, so an interrupted save leaves no half-written file."""
     from safetensors.torch import save_file
 
     path = Path(path)
