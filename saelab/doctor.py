@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from saelab.errors import ConfigError
+from saelab.files import write_text_atomic
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 PACKAGES = ("saelab", "torch", "triton", "transformer-lens", "transformers", "huggingface-hub", "numpy")
@@ -246,9 +247,5 @@ def check_json_path(path: str | Path) -> Path:
 
 
 def write_json(report: dict, path: str | Path) -> Path:
-    """Write `report` to `path` (a temporary name, then renamed: no half-written file)."""
-    p = check_json_path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(p)
-    return p
+    """Write `report` to `path` crash-safely (no half-written file)."""
+    return write_text_atomic(check_json_path(path), json.dumps(report, indent=2) + "\n")

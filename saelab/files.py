@@ -3,7 +3,7 @@ never half of one.
 
 A file is written to `<name>.tmp` in its own folder, flushed and fsynced, renamed over the target (`os.replace`,
 atomic within one file system), and then the folder itself is fsynced, because the rename is durable only once
-the folder's entry is on disk.
+the folder's entry is on disk. A folder of files (a checkpoint) is written the same way, under a temporary name.
 
 One rule for errors, in every helper here: an error that may mean the data is not on disk is raised (a failed
 write, a failed fsync of the file, EIO or ENOSPC from a folder's fsync), after the temporary file is removed, so a
@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -86,5 +87,31 @@ def write_json_atomic(path: str | Path, data) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=1) + "\n")
 
 
+def write_dir_atomic(path: str | Path, write: Callable[[Path], object], tmp: str | Path | None = None) -> Path:
+    """Call `write(folder)` on a fresh, empty folder `tmp` (default `<path>.tmp`), fsync everything in it and the
+    folder itself, then remove any old `path`, rename `tmp` to `path` and fsync the parent. Returns `path`.
+    A failure while writing or fsyncing removes `tmp` and leaves `path` as it was; a process killed between the
+    removal and the rename leaves only `tmp`, complete, for a resuming reader to rename into place."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else tmp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a folder left by a write killed part way
+    tmp.mkdir()
+    try:
+        write(tmp)
+        for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+            if entry.is_dir():
+                fsync_dir(entry)
+            else:
+                fsync_file(entry)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)  # the rename is durable only once the parent's entry is on disk
+    return path
+
+
 __all__ = ["TMP_SUFFIX", "tmp_path", "fsync_dir", "fsync_file", "write_atomic", "write_bytes_atomic",
-           "write_text_atomic", "write_json_atomic"]
+           "write_text_atomic", "write_json_atomic", "write_dir_atomic"]

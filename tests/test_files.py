@@ -88,3 +88,44 @@ def test_a_folder_the_process_may_not_open_is_passed_over(tmp_path, monkeypatch)
 def test_a_missing_folder_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         files.fsync_dir(tmp_path / "missing")
+
+
+def test_a_folder_is_written_whole_in_place_of_the_old_one(tmp_path, monkeypatch):
+    target = tmp_path / "partial"
+    target.mkdir()
+    (target / "stale.bin").write_bytes(b"old checkpoint")
+    synced = []
+    real = os.fsync
+
+    def record(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))  # (Linux) which file or folder was fsynced
+        real(fd)
+
+    def write(folder):
+        (folder / "weights.bin").write_bytes(bytes(range(256)))
+        (folder / "sub").mkdir()
+        (folder / "sub" / "step.json").write_text('{"step": 3}')
+
+    monkeypatch.setattr(os, "fsync", record)
+    assert files.write_dir_atomic(target, write) == target
+    assert sorted(str(p.relative_to(target)) for p in target.rglob("*")) == ["sub", "sub/step.json", "weights.bin"]
+    assert (target / "weights.bin").read_bytes() == bytes(range(256))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["partial"]  # no temporary folder left
+    tmp = str(files.tmp_path(target))
+    # every file and folder fsynced under the temporary name before the rename, then the parent after it
+    assert synced == [f"{tmp}/weights.bin", f"{tmp}/sub/step.json", f"{tmp}/sub", tmp, str(tmp_path)]
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "step-00000010"
+    target.mkdir()
+    (target / "state.json").write_text("old")
+
+    def half_then_fail(folder):
+        (folder / "state.json").write_text("new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        files.write_dir_atomic(target, half_then_fail, tmp=tmp_path / ".tmp-step-00000010")
+    assert (target / "state.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from saelab.eval.steering import ALPHAS, STRENGTH_SCALES, check_strength_scale
+from saelab.files import write_text_atomic
 from saelab.settings import check, setting
 
 STEER_TOKENS = 16_384  # held-out tokens of the corpus pass that finds each latent's max activation
@@ -88,14 +89,9 @@ def score_run(run: Path, tokens: int, progress: bool = True, loaded=None):
 
 
 def _write_json(path: Path, obj, indent: int = 1) -> Path:
-    """Write JSON atomically (a temporary file renamed over the target): nothing half-written is left."""
-    import os
-
+    """Write JSON (no final newline) crash-safely, its folder made first: nothing half-written is left."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(obj, indent=indent))
 
 
 @dataclass
@@ -136,8 +132,6 @@ def steer_run(run: Path, latents: list[int], settings: SteerSettings) -> tuple[d
     newline, or for a sweep the neutral code prefixes STEER_PROMPTS. → (result, files written): the result is
     `steering_success`'s dict (+ lens_tokens) for a sweep, else the settings with the `steered` and `unsteered`
     continuations; `format_steer` turns it into the command's text."""
-    import os
-
     import torch
 
     from saelab.errors import ConfigError
@@ -189,9 +183,7 @@ def steer_run(run: Path, latents: list[int], settings: SteerSettings) -> tuple[d
                            temperature=temperature, seed=seed, strength_scale=strength_scale, **kw)
     res["lens_tokens"] = {str(f): [model.tokenizer.decode([t]) for t in lens[f][:10].tolist()] for f in latents}
     path = _write_json(rd.steer_sweep(latents), res)
-    html = path.with_suffix(".html")
-    sweep_figure(res).write_html(str(html.with_suffix(".html.tmp")), include_plotlyjs="cdn")
-    os.replace(html.with_suffix(".html.tmp"), html)
+    html = write_text_atomic(path.with_suffix(".html"), sweep_figure(res).to_html(include_plotlyjs="cdn"))
     return res, [path, html]
 
 

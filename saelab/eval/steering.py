@@ -49,6 +49,7 @@ from saelab.errors import ConfigError
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, add_latents, capture, check_sae_fits, corpus_rows,
                                 decoder_directions, default_special_ids, gather_rows, infers_with_grad, lm_loss_grad,
                                 special_mask, splice)
+from saelab.files import write_atomic, write_text_atomic
 from saelab.models.loading import model_device
 
 SCORE_PROMPT = "import os\n\n"
@@ -292,21 +293,15 @@ def format_scores(scores: SteeringScores) -> str:
 
 
 def write_scores(scores: SteeringScores, out_dir, tokenizer=None):
-    """RUN/eval/steering_scores.parquet (one row per latent) + steering_scores.json (settings), atomically."""
+    """RUN/eval/steering_scores.parquet (one row per latent) + steering_scores.json (settings), each crash-safe."""
     import json
-    import os
     from pathlib import Path
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "steering_scores.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    scores.to_frame(tokenizer).to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    meta = out_dir / "steering_scores.json"
-    tmp = meta.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(scores.meta, indent=1))
-    os.replace(tmp, meta)
+    frame = scores.to_frame(tokenizer)
+    path = write_atomic(out_dir / "steering_scores.parquet", lambda f: frame.to_parquet(f, index=False))
+    write_text_atomic(out_dir / "steering_scores.json", json.dumps(scores.meta, indent=1))
     return path
 
 

@@ -22,6 +22,7 @@ import torch
 from saelab.errors import ConfigError, ModelError
 from saelab.data.corpus import CorpusSpec, check_source, iter_documents
 from saelab.data.packing import iter_doc_tokens
+from saelab.files import tmp_path, write_dir_atomic
 from saelab.settings import check
 
 EOT = "<|endoftext|>"
@@ -155,18 +156,17 @@ _RUN_ONLY = ("out", "threads", "eval_rows", "bracket_sites", "checkpoint_every",
 
 def _checkpoint(partial: Path, step: int, recipe: ReferenceRecipe, model, opt) -> None:
     """Weights (safetensors) and optimizer state (tensors only), written to a temp dir and renamed into place."""
-    tmp = partial.with_name(partial.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    (tmp / "step.json").write_text(json.dumps({"step": step, "recipe": asdict(recipe)}))
-    shutil.rmtree(partial, ignore_errors=True)
-    tmp.rename(partial)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        torch.save(opt.state_dict(), folder / "optimizer.pt")
+        (folder / "step.json").write_text(json.dumps({"step": step, "recipe": asdict(recipe)}))
+
+    write_dir_atomic(partial, write)
 
 
 def _resume(partial: Path, recipe: ReferenceRecipe, model, opt, log) -> int:
     """The step to start from: a checkpoint of the same recipe in OUT/partial is loaded, else 0."""
-    tmp = partial.with_name(partial.name + ".tmp")
+    tmp = tmp_path(partial)  # where write_dir_atomic writes it
     if not (partial / "step.json").exists() and (tmp / "step.json").exists():
         tmp.rename(partial)  # killed between removing the old checkpoint and renaming the new one into place
     if not (partial / "step.json").exists():

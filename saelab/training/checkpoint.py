@@ -7,13 +7,12 @@ complete, so a run killed at any moment leaves either the previous checkpoint or
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from saelab.files import fsync_dir, fsync_file
+from saelab.files import write_dir_atomic
 from saelab.rundir import RunDir
 
 STATE_TENSORS = "state.safetensors"
@@ -49,20 +48,14 @@ def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], 
     """Write checkpoint `step` atomically, then keep the newest `keep` (None: prune nothing)."""
     from safetensors.torch import save_file
 
+    def write(folder: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
+        (folder / STATE_JSON).write_text(json.dumps(meta))
+
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / STATE_TENSORS))
-    (tmp / STATE_JSON).write_text(json.dumps(meta))
-    for f in (tmp / STATE_TENSORS, tmp / STATE_JSON):
-        fsync_file(f)
-    fsync_dir(tmp)  # the files' entries in it too, before the rename publishes it
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    fsync_dir(root)  # the rename itself is durable only once the directory entry is on disk
+    # the temporary name does not match step-*, so an unfinished checkpoint is never listed
+    final = write_dir_atomic(root / f"step-{step:08d}", write, tmp=root / f".tmp-step-{step:08d}")
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
