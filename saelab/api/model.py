@@ -23,6 +23,7 @@ class ModelInfo:
     d_vocab: int
     n_ctx: int
     hooks: list[str]
+    default_hook: str  # the middle residual stream, what `saelab train`/`cache` use without --hook
     nats_per_token: float
     bits_per_byte: float
     tokens: int
@@ -32,13 +33,15 @@ class ModelInfo:
         return [h for h in self.hooks if h.endswith(("hook_resid_pre", "hook_resid_post", "hook_resid_mid"))]
 
     def __str__(self) -> str:  # what `saelab info` prints
-        resid, mid = self.residual_hooks, self.n_layers // 2
+        from saelab.models.loading import hook_layer
+
+        resid, mid = self.residual_hooks, hook_layer(self.default_hook)
         return "\n".join([
             f"model      {self.name}: {self.n_layers} layers, d_model {self.d_model}, vocab {self.d_vocab}, "
             f"context {self.n_ctx}",
             f"hooks      {len(self.hooks)} in all; residual stream: {', '.join(resid[:6])}"
             f"{' …' if len(resid) > 6 else ''}",
-            f"           middle residual stream: blocks.{mid}.hook_resid_pre (= blocks.{mid - 1}.hook_resid_post)",
+            f"           middle residual stream: {self.default_hook} (= blocks.{mid - 1}.hook_resid_post)",
             f"held-out   {self.nats_per_token:.4f} nats/token, {self.bits_per_byte:.4f} bits/byte over "
             f"{self.tokens:,} tokens of the validation split"])
 
@@ -73,7 +76,7 @@ def info(model: str = ModelSpec.name, device: str = ModelSpec.device, model_dtyp
     from saelab.data.corpus import check_source
     from saelab.errors import DataError
     from saelab.models import load_model, quality
-    from saelab.models.loading import hook_names
+    from saelab.models.loading import default_hook_name, hook_names
 
     spec = ModelSpec(name=model, device=device, dtype=model_dtype)
     st = InfoSettings(dataset, rows, context_size)
@@ -89,7 +92,7 @@ def info(model: str = ModelSpec.name, device: str = ModelSpec.device, model_dtyp
         raise DataError(f"dataset {dataset!r}: its validation split holds less than one row of {context_size} "
                         f"tokens", hint="use a larger dataset or a smaller --context-size")
     return ModelInfo(model, cfg.n_layers, cfg.d_model, cfg.d_vocab, cfg.n_ctx, hook_names(loaded),
-                     r["nats_per_token"], r["bits_per_byte"], r["tokens"])
+                     default_hook_name(loaded), r["nats_per_token"], r["bits_per_byte"], r["tokens"])
 
 
 def hooks(model: str = ModelSpec.name, device: str = ModelSpec.device, model_dtype: str = ModelSpec.dtype,
