@@ -1,7 +1,8 @@
 """Whole TopK training step: tokens/s and peak memory, saelab (sparse kernels) vs a plain PyTorch loop (dense
 decoder), with a breakdown of where saelab's step goes (encoder GEMM, top-k, sparse decode, sparse backward, Adam);
 the AuxK overhead (10 % of latents dead vs none); and each architecture's step against the one it builds on, in the
-same run: BatchTopK / TopK, Matryoshka (5 prefixes) / BatchTopK, g-SAE (cached gradients) / TopK.
+same run: BatchTopK / TopK, Matryoshka (5 prefixes) / BatchTopK, g-SAE (cached gradients) / TopK, ReLU and Gated
+(at a mean L0 of k) / TopK.
 
     python bench/train_step.py                 # shapes a and b of research/peer_numbers.md, 2 threads
     python bench/train_step.py --quick         # shape a only, fewer repeats
@@ -30,7 +31,10 @@ from pathlib import Path
 from sparse_kernels import device_name, sync  # bench/sparse_kernels.py (this folder is on sys.path)
 
 SHAPES = {"a": (256, 4096), "b": (768, 24576)}
-COMPARED = ["batchtopk", "matryoshka", "gtopk"]  # the default comparison: each against the one it builds on
+COMPARED = ["batchtopk", "matryoshka", "gtopk", "relu", "gated"]  # the default: each against the one it builds on
+# no fixed k (a penalty sets the sparsity): b_enc is shifted so that k latents per token are active on average, the
+# sparsity of a trained SAE (at init about half of them are, and the step runs dense: relu.DENSE_FRACTION)
+AT_MEAN_L0_K = ("relu", "gated")
 
 
 def _time(fn, device, steps, repeats, warmup=3):
@@ -92,6 +96,10 @@ def run_variant(variant: str, d: int, n: int, k: int, B: int, dead_frac: float, 
         sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, normalize="none", architecture=arch,
                                           options=options or {}), device=device)
         sae.init_from_data_(x)
+        if arch in AT_MEAN_L0_K:
+            with torch.no_grad():
+                pre = sae.preacts(x)
+                sae.b_enc -= pre.flatten().topk(k * B, sorted=False).values.min()
         opt = make_optimizer(sae, 1e-4, TrainConfig())  # the trainer's optimizer (foreach / fused Adam)
         mask = dead if dead_frac > 0 else None
         grad = torch.randn(B, d, device=device) if sae.arch.needs_grads else None  # as read from a cache

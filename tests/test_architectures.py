@@ -410,10 +410,11 @@ DIST_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice", "mp"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice", "mp", "relu", "gated"])
 def test_data_parallel_batch_is_global(tmp_path, arch):
     """Under torchrun the batch of batch-level selections (BatchTopK, feature choice) is the global one: two ranks
-    train exactly what one process does. MP (per token, tied, W_enc without a gradient) too."""
+    train exactly what one process does. MP (per token, tied, W_enc without a gradient) too, and ReLU and Gated (each
+    rank picks its own packed or dense path; Gated's r_mag and b_mag are broadcast and averaged like the rest)."""
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT.format(tests=os.path.dirname(__file__), run=str(tmp_path / "ddp"), arch=arch))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
