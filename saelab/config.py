@@ -355,6 +355,9 @@ class SAEConfig:
             if not self.n_latents:
                 self.n_latents = self.expansion_factor * self.d_in
             check(self.k <= self.n_latents, "sae.k", f"must be <= n_latents ({self.n_latents}), got {self.k}")
+            from saelab.sae.architectures import get_architecture  # the registry, imported when first needed
+
+            get_architecture(self.architecture).check_config(self)  # options that depend on the width
             if not self.k_aux:
                 self.k_aux = max(1, self.d_in // 2)
 

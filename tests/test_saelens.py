@@ -95,7 +95,9 @@ def test_standard_loads_as_relu_and_jumprelu_as_thresholds():
     assert relu.cfg.architecture == "relu" and not hasattr(relu, "threshold")
     assert load_sae(FIXTURES / "gated").cfg.architecture == "gated"
     jump = load_sae(FIXTURES / "jumprelu")
-    assert (jump.threshold < 0).any(), "the fixture has negative thresholds (SAELens's ReLU zeroes those values)"
+    raw = load_file(str(FIXTURES / "jumprelu" / "sae_weights.safetensors"))["threshold"]
+    assert (raw < 0).any(), "the fixture has negative thresholds (SAELens's ReLU zeroes those values)"
+    torch.testing.assert_close(jump.arch.threshold(jump).detach(), raw.clamp_min(0), rtol=1e-6, atol=0)  # as 0
     bt = load_sae(FIXTURES / "batchtopk")
     assert bt.cfg.k == 4  # the trained k, from SAELens's training metadata
 

@@ -41,7 +41,7 @@ from saelab.settings import setting
 
 # files that define an architecture (`ARCHITECTURE`, or a tuple `ARCHITECTURES` for a file with several)
 MODULES = ("topk", "batchtopk", "matryoshka", "gradient_topk", "jumprelu", "matching_pursuit", "choice", "relu",
-           "gated")
+           "gated", "abstopk")
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Architecture:
     # False: decoder rows keep their learned norms (no renormalisation after a step, no gradient projection); the
     # loss weighs each latent by its decoder norm instead (Anthropic's ReLU SAE, Gated)
     unit_decoder: ClassVar[bool] = True
+    signed_codes: ClassVar[bool] = False  # True: code values may be negative (AbsTopK); AuxK then ranks by |pre|
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -97,6 +98,16 @@ class Architecture:
     def init_parameters(self, sae) -> None:
         """After the SAE's tied init (unit-norm random decoder rows, W_enc = W_decᵀ, zero biases): the
         architecture's own parameters and any change to that init."""
+
+    @torch.no_grad()
+    def init_from_data(self, sae, x_norm: torch.Tensor) -> None:
+        """At the end of `SparseAutoencoder.init_from_data_`, on its normalised sample x̃ [N, d_in] (b_dec already
+        set): data-dependent state (JumpReLU places its thresholds)."""
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Checks of the options against the SAE's config once its width is known (`SAEConfig`, n_latents set);
+        raise `ConfigError` naming the option."""
 
     def begin_step(self, step: int, steps: int) -> None:
         """Before training step `step` (0-based) of `steps`: step-dependent settings such as a penalty's warm-up.
@@ -116,6 +127,11 @@ class Architecture:
         them is `target_l0` (default k), from `tokens` of them (default the architecture's calibration_tokens).
         `saelab calibrate` calls it again on a user's own text. Returns what it set, for the run's record; the
         default has nothing to fit."""
+        return {}
+
+    def lr_scales(self) -> dict[str, float]:
+        """Parameters (by name) that train at the learning rate times a factor of their own (JumpReLU's thresholds);
+        the rest at the learning rate."""
         return {}
 
     # ---------------------------------------------------------------------------------------------- selection
@@ -160,7 +176,7 @@ class Architecture:
         """AuxK on the dead latents (adds "auxk" to `losses`); returns what to add to the total."""
         if dead_mask is None or self.cfg.aux_coef <= 0:
             return 0.0
-        aux = auxk_loss(sae, x_c, pre, err.detach(), dead_mask, self.cfg.k_aux)
+        aux = auxk_loss(sae, x_c, pre, err.detach(), dead_mask, self.cfg.k_aux, signed=self.signed_codes)
         if aux is None:
             return 0.0
         losses["auxk"] = aux
@@ -170,6 +186,13 @@ class Architecture:
     def saelens_export(self, sae) -> dict:
         """How SAELens should see this SAE: its architecture name, extra cfg.json keys, extra weight tensors."""
         return {"architecture": "topk", "cfg": {"k": self.cfg.k}, "tensors": {}}
+
+    @torch.no_grad()
+    def load_tensors(self, sae, tensors: dict[str, torch.Tensor]) -> None:
+        """The inverse of `saelens_export`'s "tensors": set the SAE's state from them, as read from a file (default:
+        each into the SAE's tensor of the same name)."""
+        for name, t in tensors.items():
+            getattr(sae, name).copy_(t)
 
 
 # -------------------------------------------------------------------------------------------------- shared pieces
@@ -186,8 +209,9 @@ AUXK_DENSE_RATIO = 16  # AuxK runs densely over the dead columns while n_dead �
 
 
 def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor,
-              k_aux: int) -> torch.Tensor | None:
-    """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual.
+              k_aux: int, signed: bool = False) -> torch.Tensor | None:
+    """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual; `signed`:
+    ranked by |pre-activation| with their signed values (AbsTopK's codes, as SAELens's AbsTopK AuxK).
 
     Normalised by the residual's variance and scaled by min(n_dead / k_aux, 1) as sparsify does, so the loss does
     not jump when only a few latents are dead. Only the dead columns are ranked, and their codes are read from the
@@ -202,16 +226,18 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
         return None
     k = min(k_aux, n_dead)
     sub = pre.index_select(1, dead)
-    local = sub.topk(k, dim=-1, sorted=False).indices
+    local = (sub.abs() if signed else sub).topk(k, dim=-1, sorted=False).indices
     if n_dead <= AUXK_DENSE_RATIO * k_aux:
-        z = torch.zeros_like(sub).scatter_(1, local, sub.gather(1, local).relu())
+        kept = sub.gather(1, local)
+        z = torch.zeros_like(sub).scatter_(1, local, kept if signed else kept.relu())
         # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
         z = DenseEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
                                F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_dec)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
         idx = dead[local]
-        vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)).relu()
+        vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx))
+        vals = vals if signed else vals.relu()
         e_hat = sparse_decode(idx, vals, sae.W_dec)
     denom = residual_variance(err).clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
@@ -232,8 +258,8 @@ def residual_variance(err: torch.Tensor) -> torch.Tensor:
 
 class DenseEncoder(torch.autograd.Function):
     """Codes z of a set of latents (AuxK's dead ones; all of them on the dense path of ReLU and Gated SAEs) with the
-    gradient of x_c·W_rowsᵀ + b_rows where z > 0, taken from the main step's pre-activations (no GEMM in the
-    forward): the dense counterpart of `encoder_values`. The backward gives W_rows and b_rows their gradients and
+    gradient of x_c·W_rowsᵀ + b_rows where z ≠ 0 (a ReLU'd code: where it is > 0), taken from the main step's
+    pre-activations (no GEMM in the forward): the dense counterpart of `encoder_values`. The backward gives W_rows and b_rows their gradients and
     b_dec its gradient through x_c = x̃ − b_dec as −(Σ_tokens g)·W_rows, a vector product instead of a [B, d] GEMM."""
 
     @staticmethod
@@ -244,7 +270,7 @@ class DenseEncoder(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         z, x_c, w_rows = ctx.saved_tensors
-        g = g * (z > 0)
+        g = g * (z != 0)
         g_sum = g.sum(0)
         return None, None, g.T @ x_c, g_sum, -(g_sum @ w_rows)
 

@@ -86,6 +86,7 @@ class SparseAutoencoder(nn.Module):
         else:
             self.loss_normalizer.fill_(var)
         self.b_dec.copy_(geometric_median(x_norm).to(self.b_dec.dtype))
+        self.arch.init_from_data(self, x_norm)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -48,7 +48,9 @@ SAELENS_FORMAT = "6.54.12"
 BASE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 SAELENS_NORMALIZE = {"none": "none", "scale": "none", "layer_norm": "layer_norm",
                      "constant_norm_rescale": "constant_norm_rescale"}
-IMPORTABLE = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu", "gated": "gated"}  # SAELens → saelab
+IMPORTABLE = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu", "gated": "gated",
+              "abstopk": "abstopk"}  # SAELens → saelab
+TOPK_FAMILY = ("topk", "abstopk")  # SAELens configs with k and rescale_acts_by_decoder_norm
 SAELENS_LN_EPS = 1e-5  # SAELens's (and OpenAI's) layer norm: (x − μ) / (σ_unbiased + 1e-5)
 RESAVE = "restore the original file, or save the SAE again from SAELens"
 
@@ -117,7 +119,7 @@ def saelens_cfg(sae, export: dict, metadata: dict) -> dict:
            "reshape_activations": "none",
            # SAELens 6 reads these from metadata; the top-level copies are for tools that read SAELens < 6's layout
            "model_name": cfg.model_name, "hook_name": cfg.hook_name}
-    if export["architecture"] == "topk":
+    if export["architecture"] in TOPK_FAMILY:
         out["rescale_acts_by_decoder_norm"] = False
     out.update(export["cfg"])
     out["metadata"] = metadata
@@ -208,9 +210,12 @@ def load_weights(sae, folder: SAEFolder):
     state = {ours.get(name, name): t for name, t in state.items()}
     if fold:
         state = fold_conventions(state, **fold)
+    own = saelens_export(sae)["tensors"]  # the architecture's own tensors: set by its `load_tensors`
     with torch.no_grad():
         for name, t in state.items():
-            getattr(sae, name).copy_(t)
+            if name not in own:
+                getattr(sae, name).copy_(t)
+        sae.arch.load_tensors(sae, {name: t for name, t in state.items() if name in own})
         if info.get("loss_normalizer"):
             sae.loss_normalizer.fill_(float(info["loss_normalizer"]))
     return sae
@@ -251,10 +256,10 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
                            hint="saelab reads 'none' and 'hook_z' (flatten heads: x.reshape(-1, n_heads * d_head))")
 
     dtype = str(raw.get("dtype", "float32")).removeprefix("torch.")
-    if arch == "topk":
+    if arch in TOPK_FAMILY:
         k = raw.get("k")
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= raw["d_sae"]:
-            raise SAEFileError(f"{where}: a topk SAE needs an integer k in [1, d_sae={raw['d_sae']}], got {k!r}",
+            raise SAEFileError(f"{where}: a {arch} SAE needs an integer k in [1, d_sae={raw['d_sae']}], got {k!r}",
                                hint=RESAVE)
     else:  # k does not enter inference; keep the trained one (BatchTopK's) for reference
         trained = (meta.get("training_architecture_details") or {}).get("k")
@@ -269,7 +274,7 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
     if arch == "standard" and "threshold" in state:
         raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'standard' (ReLU) SAE has no threshold tensor", hint=RESAVE)
     fold = {"apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
-            "rescale": arch == "topk" and bool(raw.get("rescale_acts_by_decoder_norm", False))}
+            "rescale": arch in TOPK_FAMILY and bool(raw.get("rescale_acts_by_decoder_norm", False))}
     return cfg, state, fold
 
 
@@ -360,7 +365,7 @@ def _check_tensors(sae, state: dict, path: Path) -> None:
                            f"for a {sae.cfg.architecture} SAE",
                            hint="the weights do not belong to this config; restore the matching file")
     for name in names:
-        want = tuple(getattr(sae, attr.get(name, name)).shape)
+        want = tuple((getattr(sae, attr[name]) if name in attr else export["tensors"][name]).shape)
         if tuple(state[name].shape) != want:
             raise SAEFileError(f"{where}: {name} is {tuple(state[name].shape)} but the config says {want} "
                                f"(d_in {sae.d_in}, n_latents {sae.n_latents})",

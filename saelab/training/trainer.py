@@ -113,9 +113,14 @@ def check_resume_config(saved: dict, new: dict, where) -> None:
 
 def make_optimizer(sae: SparseAutoencoder, lr: float, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over the SAE's parameters; the multi-tensor (foreach) step, or the fused kernel on CUDA, instead of
-    one small kernel per parameter and per operation."""
+    one small kernel per parameter and per operation. A parameter the architecture gives its own learning-rate
+    factor (`lr_scales`, e.g. JumpReLU's thresholds) is a group of its own, whose "lr_scale" the schedule keeps."""
     fused = sae.W_dec.is_cuda
-    return torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+    scales = sae.arch.lr_scales()
+    named = dict(sae.named_parameters())
+    groups = [{"params": [p for name, p in named.items() if name not in scales]}]
+    groups += [{"params": [named[name]], "lr": lr * f, "lr_scale": f} for name, f in scales.items()]
+    return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                             fused=fused or None, foreach=None if fused else True)
 
 
@@ -235,7 +240,7 @@ class SAERun:
         with self.own_rng():
             dead_mask = self.since_fired > self.threshold
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, self.steps, cfg, self.base_lr)
+                g["lr"] = lr_at(step, self.steps, cfg, self.base_lr) * g.get("lr_scale", 1.0)
             sae.arch.begin_step(step, self.steps)  # e.g. a penalty's warm-up
             out = sae(x, grad=grad, dead_mask=dead_mask)
             loss = out.losses["loss"]
