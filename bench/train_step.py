@@ -2,7 +2,7 @@
 decoder), with a breakdown of where saelab's step goes (encoder GEMM, top-k, sparse decode, sparse backward, Adam);
 the AuxK overhead (10 % of latents dead vs none); and each architecture's step against the one it builds on, in the
 same run: BatchTopK / TopK, Matryoshka (5 prefixes) / BatchTopK, g-SAE (cached gradients) / TopK, ReLU and Gated
-(at a mean L0 of k) / TopK.
+(at a mean L0 of k) / TopK, JumpReLU (thresholds placed at a mean L0 of k by its init) and AbsTopK / TopK.
 
     python bench/train_step.py                 # shapes a and b of research/peer_numbers.md, 2 threads
     python bench/train_step.py --quick         # shape a only, fewer repeats
@@ -31,7 +31,8 @@ from pathlib import Path
 from sparse_kernels import device_name, sync  # bench/sparse_kernels.py (this folder is on sys.path)
 
 SHAPES = {"a": (256, 4096), "b": (768, 24576)}
-COMPARED = ["batchtopk", "matryoshka", "gtopk", "relu", "gated"]  # the default: each against the one it builds on
+# the default: each against the one it builds on
+COMPARED = ["batchtopk", "matryoshka", "gtopk", "relu", "gated", "jumprelu", "abstopk"]
 # no fixed k (a penalty sets the sparsity): b_enc is shifted so that k latents per token are active on average, the
 # sparsity of a trained SAE (at init about half of them are, and the step runs dense: relu.DENSE_FRACTION)
 AT_MEAN_L0_K = ("relu", "gated")
