@@ -30,7 +30,7 @@ def test_defaults_are_valid():
     ({"model": {"name": ""}}, "model.name"),
     ({"sae": {"k": 0}}, "sae.k"),
     ({"sae": {"d_in": 8, "n_latents": 16, "k": 32}}, "sae.k"),
-    ({"sae": {"architecture": "relu"}}, "sae.architecture"),
+    ({"sae": {"architecture": "sparse_coding"}}, "sae.architecture"),
     ({"sae": {"normalize": "zscore"}}, "sae.normalize"),
     ({"sae": {"input_scale": float("nan")}}, "sae.input_scale"),
     ({"corpus": {"validation_per_mille": 2000}}, "corpus.validation_per_mille"),
