@@ -325,6 +325,10 @@ class SAEConfig:
     # 0 means d_in // 2 (sparsify, dictionary_learning); OpenAI used 256, the paper ~512
     k_aux: int = setting(0, "AuxK latents", default_text="d_in // 2")
     aux_coef: float = setting(1 / 32, "AuxK loss coefficient", default_text="1/32")
+    # saelab.kernels.topk_stream: the same codes, values and gradients as the dense path, bit for bit on CPU
+    encoder_chunk: int = setting(0, "streaming encoder: compute pre-activations this many latents at a time, keeping "
+                                    "a running top-k per token instead of the [batch, n_latents] matrix (TopK, "
+                                    "AbsTopK, g-SAE); 0: one dense GEMM", default_text="0 (dense)")
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
 
@@ -346,15 +350,25 @@ class SAEConfig:
         check(self.k >= 1, "sae.k", f"must be >= 1, got {self.k}")
         check(self.k_aux >= 0, "sae.k_aux", f"must be >= 0, got {self.k_aux}")
         check(self.aux_coef >= 0, "sae.aux_coef", f"must be >= 0, got {self.aux_coef}")
+        check(self.encoder_chunk >= 0, "sae.encoder_chunk", f"must be >= 0 (0: the dense encoder), got "
+                                                            f"{self.encoder_chunk}")
         check(self.input_scale > 0 and self.input_scale == self.input_scale, "sae.input_scale",
               f"must be a positive number, got {self.input_scale}")
         check(self.ln_eps >= 0, "sae.ln_eps", f"must be >= 0, got {self.ln_eps}")
         check(self.dtype in DTYPES, "sae.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         self.options = check_options(self.architecture, self.options)
+        if self.encoder_chunk:
+            from saelab.sae.architectures import get_architecture
+
+            check(get_architecture(self.architecture).streams, "sae.encoder_chunk",
+                  f"the streaming encoder is for per-token top-k selections (topk, abstopk, gtopk); "
+                  f"{self.architecture} trains with the dense encoder (0)")
         if self.d_in:
             if not self.n_latents:
                 self.n_latents = self.expansion_factor * self.d_in
             check(self.k <= self.n_latents, "sae.k", f"must be <= n_latents ({self.n_latents}), got {self.k}")
+            check(self.encoder_chunk <= self.n_latents, "sae.encoder_chunk",
+                  f"must be <= n_latents ({self.n_latents}), got {self.encoder_chunk}")
             from saelab.sae.architectures import get_architecture  # the registry, imported when first needed
 
             get_architecture(self.architecture).check_config(self)  # options that depend on the width

@@ -11,16 +11,20 @@ AbsTopK does. SAELens 6.54 has the architecture (`abstopk`, a TopK-family config
 
 from __future__ import annotations
 
-from saelab.sae.architectures import Architecture, topk_indices
+from saelab.sae.architectures import Architecture, abs_key, topk_indices
 
 
 class AbsTopK(Architecture):
     name = "abstopk"
     help = "AbsTopK (arXiv 2510.00404): the k largest |pre-activations| of each token, values keep their sign"
     signed_codes = True
+    streams = True
 
     def select(self, sae, pre, grad, k):
         return topk_indices(pre.abs(), k), None
+
+    def stream_key(self, sae, grad):
+        return abs_key
 
     def values(self, pre_selected):
         return pre_selected

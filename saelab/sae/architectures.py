@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from saelab.distributed import rank_world
 from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
+from saelab.kernels.topk_stream import Key, block_preacts, streaming_topk
 from saelab.sae.code import SparseCode
 from saelab.settings import setting
 
@@ -85,6 +86,9 @@ class Architecture:
     # loss weighs each latent by its decoder norm instead (Anthropic's ReLU SAE, Gated)
     unit_decoder: ClassVar[bool] = True
     signed_codes: ClassVar[bool] = False  # True: code values may be negative (AbsTopK); AuxK then ranks by |pre|
+    # True: the training selection is a per-token top-k of an elementwise key of pre (`stream_key`), so with
+    # `SAEConfig.encoder_chunk` it runs block by block (`saelab.kernels.topk_stream`) without the [B, n] matrix
+    streams: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -139,6 +143,16 @@ class Architecture:
         """Training selection: (indices [B, K], valid or None)."""
         return topk_indices(pre, k), None
 
+    def stream_key(self, sae, grad: torch.Tensor | None) -> Key | None:
+        """For `streams` architectures: the ranking key of a block of pre-activations whose per-token top-k is
+        `select`'s choice (None: the pre-activations themselves)."""
+        return None
+
+    def select_streaming(self, sae, x_c: torch.Tensor, grad: torch.Tensor | None, k: int):
+        """`select` and the selected pre-activations, (values [B, k], indices [B, k]), computed in blocks of
+        `encoder_chunk` latents: the same indices, order and values as `select` on the dense pre."""
+        return streaming_topk(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk, key=self.stream_key(sae, grad))
+
     def select_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None):
         """Batch-independent selection used by `encode`."""
         return self.select(sae, pre, grad, self.cfg.k)
@@ -150,7 +164,10 @@ class Architecture:
 
     def code_train(self, sae, x_c: torch.Tensor, pre: torch.Tensor, grad: torch.Tensor | None,
                    k: int | None = None) -> SparseCode:
-        """Selected latents with values that carry the (sparse) encoder gradient."""
+        """Selected latents with values that carry the (sparse) encoder gradient; pre None: the streaming encoder."""
+        if pre is None:
+            pre_selected, idx = self.select_streaming(sae, x_c, grad, k or self.cfg.k)
+            return SparseCode(idx, self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre_selected)))
         idx, valid = self.select(sae, pre, grad, k or self.cfg.k)
         vals = self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)))
         return SparseCode(idx, vals if valid is None else vals * valid)
@@ -176,7 +193,8 @@ class Architecture:
         """AuxK on the dead latents (adds "auxk" to `losses`); returns what to add to the total."""
         if dead_mask is None or self.cfg.aux_coef <= 0:
             return 0.0
-        aux = auxk_loss(sae, x_c, pre, err.detach(), dead_mask, self.cfg.k_aux, signed=self.signed_codes)
+        aux = auxk_loss(sae, x_c, pre, err.detach(), dead_mask, self.cfg.k_aux, signed=self.signed_codes,
+                        chunk=self.cfg.encoder_chunk)
         if aux is None:
             return 0.0
         losses["auxk"] = aux
@@ -208,14 +226,15 @@ def fvu(err: torch.Tensor, normalizer: torch.Tensor) -> torch.Tensor:
 AUXK_DENSE_RATIO = 16  # AuxK runs densely over the dead columns while n_dead ≤ this × k_aux
 
 
-def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead_mask: torch.Tensor,
-              k_aux: int, signed: bool = False) -> torch.Tensor | None:
+def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor | None, err: torch.Tensor, dead_mask: torch.Tensor,
+              k_aux: int, signed: bool = False, chunk: int = 0) -> torch.Tensor | None:
     """AuxK (Gao et al.): the top-k_aux dead latents of each token reconstruct the (detached) residual; `signed`:
     ranked by |pre-activation| with their signed values (AbsTopK's codes, as SAELens's AbsTopK AuxK).
 
     Normalised by the residual's variance and scaled by min(n_dead / k_aux, 1) as sparsify does, so the loss does
     not jump when only a few latents are dead. Only the dead columns are ranked, and their codes are read from the
-    main step's pre-activations (no second encoder GEMM). With few dead latents (the usual case) the auxiliary
+    main step's pre-activations (no second encoder GEMM; with the streaming encoder, `chunk` > 0, from a GEMM over
+    the dead columns alone, in blocks of `chunk` of them when there are many). With few dead latents (the usual case) the auxiliary
     decoder and the encoder's backward run as small dense GEMMs over the dead columns, B·n_dead·d each, which BLAS
     does several times faster than the sparse kernels do the same B·k_aux·d work (k_aux = d/2 is large); with many
     dead the sparse kernels run instead. Same loss, same gradients.
@@ -225,8 +244,11 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
     if n_dead == 0:
         return None
     k = min(k_aux, n_dead)
-    sub = pre.index_select(1, dead)
-    local = (sub.abs() if signed else sub).topk(k, dim=-1, sorted=False).indices
+    streamed = pre is None  # the streaming encoder: the dead columns' pre-activations are computed here
+    if n_dead <= AUXK_DENSE_RATIO * k_aux or not streamed:
+        with torch.no_grad():
+            sub = block_preacts(x_c, sae.W_enc, sae.b_enc, 0, n_dead, dead) if streamed else pre.index_select(1, dead)
+        local = (sub.abs() if signed else sub).topk(k, dim=-1, sorted=False).indices
     if n_dead <= AUXK_DENSE_RATIO * k_aux:
         kept = sub.gather(1, local)
         z = torch.zeros_like(sub).scatter_(1, local, kept if signed else kept.relu())
@@ -235,13 +257,23 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor, err: torch.Tensor, dead
                                F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_dec)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
+        if streamed:  # many dead latents: their top-k in blocks of `chunk` dead columns
+            kept, local = streaming_topk(x_c, sae.W_enc, sae.b_enc, k, chunk, key=abs_key if signed else None,
+                                         columns=dead)
+        else:
+            kept = sub.gather(1, local)
         idx = dead[local]
-        vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx))
+        vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, kept)
         vals = vals if signed else vals.relu()
         e_hat = sparse_decode(idx, vals, sae.W_dec)
     denom = residual_variance(err).clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
+
+
+def abs_key(pre: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Rank by magnitude (a `streaming_topk` key: AbsTopK, signed AuxK)."""
+    return pre.abs()
 
 
 def residual_variance(err: torch.Tensor) -> torch.Tensor:

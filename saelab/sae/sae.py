@@ -7,6 +7,8 @@ contiguous for the sparse encoder backward.
 Training forward (one dense GEMM): pre = (x̃ − b_dec) W_enc + b_enc over all latents without autograd; the
 architecture (`saelab.sae.architectures`) selects indices; the selected values get their gradient through
 `encoder_values` (sparse), the reconstruction through `sparse_decode` (sparse). x̃ is the normalised input.
+With `encoder_chunk` > 0 (TopK-style selections) the GEMM and the selection run block by block instead
+(`saelab.kernels.topk_stream`), so no step holds [B, n]; same codes, values and gradients.
 
 Per-token normalisations (layer_norm, constant_norm_rescale) return their statistics with the code
 (`SparseCode.norm`), so `decode` depends only on its argument, never on an earlier `encode` call.
@@ -184,8 +186,9 @@ class SparseAutoencoder(nn.Module):
                              f"trained")
         x_norm, norm = self.normalize_input(self._check_input(x))
         x_c = x_norm - self.b_dec  # b_dec gets gradient through the encoder too
-        with torch.no_grad():
-            pre = torch.addmm(self.b_enc, x_c, self.W_enc) if self.arch.needs_preacts else None
+        with torch.no_grad():  # with the streaming encoder (encoder_chunk) the architecture computes it in blocks
+            dense = self.arch.needs_preacts and not self.cfg.encoder_chunk
+            pre = torch.addmm(self.b_enc, x_c, self.W_enc) if dense else None
         g = self.grad_to_normalized(grad, norm)
         code = self.arch.code_train(self, x_c, pre, g)
         x_hat_norm, losses = self.arch.losses(self, x_norm, x_c, pre, code, g, dead_mask)

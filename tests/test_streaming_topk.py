@@ -1,0 +1,165 @@
+"""The streaming encoder top-k (saelab.kernels.topk_stream) against today's dense path: `pre.topk` of the one dense
+addmm. Equality is exact (torch.equal): the same indices in the same slots, the same values, and through a training
+step the same losses and gradients, ties included (rows whose ties decide the answer are re-scanned)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig
+from saelab.errors import ConfigError
+from saelab.kernels.topk_stream import BLOCK_ALIGN, block_bounds, streaming_topk
+from saelab.sae.architectures import abs_key, auxk_loss
+from saelab.sae.sae import SparseAutoencoder
+from saelab.sae.topk import relu_key
+
+
+def dense_topk(x, W, b, k, key=None):
+    pre = torch.addmm(b, x, W)
+    idx = (pre if key is None else key(pre, 0, pre.shape[1])).topk(k, dim=-1, sorted=False).indices
+    return pre.gather(1, idx), idx
+
+
+def tied_problem(n, d=48, B=64, seed=0):
+    """Random encoder with ties: three identical latents (5, 17, 700 % n), zero tokens whose pre-activations are the
+    biases, and biases repeated at the zero tokens' k-th place, so ties sit inside and at the edge of the top-k."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, d, generator=g)
+    b = torch.randn(n, generator=g) * 0.1
+    x = torch.randn(B, d, generator=g)
+    dup = 700 % n
+    W[5] = W[17] = W[dup]
+    b[5] = b[17] = b[dup]
+    x[3] = 0
+    x[10] = 0
+    b[torch.randperm(n, generator=g)[:6]] = b.sort(descending=True).values[3]  # ties at the 4th place of b
+    return x, W.T, b  # W_enc column-major, as the SAE stores it
+
+
+def boundary_ties(pre, k):
+    s = pre.sort(dim=1, descending=True).values
+    return int((s[:, k - 1] == s[:, k]).sum())
+
+
+@pytest.mark.parametrize("n,k", [(1000, 4), (3001, 8)])
+@pytest.mark.parametrize("key", [None, abs_key, relu_key], ids=["pre", "abs", "relu"])
+def test_streaming_equals_dense_topk(n, k, key):
+    x, W, b = tied_problem(n)
+    pre = torch.addmm(b, x, W)
+    if key is None:
+        assert boundary_ties(pre, k) > 0  # the zero tokens' k-th and (k+1)-th values tie
+    dv, di = dense_topk(x, W, b, k, key)
+    for chunk in (16, 100, 333, 1000, n - 1, n, 2 * n):  # aligned, not dividing n, remainder, one block, chunk > n
+        sv, si = streaming_topk(x, W, b, k, chunk, key=key)
+        assert torch.equal(si, di), chunk
+        assert torch.equal(sv, dv), chunk
+
+
+def test_streaming_ties_with_relu_key_zero_rows():
+    """Mostly negative pre-activations: ReLU'd keys tie at 0 on many rows (relu_before_topk's padding case)."""
+    x, W, b = tied_problem(1024, B=32)
+    b -= 20.0
+    ranked = torch.addmm(b, x, W).clamp_min(0)
+    assert boundary_ties(ranked, 8) > 16
+    dv, di = dense_topk(x, W, b, 8, relu_key)
+    sv, si = streaming_topk(x, W, b, 8, 64, key=relu_key)
+    assert torch.equal(si, di) and torch.equal(sv, dv)
+
+
+def test_streaming_narrow_width_and_columns():
+    """k·64 > n (torch's nth_element order): the dense top-k itself; `columns`: positions within the subset."""
+    x, W, b = tied_problem(300)
+    dv, di = dense_topk(x, W, b, 8)
+    sv, si = streaming_topk(x, W, b, 8, 32)
+    assert torch.equal(si, di) and torch.equal(sv, dv)
+    x, W, b = tied_problem(2000)
+    cols = torch.randperm(2000, generator=torch.Generator().manual_seed(1))[:1500].sort().values
+    pre = torch.addmm(b, x, W).index_select(1, cols)
+    idx = pre.abs().topk(4, dim=-1, sorted=False).indices
+    sv, si = streaming_topk(x, W, b, 4, 200, key=abs_key, columns=cols)
+    assert torch.equal(si, idx) and torch.equal(sv, pre.gather(1, idx))
+
+
+def test_block_bounds():
+    for n, chunk in [(1000, 16), (1000, 100), (3001, 333), (4096, 4095), (1000, 1000), (50, 7)]:
+        bounds = block_bounds(n, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == c[0] for a, c in zip(bounds, bounds[1:]))
+        widths = [e - s for s, e in bounds]
+        if len(bounds) > 1:
+            assert all(w % BLOCK_ALIGN == 0 and w <= max(chunk, BLOCK_ALIGN) for w in widths[:-1])
+            assert BLOCK_ALIGN <= widths[-1] < widths[0] + BLOCK_ALIGN
+    assert block_bounds(4096, 4095) == [(0, 4080), (4080, 4096)]
+    assert block_bounds(1000, 992) == [(0, 1000)]  # an 8-wide remainder joins the block before it
+
+
+def make_sae(arch, chunk, options=None, n=512, d=32, k=4, k_aux=4):
+    cfg = SAEConfig(architecture=arch, d_in=d, n_latents=n, k=k, k_aux=k_aux, encoder_chunk=chunk,
+                    options=options or {})
+    sae = SparseAutoencoder(cfg)
+    sae.reset_parameters(seed=0)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+        sae.b_dec.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
+    return sae
+
+
+def step(sae, x, grad, dead):
+    sae.zero_grad()
+    out = sae(x, grad=grad, dead_mask=dead)
+    out.losses["loss"].backward()
+    return out, {name: p.grad.clone() for name, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,options", [
+    ("topk", {}), ("topk", {"relu_before_topk": True, "multi_topk": True}), ("abstopk", {}),
+    ("gtopk", {}), ("gtopk", {"candidates": 4}),
+], ids=["topk", "topk-relu-multi", "abstopk", "gtopk", "gtopk-candidates"])
+@pytest.mark.parametrize("n_dead", [20, 400], ids=["few-dead", "many-dead"])
+def test_training_step_streaming_equals_dense(arch, options, n_dead):
+    """A whole step, AuxK on both of its branches (few dead: dense over the dead columns; many: their top-k in
+    blocks): the same code, losses and parameter gradients, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 32, generator=g)
+    grad = torch.randn(64, 32, generator=g)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[torch.randperm(512, generator=g)[:n_dead]] = True
+    dense_out, dense_grads = step(make_sae(arch, 0, options), x, grad, dead)
+    for chunk in (48, 100):
+        out, grads = step(make_sae(arch, chunk, options), x, grad, dead)
+        assert torch.equal(out.code.indices, dense_out.code.indices)
+        assert torch.equal(out.code.values, dense_out.code.values)
+        assert out.losses.keys() == dense_out.losses.keys() and "auxk" in out.losses
+        for name, value in dense_out.losses.items():
+            assert torch.equal(out.losses[name], value), name
+        for name, value in dense_grads.items():
+            assert torch.equal(grads[name], value), name
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_auxk_blocked_equals_dense(signed):
+    sae = make_sae("topk", 0, n=2048, d=32, k=8, k_aux=8)
+    g = torch.Generator().manual_seed(5)
+    x_c = torch.randn(48, 32, generator=g) - sae.b_dec
+    err = torch.randn(48, 32, generator=g)
+    dead = torch.rand(2048, generator=g) < 0.6  # ~1200 dead: many, the blocked branch
+    pre = torch.addmm(sae.b_enc, x_c, sae.W_enc).detach()
+    results = []
+    for kwargs in ({"pre": pre}, {"pre": None, "chunk": 128}, {"pre": None, "chunk": 2048}):
+        sae.zero_grad()
+        loss = auxk_loss(sae, x_c, err=err, dead_mask=dead, k_aux=8, signed=signed, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), sae.W_enc.grad.clone(), sae.b_enc.grad.clone(), sae.W_dec.grad.clone()))
+    for other in results[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(results[0], other))
+
+
+def test_encoder_chunk_config_errors():
+    with pytest.raises(ConfigError, match="sae.encoder_chunk: must be >= 0"):
+        SAEConfig(encoder_chunk=-1)
+    with pytest.raises(ConfigError, match=r"sae.encoder_chunk: must be <= n_latents \(512\)"):
+        SAEConfig(d_in=32, n_latents=512, encoder_chunk=513)
+    with pytest.raises(ConfigError, match="batchtopk trains with the dense encoder"):
+        SAEConfig(architecture="batchtopk", encoder_chunk=1024)
+    assert SAEConfig(d_in=32, n_latents=512, encoder_chunk=512).encoder_chunk == 512
