@@ -195,11 +195,14 @@ def _run(tmp_path, name, x, tokens=256 * 100, **options):
 
 
 def test_thresholds_move_and_the_log_says_how_far(tmp_path):
-    """SAELens #494: at bandwidth 0.001 the thresholds hardly move. metrics.jsonl logs threshold_shift (mean |Δ log
-    θ| since init); at the default bandwidth it is many times the 0.001 one's."""
+    """SAELens #494: at bandwidth 0.001, with the threshold at the SAE's learning rate, thresholds hardly move.
+    metrics.jsonl logs threshold_shift (mean |Δ log θ| since init); at the defaults (ε 0.1, θ at 10× the learning
+    rate) they move several times further than at ε 0.001, and ten times further than in SAELens's setup."""
     x = planted_data(n_rows=8192, d=32)
-    shift = {eps: _run(tmp_path, f"eps{eps}", x, bandwidth=eps)[-1]["threshold_shift"] for eps in (0.001, 0.1)}
-    assert shift[0.1] > 5 * shift[0.001] and shift[0.1] > 0.1, shift
+    runs = {"default": {}, "eps": {"bandwidth": 0.001}, "saelens": {"bandwidth": 0.001, "threshold_lr_scale": 1.0}}
+    shift = {name: _run(tmp_path, name, x, **opts)[-1]["threshold_shift"] for name, opts in runs.items()}
+    assert shift["default"] > 0.1 and shift["default"] > 2 * shift["eps"], shift
+    assert shift["default"] > 10 * shift["saelens"], shift
 
 
 def test_threshold_stays_float32_in_a_bfloat16_sae(tmp_path):

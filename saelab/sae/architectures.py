@@ -317,12 +317,9 @@ def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
         rows, cols = rows[order], cols[order]
     counts = torch.bincount(rows, minlength=n_rows)
     K = max(1, int(counts.max())) if rows.numel() else 1
-    start = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=rows.device) - start[rows]
-    indices = torch.zeros(n_rows, K, dtype=torch.long, device=rows.device)
-    valid = torch.zeros(n_rows, K, dtype=torch.bool, device=rows.device)
-    indices[rows, slot] = cols
-    valid[rows, slot] = True
+    # sorted pairs fill the first counts[row] slots of each row, in order: one row-major masked scatter
+    valid = torch.arange(K, device=rows.device) < counts.unsqueeze(1)
+    indices = torch.zeros(n_rows, K, dtype=torch.long, device=rows.device).masked_scatter_(valid, cols)
     return indices, valid
 
 
