@@ -22,13 +22,11 @@ import datetime
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from sparse_kernels import device_name, sync  # bench/sparse_kernels.py (this folder is on sys.path)
+from sparse_kernels import device_name, median_ms  # bench/sparse_kernels.py (this folder is on sys.path)
 
 SHAPES = {"a": (256, 4096), "b": (768, 24576)}
 # the default: each against the one it builds on
@@ -38,18 +36,9 @@ COMPARED = ["batchtopk", "matryoshka", "gtopk", "relu", "gated", "jumprelu", "ab
 AT_MEAN_L0_K = ("relu", "gated")
 
 
-def _time(fn, device, steps, repeats, warmup=3):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync(device)
-        runs.append((time.perf_counter() - t) / steps)
-    return statistics.median(runs)
+def _time(fn, device, steps, repeats):
+    """Median seconds per call of `fn`, timed as `repeats` runs of `steps` calls after one untimed run."""
+    return median_ms(lambda: [fn() for _ in range(steps)], device, repeats, warmup=1) / steps / 1e3
 
 
 def _shape(name: str) -> tuple[int, int]:
