@@ -94,7 +94,7 @@ def _sae_with(decoder: torch.Tensor, threshold: float = 0.0) -> SparseAutoencode
     with torch.no_grad():
         sae.W_dec.copy_(decoder)
         sae.W_enc.copy_(decoder.T)
-        sae.threshold.fill_(threshold)
+        sae.arch.set_threshold(sae, torch.full((n,), threshold))
     return sae
 
 
