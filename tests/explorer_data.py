@@ -24,8 +24,11 @@ DENSE = 5
 HOOK = "blocks.1.hook_resid_pre"
 
 
-def make_tiny_run(root: Path, tokens: int = 1200, context_size: int = 32, n_latents: int = N_LATENTS) -> Path:
-    """root/tiny: sae/, metrics.jsonl, eval/probing_demo.json and dashboard/ (the bundle). Returns the run folder."""
+def make_tiny_run(root: Path, tokens: int = 1200, context_size: int = 32, n_latents: int = N_LATENTS,
+                  architecture: str = "topk") -> Path:
+    """root/tiny: sae/, metrics.jsonl, eval/probing_demo.json and dashboard/ (the bundle). Returns the run folder.
+    architecture "abstopk" (signed codes): DEAD's encoder column is zero (|pre| = 0 never ranks in the top k) and
+    DENSE's bias very negative (in every token's top k, always negative)."""
     import torch
 
     from saelab.config import SAEConfig
@@ -35,11 +38,15 @@ def make_tiny_run(root: Path, tokens: int = 1200, context_size: int = 32, n_late
 
     run = Path(root) / "tiny"
     sae = SparseAutoencoder(SAEConfig(d_in=256, n_latents=n_latents, k=4, hook_name=HOOK, normalize="none",
-                                      model_name="reference"))
+                                      model_name="reference", architecture=architecture))
     sae.reset_parameters(seed=0)
     with torch.no_grad():
-        sae.b_enc[DEAD] = -1e4
-        sae.b_enc[DENSE] = 1e3
+        if architecture == "abstopk":
+            sae.W_enc[:, DEAD] = 0
+            sae.b_enc[DENSE] = -1e3
+        else:
+            sae.b_enc[DEAD] = -1e4
+            sae.b_enc[DENSE] = 1e3
     sae.save(run / "sae")
     with open(run / "metrics.jsonl", "w") as f:
         for step in range(1, 6):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from saelab.dashboard import format as fmt
 from saelab.dashboard.codes import iter_segments, read_tokens, write_codes
 from saelab.dashboard.coact import coactivation_neighbours
-from saelab.dashboard.examples import ExampleSampler, RowActivations, row_peaks
+from saelab.dashboard.examples import ExampleSampler, RowActivations, row_peaks, row_troughs
 from saelab.dashboard.stats import LatentStatistics, dashboard_window, dead_latents
 from saelab.errors import ConfigError, DataError
 from saelab.files import write_atomic, write_json_atomic
@@ -122,7 +122,7 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
 
     rows: packed token rows (BOS first), at least `n_rows` of them unless the corpus is shorter; capture(tokens
     [B, T]) → activations [B·(T-1), d_in] at the SAE's hook; encode(acts) → SparseCode. sae_info: n_latents,
-    hook_name, sha256, ... ; directions: raw-space decoder rows [F, d_in]; unembed: (W_U, gain, centres) or None
+    hook_name, sha256, signed_codes (whether values may be negative; also set when any is), ... ; directions: raw-space decoder rows [F, d_in]; unembed: (W_U, gain, centres) or None
     when the hook is not in the residual stream; meta: model/corpus descriptions for the manifest (its "spec"
     part decides whether a half-built bundle is resumed)."""
     settings = settings or DashboardSettings()
@@ -167,15 +167,19 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
                         dashboard_window(n_tok, meta.get("corpus", {}).get("rows_from", "the rows given")),
                         sae_info.get("group_ends"))
     timings["total_s"] = time.perf_counter() - t0
+    # signed codes (value < 0 possible): as the architecture declares, or as the codes showed (any encoder)
+    alive_min = table["min"][~table["dead"]]
+    signed = bool(sae_info.get("signed_codes")) or bool(len(alive_min) and alive_min.min() < 0)
     manifest = {
         "format": fmt.FORMAT, "schema_version": fmt.SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"saelab {_version()}",
-        "model": meta.get("model", {}), "sae": sae_info, "corpus": {**meta.get("corpus", {}), "rows": R,
+        "model": meta.get("model", {}), "sae": {**sae_info, "signed_codes": signed}, "corpus": {**meta.get("corpus", {}), "rows": R,
                                                                      "tokens_per_row": T, "tokens": n_tok},
         "settings": {**asdict(settings), "map_method": method, "logit_lens": unembed is not None,
                      "scored_positions": "1..T-1 of each row (position 0, BOS, is never scored)",
-                     "active": "value != 0, values taken as they are",
+                     "active": "value != 0, values taken as they are (sae.signed_codes: values may be negative; "
+                               "then 'bottom' examples hold each latent's most negative rows)",
                      "example_unit": "a (latent, row) pair centred on the latent's peak in the row",
                      "coact_tokens_counted": coact_tokens},
         "n_examples": n_examples, "dead_latents": dead, "scores": score_report, "timings": timings, "spec": spec,
@@ -236,7 +240,8 @@ def _views_from_codes(work: Path, out: Path, F: int, R: int, T: int, settings: D
     for r0, ids, vals in reads("statistics"):
         lat, val, plat, prow, ppos, pval = row_peaks(r0, ids, vals, T, F)
         stats.add_first(lat, val, plat)
-        sampler.add_first(plat, prow, ppos, pval)
+        troughs = row_troughs(r0, ids, vals, T, F) if bool((val < 0).any()) else (None, None)  # signed codes
+        sampler.add_first(plat, prow, ppos, pval, *troughs)
     stats.ranges()
     for r0, ids, vals in reads("histograms"):
         lat, val, plat, prow, ppos, pval = row_peaks(r0, ids, vals, T, F)

@@ -4,10 +4,16 @@ An example is a (latent, row) pair: the whole held-out row, centred on the laten
 the earliest position on ties). Working with rows rather than tokens keeps one row from filling a latent's top
 list with neighbouring tokens, and makes every interval example's peak lie in its interval.
 
-* top: the k rows with the largest peak; ties go to the earlier row.
+* top: the k rows with the largest positive peak; ties go to the earlier row.
 * interval: per activation interval (equal width on (0, max], see `stats`), k rows drawn uniformly without
   replacement from the rows whose peak lies in it.
-* random: k rows drawn uniformly without replacement from the rows where the latent is active at all.
+* random: k rows drawn uniformly without replacement from the rows where the latent is active at all, each centred
+  on its strongest activation (the largest |value|, so a row of a signed latent that only goes negative shows
+  its trough).
+* bottom (signed codes, e.g. AbsTopK): the k rows with the most negative trough (the row's smallest value, the
+  earliest position on ties), centred on it; ties go to the earlier row. A signed latent stands for its decoder
+  direction and its opposite, and a researcher wants both sides, as Neuronpedia lists the most positive and the
+  most negative contexts: ranking by |value| alone would let one side crowd the other out.
 
 Sampling is reservoir sampling by priority keys: every (latent, row) gets a uniform key from a hash of (seed, kind,
 latent, row), and a group keeps its k largest keys, which is a uniform k-subset. The keys do not depend on how the
@@ -43,6 +49,13 @@ def row_peaks(r0: int, ids: torch.Tensor, vals: torch.Tensor, T: int, n_latents:
     peak_row = uniq % rows_in_chunk + r0
     peak_pos = first[uniq] % (T - 1) + 1
     return lat, val, peak_lat, peak_row, peak_pos, dense[uniq]
+
+
+def row_troughs(r0: int, ids: torch.Tensor, vals: torch.Tensor, T: int, n_latents: int):
+    """(position, value) of each (latent, row) pair's smallest value (the earliest position on ties), in the pair
+    order of `row_peaks` on the same chunk: its peaks of −vals."""
+    *_, pos, neg = row_peaks(r0, ids, -vals, T, n_latents)
+    return pos, -neg
 
 
 _M1, _M2, _G = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
@@ -124,10 +137,18 @@ class ExampleSampler:
         self.top = GroupTopK(n_latents, n_top, self.PAYLOAD)
         self.random = GroupTopK(n_latents, n_random, self.PAYLOAD)
         self.interval = GroupTopK(n_latents * n_intervals, per_interval, self.PAYLOAD)
+        self.bottom = GroupTopK(n_latents, n_top, self.PAYLOAD)  # filled only by negative values
 
-    def add_first(self, lat, row, pos, peak) -> None:
-        """Read 1: top and random examples (they need no activation range)."""
-        self.top.update(lat, peak, row=row, pos=pos, act=peak)
+    def add_first(self, lat, row, pos, peak, trough_pos=None, trough=None) -> None:
+        """Read 1: top, bottom and random examples (they need no activation range). `trough_pos`, `trough`: each
+        (latent, row) pair's smallest value and its position, given when the chunk holds negative values."""
+        up = peak > 0
+        self.top.update(lat[up], peak[up], row=row[up], pos=pos[up], act=peak[up])
+        if trough is not None:
+            down = trough < 0
+            self.bottom.update(lat[down], -trough[down], row=row[down], pos=trough_pos[down], act=trough[down])
+            deeper = -trough > peak  # the row's strongest activation is its trough
+            pos, peak = torch.where(deeper, trough_pos, pos), torch.where(deeper, trough, peak)
         self.random.update(lat, uniform_keys(self.seed, 1, lat, row), row=row, pos=pos, act=peak)
 
     def add_second(self, lat, row, pos, peak, interval_of) -> None:
@@ -138,10 +159,10 @@ class ExampleSampler:
         self.interval.update(group, uniform_keys(self.seed, 2, lat, row), row=row, pos=pos, act=peak)
 
     def examples(self) -> dict[str, np.ndarray]:
-        """All chosen examples as columns: latent, kind (0 top, 1 interval, 2 random), bin, rank, row, pos, act;
-        sorted by latent, kind, bin, rank."""
+        """All chosen examples as columns: latent, kind (0 top, 1 interval, 2 random, 3 bottom: the index in
+        `format.EXAMPLE_KINDS`), bin, rank, row, pos, act; sorted by latent, kind, bin, rank."""
         parts = []
-        for kind, store in enumerate((self.top, self.interval, self.random)):
+        for kind, store in enumerate((self.top, self.interval, self.random, self.bottom)):
             it = store.items()
             if kind == 1:
                 latent, b = it["group"] // self.n_intervals, it["group"] % self.n_intervals

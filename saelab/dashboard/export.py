@@ -47,6 +47,8 @@ def neuronpedia_feature(bundle, lat) -> dict:
         "activations": acts,
         "saelab": {"schema_version": m["schema_version"], "sae_hash": m["sae"]["sha256"],
                    "random_examples": [_activation(bundle, e, -1, -1, -1) for e in lat.random],
+                   "signed_codes": bundle.signed_codes,  # Neuronpedia's lists hold no negative examples: here
+                   "bottom_examples": [_activation(bundle, e, -1, -1, -1) for e in lat.bottom],
                    "coactivation": [{"latent": n.latent, "jaccard": n.value, "count": n.count}
                                     for n in lat.neighbours_coact],
                    "stats": {k: _finite(v) if isinstance(v, float) else v for k, v in vars(s).items()},

@@ -9,13 +9,15 @@ R = held-out rows, T = tokens per row (BOS first; position 0 is never scored, as
     tokens.npy                  int32 [R, T]       the shared held-out rows; every example points into it
     vocab.json                  list[str] [V]      display string of each token id (Ġ → space, Ċ → ↵ cleaned)
     latents.parquet             one row per latent: statistics, decoder-map coordinates, joined evaluator scores
-    act_hist.npy                uint32 [F, B]      histogram of each latent's active values (value != 0)
+    act_hist.npy                uint32 [F, B]      histogram of each latent's active values (value != 0; its range
+                                                   spans [min(0, min), max(0, max)], negative values included)
     act_hist_range.npy          float32 [F, 2]     (lo, hi) of those B equal bins
     intervals.npy               float32 [F, NI+1]  edges of the activation intervals (equal width on (0, max])
     interval_contains.npy       float32 [F, NI]    share of the latent's active tokens in each interval
     interval_rows.npy           int64 [F, NI]      rows whose peak lies in each interval (the sampled population)
     examples.parquet            one row per example, sorted by latent, row groups of whole latents (one read per
-                                latent): latent, kind ('top'|'interval'|'random'), bin, rank, row, pos, act,
+                                latent): latent, kind ('top'|'interval'|'random'|'bottom', the last only for
+                                signed codes: the most negative rows), bin, rank, row, pos, act,
                                 act_pos list<int16>, act_val list<float32> (the latent's activations on that row,
                                 sparse: the positions where it is active)
     examples_offsets.npy        int64 [F + 1]      latent i's examples are rows offsets[i]:offsets[i+1]
@@ -78,7 +80,7 @@ TOKEN_INDEX_HITS = "token_index_hits.npy"
 DECODER_MAP = "decoder_map.npy"
 SCORES = "scores.parquet"
 
-EXAMPLE_KINDS = ("top", "interval", "random")
+EXAMPLE_KINDS = ("top", "interval", "random", "bottom")  # stored as indices: new kinds go at the end
 
 FILES = {  # what each file is; copied into the manifest so a bundle describes itself
     TOKENS: "int32 [rows, tokens_per_row]: the held-out rows (BOS at position 0, never scored)",

@@ -8,6 +8,7 @@ The public API (stable; the explorer app and the notebooks are written against i
     b.table()                        pandas DataFrame, one row per latent: statistics, map_x/map_y, scores
     lat = b.latent(i)                `Latent`: stats, histograms, examples by kind, logits, neighbours, scores
     lat.top / lat.intervals / lat.random, lat.examples("top")
+    lat.bottom                       signed codes (b.signed_codes, e.g. AbsTopK): the most negative rows
     ex.tokens, ex.acts               the example's whole row: token ids and the latent's activation at each position
     ex.window(16)                    (start, stop) of a ±16-token window around the peak, clipped to the row
     b.token_text(ids), b.token_id("def")
@@ -54,12 +55,14 @@ class LatentStats:
 class Example:
     """One context: a whole held-out row, with the latent's activation at every position."""
 
-    kind: str  # "top" | "interval" | "random"
+    kind: str  # "top" | "interval" | "random" | "bottom" (signed codes: the most negative rows)
     bin: int  # interval index for kind "interval", else -1
     rank: int  # order within its kind (and bin): 0 = first shown
     row: int  # row of `Bundle.tokens`
     pos: int  # position of the latent's peak in the row (the token the example is centred on)
-    act: float  # the peak activation (the latent's largest value on this row)
+    # the peak activation: the latent's largest value on this row; for "bottom" its smallest (negative) value, for
+    # "random" the one of largest |value|
+    act: float
     tokens: np.ndarray  # int32 [tokens_per_row]
     acts: np.ndarray  # float32 [tokens_per_row]; 0 where inactive (and at position 0, BOS, never scored)
 
@@ -120,13 +123,16 @@ class Latent:
     neighbours_coact: list[Neighbour]
     map_xy: tuple[float, float]
     scores: dict[str, float]  # evaluator scores joined by latent id (only those this latent has)
+    bottom: list[Example] = field(default_factory=list)  # signed codes: the most negative rows, most negative first
 
     def examples(self, kind: str) -> list[Example]:
-        """All examples of one kind ("top", "interval" — every interval in order — or "random")."""
+        """All examples of one kind ("top", "interval" — every interval in order —, "random" or "bottom")."""
         if kind == "top":
             return self.top
         if kind == "random":
             return self.random
+        if kind == "bottom":
+            return self.bottom
         if kind == "interval":
             return [e for iv in self.intervals for e in iv.examples]
         raise DataError(f"example kind {kind!r} does not exist; use one of {fmt.EXAMPLE_KINDS}")
@@ -141,6 +147,8 @@ class Bundle:
         self.manifest = fmt.read_manifest(self.path)
         self.n_latents = int(self.manifest["sae"]["n_latents"])
         self.settings = self.manifest["settings"]
+        # values may be negative (AbsTopK and other signed codes): pages show the bottom examples and a red side
+        self.signed_codes = bool(self.manifest["sae"].get("signed_codes", False))
 
     # ---------------------------------------------------------------------------------------- lazy file handles
     def _npy(self, name: str) -> np.ndarray:
@@ -219,7 +227,7 @@ class Bundle:
         return Latent(
             index=i, stats=stats, hist_counts=hist, hist_edges=np.linspace(lo, hi, len(hist) + 1, dtype=np.float32),
             top=[e for e in examples if e.kind == "top"], intervals=intervals,
-            random=[e for e in examples if e.kind == "random"],
+            random=[e for e in examples if e.kind == "random"], bottom=[e for e in examples if e.kind == "bottom"],
             logits_top=self._effects(a[fmt.LOGIT_TOP_IDS][i], a[fmt.LOGIT_TOP_VALS][i]),
             logits_bottom=self._effects(a[fmt.LOGIT_BOTTOM_IDS][i], a[fmt.LOGIT_BOTTOM_VALS][i]),
             logit_hist_counts=lhist, logit_hist_edges=np.linspace(llo, lhi, len(lhist) + 1, dtype=np.float32),

@@ -140,8 +140,8 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
         unembed = unembed_of(model)
     sha = sae_sha256(sae)
     sae_info = {"n_latents": sae.cfg.n_latents, "d_in": sae.cfg.d_in, "k": sae.cfg.k,
-                "architecture": sae.cfg.architecture, "hook_name": hook, "path": str(rp.run_dir.sae), "sha256": sha,
-                "group_ends": group_ends(sae)}
+                "architecture": sae.cfg.architecture, "signed_codes": bool(sae.arch.signed_codes), "hook_name": hook,
+                "path": str(rp.run_dir.sae), "sha256": sha, "group_ends": group_ends(sae)}
     from saelab.models.loading import model_fingerprint
 
     model_info = {"name": rp.model_name, "fingerprint": model_fingerprint(rp.model_name),

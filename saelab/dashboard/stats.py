@@ -6,8 +6,10 @@ sums Σ(v−μ)², Σ(v−μ)³, Σ(v−μ)⁴ around the exact mean (the two-pa
 histogram on the final range, and per activation interval the number of active tokens in it ("contains %").
 
 Conventions. Active means value != 0, and values are taken as they are (signed codes included). The histogram has
-B equal bins on [lo, hi] with lo = min(0, min), hi = max(0, max); the intervals are NI equal bins on (0, max]
-(sae_vis's "quantile groups"). Bin j of width w starting at a is (a + j·w, a + (j+1)·w], the first bin also holding
+B equal bins on [lo, hi] with lo = min(0, min), hi = max(0, max), so a signed latent's histogram spans its
+negative values; the intervals are NI equal bins on (0, max] (sae_vis's "quantile groups"; a signed latent's
+negative side is shown by its histogram and its bottom examples, and its intervals' "contains" shares sum to its
+share of positive values). Bin j of width w starting at a is (a + j·w, a + (j+1)·w], the first bin also holding
 its left edge; values beyond an end (rounding) go to the end bin.
 """
 

@@ -1,6 +1,8 @@
 """Feature page (Neuronpedia parity): stats strip with dead/dense badges, activation and logit-effect histograms,
 top ±logits, decoder and co-activation neighbours, examples (top, intervals with "contains p %", random positives)
-as highlighted tokens, scores, prev/next/random, downloads. URL: ?sae=NAME&latent=I&ctx=16&scale=global."""
+as highlighted tokens, scores, prev/next/random, downloads. Signed codes (AbsTopK): the min beside the max, the
+histogram's negative bins in red and the bottom (most negative) examples after the top ones.
+URL: ?sae=NAME&latent=I&ctx=16&scale=global."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _nav(entry, bundle, i: int) -> None:
         st.rerun()
 
 
-def _stats(lat, settings) -> None:
+def _stats(lat, settings, signed: bool) -> None:
     s = lat.stats
     badges = []
     if s.dead:
@@ -39,14 +41,15 @@ def _stats(lat, settings) -> None:
         badges.append(f":orange-badge[dense > {100 * settings['dense_threshold']:g} %]")
     if badges:
         st.markdown(" ".join(badges))
-    m = st.columns(7)
-    m[0].metric("density", f"{100 * s.density:.4g} %")
-    m[1].metric("active tokens", f"{s.n_active:,}")
-    m[2].metric("rows", f"{s.n_rows:,}")
-    m[3].metric("max", "—" if s.dead else f"{s.max:.4g}")
-    m[4].metric("mean", "—" if s.dead else f"{s.mean:.4g}")
-    m[5].metric("skew", "—" if s.dead or math.isnan(s.skew) else f"{s.skew:.2f}")
-    m[6].metric("kurtosis", "—" if s.dead or math.isnan(s.kurtosis) else f"{s.kurtosis:.2f}")
+    shown = [("density", f"{100 * s.density:.4g} %"), ("active tokens", f"{s.n_active:,}"), ("rows", f"{s.n_rows:,}"),
+             ("max", "—" if s.dead else f"{s.max:.4g}")]
+    if signed:
+        shown.append(("min", "—" if s.dead else f"{s.min:.4g}"))
+    shown += [("mean", "—" if s.dead else f"{s.mean:.4g}"),
+              ("skew", "—" if s.dead or math.isnan(s.skew) else f"{s.skew:.2f}"),
+              ("kurtosis", "—" if s.dead or math.isnan(s.kurtosis) else f"{s.kurtosis:.2f}")]
+    for col, (label, value) in zip(st.columns(len(shown)), shown):
+        col.metric(label, value)
 
 
 def _logits(lat) -> None:
@@ -99,13 +102,18 @@ def _examples(entry, bundle, lat) -> None:
     gmax = max(abs(lat.stats.max), abs(lat.stats.min)) if not lat.stats.dead else 1.0
     st.subheader(f"Top activations ({len(lat.top)})")
     st.html(render.examples_html(bundle, lat.top, half, scale, gmax))
+    if bundle.signed_codes:
+        st.subheader(f"Bottom activations: most negative ({len(lat.bottom)})")
+        if not lat.bottom:
+            st.caption("this latent never takes a negative value on the bundle's tokens")
+        st.html(render.examples_html(bundle, lat.bottom, half, scale, gmax))
     for iv in lat.intervals:
         if not iv.examples and iv.n_rows == 0:
             continue
         with st.expander(f"Interval {iv.index + 1}: ({iv.lo:.3g}, {iv.hi:.3g}] · contains {100 * iv.contains:.1f} % "
                          f"· {len(iv.examples)} of {iv.n_rows:,} rows", expanded=iv.index == len(lat.intervals) - 1):
             st.html(render.examples_html(bundle, iv.examples, half, scale, gmax))
-    st.subheader(f"Random positive examples ({len(lat.random)})")
+    st.subheader(f"Random {'active' if bundle.signed_codes else 'positive'} examples ({len(lat.random)})")
     st.html(render.examples_html(bundle, lat.random, half, scale, gmax))
 
 
@@ -145,7 +153,7 @@ def page() -> None:
     st.caption(f"{entry.name} · {state.hook_name(bundle)} on {m['model'].get('name', '?')} · "
                f"{bundle.n_latents:,} latents · {m['corpus']['tokens']:,} tokens")
     _nav(entry, bundle, i)
-    _stats(lat, bundle.settings)
+    _stats(lat, bundle.settings, bundle.signed_codes)
     if lat.stats.dead and not st.toggle("Show anyway", key="show_dead"):
         st.warning(f"This latent never fired on the bundle's {m['corpus']['tokens']:,} tokens (dead): no "
                    f"histogram or examples. Its decoder neighbours and logit effects are still defined.")

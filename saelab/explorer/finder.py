@@ -82,7 +82,8 @@ def page() -> None:
                             help="exact token text, e.g. 'return' or ' return' (leading space matters); "
                                  "from the bundle's token index, no model needed")
     c = st.columns([3, 2, 2, 2, 2])
-    sort_options = ["density", "max", "mean", "n_active", "n_rows", "skew", "kurtosis", "latent"] + scores
+    stat_cols = ["max", "min"] if bundle.signed_codes else ["max"]  # signed codes: the most negative value too
+    sort_options = ["density", *stat_cols, "mean", "n_active", "n_rows", "skew", "kurtosis", "latent"] + scores
     if token:
         sort_options = ["token_act", "token_hits"] + sort_options
     sort = state.qp("sort", "token_act" if token else "density")
@@ -121,7 +122,7 @@ def page() -> None:
     view = out.iloc[(pg - 1) * size: pg * size].copy()
     view.insert(0, "open", [state.latent_url(entry, int(i)) for i in view["latent"]])
     cols = ["open", "latent"] + (["token_act", "token_hits"] if token else []) + \
-        ["density", "max", "mean", "n_active", "n_rows", "dead", "dense"] + scores
+        ["density", *stat_cols, "mean", "n_active", "n_rows", "dead", "dense"] + scores
     event = st.dataframe(view[cols], hide_index=True, key="f_table", on_select="rerun",
                          selection_mode="single-row",
                          column_config={"open": st.column_config.LinkColumn("open", display_text="open ↗"),

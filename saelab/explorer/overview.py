@@ -77,10 +77,12 @@ def page() -> None:
     live = t[~t["dead"]]
     n_active = live["n_active"].to_numpy(dtype=np.float64)
     if len(n_active):
-        counts, edges = np.histogram(np.log10(live["max"].to_numpy(dtype=np.float64).clip(1e-12)),
-                                     bins=min(50, max(5, len(live) // 4)))
-        fig = render.go.Figure(render._bars(counts, edges, "rgb(96,165,250)", "latents", "log10 max activation"))
-        fig.update_layout(title="Log10 max activation of live latents", height=300, bargap=0,
+        # a signed latent's strongest activation may be negative: the largest |value| (= max for codes >= 0)
+        peak = np.maximum(live["max"].to_numpy(dtype=np.float64), -live["min"].to_numpy(dtype=np.float64))
+        name = "max |activation|" if bundle.signed_codes else "max activation"
+        counts, edges = np.histogram(np.log10(peak.clip(1e-12)), bins=min(50, max(5, len(live) // 4)))
+        fig = render.go.Figure(render._bars(counts, edges, "rgb(96,165,250)", "latents", f"log10 {name}"))
+        fig.update_layout(title=f"Log10 {name} of live latents", height=300, bargap=0,
                           margin=dict(l=10, r=10, t=40, b=10))
         c[1].plotly_chart(fig, config=render.PLOT_CONFIG, key="max_hist")
 

@@ -27,14 +27,16 @@ class PromptCodes:
         return np.where(self.indices == latent, self.values, 0).sum(1).astype(np.float32)
 
     def ranking(self, positions: list[int]) -> pd.DataFrame:
-        """Latents active at the chosen tokens, by the sum of their values there (Neuronpedia's token search)."""
+        """Latents active at the chosen tokens, by the sum of their values there (Neuronpedia's token search),
+        largest |sum| first: a signed latent (AbsTopK) strongly negative there ranks with the strongly positive."""
         acc: dict[int, float] = {}
         for p in positions:
             for j, v in zip(self.indices[p], self.values[p]):
                 if v != 0:
                     acc[int(j)] = acc.get(int(j), 0.0) + float(v)
         df = pd.DataFrame({"latent": list(acc), "value": list(acc.values())})
-        return df.sort_values("value", ascending=False, kind="stable").reset_index(drop=True)
+        order = np.argsort(-df["value"].abs().to_numpy(), kind="stable")
+        return df.iloc[order].reset_index(drop=True)
 
 
 def encode_prompt(model, sae, vocab: list[str], text: str) -> PromptCodes:
@@ -93,8 +95,13 @@ def page() -> None:
         focus = state.latent_param(bundle)
     if focus is not None:
         vals = codes.latent_values(focus)
-        st.markdown(f"Coloured by **latent {focus}** (max {vals.max():.3g} on this text; its bundle max is "
-                    f"{state.latent_view(entry.bundle, focus).stats.max:.3g}).")
+        stats = state.latent_view(entry.bundle, focus).stats
+        if bundle.signed_codes:  # red below zero
+            st.markdown(f"Coloured by **latent {focus}** (min {vals.min():.3g}, max {vals.max():.3g} on this text; "
+                        f"its bundle range is {stats.min:.3g} to {stats.max:.3g}).")
+        else:
+            st.markdown(f"Coloured by **latent {focus}** (max {vals.max():.3g} on this text; its bundle max is "
+                        f"{stats.max:.3g}).")
         state.latent_link(entry, focus, f"back to latent {focus}")
     else:
         vals = np.abs(codes.values).sum(1)  # total code mass per token

@@ -112,11 +112,14 @@ def _vline(x: float, color: str, dash: str = "solid") -> dict:
 
 
 def activation_histogram(lat, log_y: bool = False, marker: float | None = None) -> go.Figure:
-    """The latent's active values (Neuronpedia's "activations density" plot); a marker for a tested value."""
+    """The latent's active values (Neuronpedia's "activations density" plot); a marker for a tested value. Bins
+    below zero (signed codes) are red, as their tokens are."""
     layout = _layout(f"Activations · density {100 * lat.stats.density:.3f} %", 260,
                      yaxis={"type": "log" if log_y else "linear"},
                      shapes=[_vline(marker, "#16a34a")] if marker is not None else [])
-    return go.Figure([_bars(lat.hist_counts, lat.hist_edges, "rgb(52,211,153)", "tokens", "activation")], layout)
+    edges = np.asarray(lat.hist_edges, dtype=np.float64)
+    colors = [f"rgb{NEG_RGB if c < 0 else POS_RGB}".replace(" ", "") for c in (edges[:-1] + edges[1:]) / 2]
+    return go.Figure([_bars(lat.hist_counts, edges, colors, "tokens", "activation")], layout)
 
 
 def logit_histogram(lat) -> go.Figure:
