@@ -283,24 +283,33 @@ def test_cli_patch_end_to_end_and_errors(reference_model, tmp_path, capsys):
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-def test_edges_sum_to_finite_difference_on_linear_toy():
+@pytest.mark.parametrize("down_arch", ["topk", "gated", "abstopk"])
+def test_edges_sum_to_finite_difference_on_linear_toy(down_arch):
     """Σ over every upstream node u of IE(u→d) = ∇_d m · (∂d/∂x_up) Δx_up; checked against a finite difference of
-    the downstream node d along Δx_up (small step: the SAE's support does not change)."""
+    the downstream node d along Δx_up (small step: the SAE's support does not change). The downstream SAE's latents
+    are differentiated by their architecture's value function (Gated: ∂value/∂pre = exp(r_mag); AbsTopK: signed)."""
     from saelab.config import SAEConfig
     from saelab.sae import SparseAutoencoder
 
     model, batch = linear_toy(), toy_batch()
     saes = []
     for i, hook in enumerate(("blocks.1.hook_resid_pre", "blocks.1.hook_mlp_out")):
-        sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=16, k=4, hook_name=hook))
+        sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=16, k=4, hook_name=hook,
+                                          architecture=down_arch if i else "topk"))
         sae.reset_parameters(seed=i)
+        if down_arch == "gated" and i:
+            with torch.no_grad():  # away from the tie's init (r_mag = 0 would hide a wrong derivative)
+                sae.r_mag.copy_(torch.linspace(-0.8, 0.8, 16))
+                sae.b_mag.copy_(torch.linspace(-0.1, 0.1, 16))
         saes.append(sae)
     base = patching.baseline(model, batch)
     up, down = circuits.sae_nodes(model, batch, saes)
     L, n_up = batch.length, up.n_latents
     up_nodes = [(t, i) for t in range(L) for i in range(n_up)] + [(t, -1) for t in range(L)]
-    active = down.f_corrupt[0].nonzero()[:3].tolist()
-    down_nodes = [(int(t), int(j)) for t, j in active if t >= 2] + [(L - 1, -1)]
+    # the last position: the only one whose downstream activation reaches the metric (the last layer's MLP out)
+    active = [(t, j) for t, j in down.f_corrupt[0].nonzero().tolist() if t == L - 1][:3]
+    assert len(active) == 3
+    down_nodes = [(int(t), int(j)) for t, j in active] + [(L - 1, -1)]
     E = circuits.edges(model, batch, up, down, down_nodes, up_nodes, base)
 
     coef, _, _ = patching.hook_coefficients(model, batch, [down.hook], base, "attribution")
@@ -326,7 +335,7 @@ def test_edges_sum_to_finite_difference_on_linear_toy():
         else:
             hand = (c[:, t] * (e1[:, t] - e0[:, t]) / eps).sum()
         assert float(E[r].sum()) == pytest.approx(float(hand), rel=2e-2, abs=1e-4)
-    assert E.abs().sum() > 0
+    assert E[:-1].sum(1).abs().max() > 1e-3  # the latent nodes have edges to check, not only the error node
 
 
 def test_faithfulness_of_everything_is_one_and_of_nothing_zero():

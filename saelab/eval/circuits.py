@@ -78,12 +78,12 @@ def dense_codes(sae, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = act.reshape(B * L, -1)
     code = sae.encode(x)  # the architecture's selection; encode itself is not differentiable
     if x.requires_grad and torch.is_grad_enabled():
-        # active values as a function of x with the support held fixed: ∂value/∂preact = 1 on active latents
-        # (TopK, ReLU, JumpReLU), the Jacobian edges need; the value itself is unchanged
+        # active values as a function of x with the support held fixed, by the architecture's own value function
+        # (Gated: ∂value/∂pre = exp(r_mag), not 1): the Jacobian edges need; the values themselves are unchanged
         from saelab.sae.code import SparseCode
 
-        sel = sae.preacts(sae.normalize_input(x)[0]).gather(1, code.indices)
-        code = SparseCode(code.indices, code.values + (sel - sel.detach()) * (code.values != 0), code.norm)
+        values = sae.arch.support_values(sae, sae.normalize_input(x)[0], code)
+        code = SparseCode(code.indices, values, code.norm)
     x_hat = sae.decode(code)
     f = code.to_dense(sae.cfg.n_latents)
     return f.view(B, L, -1), (x - x_hat).view(B, L, -1)

@@ -179,6 +179,14 @@ class Architecture:
         vals = self.values(pre.gather(1, idx))
         return SparseCode(idx, vals if valid is None else vals * valid)
 
+    def support_values(self, sae, x_norm: torch.Tensor, code: SparseCode) -> torch.Tensor:
+        """`code` (this SAE's inference code of x̃ = x_norm [B, d]) as a function of x̃ with its support held fixed:
+        [B, K] values equal to code.values, differentiable with the gradient of the architecture's own value
+        function on the active slots (what attribution through a latent differentiates, e.g. circuit edges).
+        Default: `values` of the selected pre-activations (∂value/∂pre = 1 where active: TopK, ReLU, JumpReLU,
+        AbsTopK with its sign)."""
+        return on_support(code, self.values(sae.preacts(x_norm).gather(1, code.indices)))
+
     # ---------------------------------------------------------------------------------------------- losses
     def losses(self, sae, x_norm: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, code: SparseCode,
                grad: torch.Tensor | None, dead_mask: torch.Tensor | None):
@@ -214,6 +222,11 @@ class Architecture:
 
 
 # -------------------------------------------------------------------------------------------------- shared pieces
+def on_support(code: SparseCode, values: torch.Tensor) -> torch.Tensor:
+    """code.values in value, with the gradient of `values` [B, K] on the active slots only (`support_values`)."""
+    return code.values + (values - values.detach()) * code.active()
+
+
 def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     return pre.topk(k, dim=-1, sorted=False).indices
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from saelab.sae.architectures import fvu
+from saelab.sae.architectures import fvu, on_support
 from saelab.sae.code import SparseCode
 from saelab.sae.relu import ReLU, Support, weighted_l1
 
@@ -60,6 +60,11 @@ class Gated(ReLU):
     def code_inference(self, sae, pre, grad, x_c=None) -> SparseCode:
         s = Support.positive(pre, dense_ok=False)
         return s.code(s.mask(self.magnitudes(sae, s, s.gather(pre)).relu()))
+
+    def support_values(self, sae, x_norm, code) -> torch.Tensor:
+        """ReLU(π_mag) on the code's support: ∂value/∂π_gate = exp(r_mag) where active, not 1."""
+        s = Support(code.indices, None, self.cfg.n_latents)
+        return on_support(code, self.magnitudes(sae, s, sae.preacts(x_norm).gather(1, code.indices)).relu())
 
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
         s, gate = self.support, self.support.mask(self.gate.relu())

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from saelab.kernels import encoder_values, ops_for
-from saelab.sae.architectures import Architecture
+from saelab.sae.architectures import Architecture, on_support
 from saelab.settings import setting as option
 from saelab.sae.code import SparseCode
 
@@ -119,6 +119,11 @@ class MatchingPursuit(Architecture):
                                     gram=G is not None, stop_on_repeat=self.opt.stop_on_duplicate_support)
         code = pursuit_code(x_c, U, idx, keep)
         return SparseCode(code.indices, code.values / norms[code.indices])
+
+    def support_values(self, sae, x_norm, code) -> torch.Tensor:
+        """The pursuit's coefficients are linear in x̃ for a fixed sequence of atoms: rerun it (the same atoms, in the
+        same order), differentiably."""
+        return on_support(code, self.pursuit(sae, x_norm - sae.b_dec, self.inference_steps).values)
 
     def use_gram(self) -> bool:
         return self.cfg.n_latents <= self.opt.gram_max_latents
