@@ -6,8 +6,9 @@ Steering. At the SAE's hook, add `amount · d_f` to the activation, d_f = W_dec[
 decode" (decoding is linear in the code); `mode="clamp"` instead sets latent f to `amount`
 (x ← x + (amount − f(x))·d_f, the error term kept) through `splice.splice`. The amount at a steered position t is
 (`strength_scale`, `STRENGTH_SCALES`):
-    "position" (default, the paper's rule):  amount_t = α · max_j f_j(x_t)
-        the largest latent activation of the SAE at that very position (x_t the unsteered activation there);
+    "position" (default, the paper's rule):  amount_t = α · max_j |f_j(x_t)|
+        the largest latent activation of the SAE at that very position (x_t the unsteered activation there; its
+        magnitude, for signed codes such as AbsTopK's, where the strongest latent may be negative);
     "corpus" (saelab's earlier rule):        amount = α · max_activation[f]
         the latent's own largest activation over a corpus sample, the same at every position.
 On the chosen positions (all by default, or from a position on: `start`). Generation (`generate`) recomputes the
@@ -22,7 +23,7 @@ Input score (is the latent about its input?):
     input_score_f = share of those rows with t* ∈ T_f.
 Output score (does amplifying it make the model say T_f?), the paper's code adapted to code text:
     on a fixed neutral prompt (`SCORE_PROMPT`, a fresh line after an import), at the LAST position only:
-    f ← f + 10 · max_j f_j(last) (error term kept), p = next-token distribution, r_t = rank of t in p (0 = top):
+    f ← f + 10 · max_j |f_j(last)| (error term kept), p = next-token distribution, r_t = rank of t in p (0 = top):
     output_score_f = (1 − min_{t∈T_f} r_t / V) · max_{t∈T_f} p_t.
     All latents are scored in batches of prompt copies (one latent per row), never one forward per latent.
     A g-SAE has one output score: the last position predicts nothing, so its LM-loss gradient is exactly 0 and the
@@ -83,11 +84,12 @@ def lens_tokens(model, sae, k: int = N_LENS_TOKENS, latents: torch.Tensor | None
 @dataclass
 class ActivationSweep:
     """Per latent, over a corpus sample: its largest activation, and its top-activating rows (≤ n_top) as
-    (latent, value, token at the row's peak), sorted by latent then value (descending)."""
+    (latent, value, token at the row's peak), sorted by latent then value (descending). Positive values only:
+    steering raises a latent along +d_f, and a signed latent's (AbsTopK's) negative values stand for −d_f."""
 
     n_latents: int
     n_tokens: int
-    max_activation: np.ndarray  # [n_latents] float64, 0 for latents never active
+    max_activation: np.ndarray  # [n_latents] float64, 0 for latents never active (never positive)
     top_latent: np.ndarray  # [m] latent of each top example
     top_value: np.ndarray  # [m]
     top_token: np.ndarray  # [m] token id at the peak
@@ -121,7 +123,7 @@ def activation_sweep(model, sae, rows: torch.Tensor, n_top: int = 100, batch_row
             _, acts = capture(model, tok, hook)
             code = sae.encode(gather_rows(acts[hook], keep))
         where = keep.nonzero()  # [m, 2] (row, position) of each kept token, row-major like gather_rows
-        act = code.values != 0
+        act = code.values > 0  # (the class docstring: a signed latent's negative values are not its +d_f side)
         k = code.indices.shape[1]
         tpos = torch.arange(code.indices.shape[0], device=dev).unsqueeze(1).expand(-1, k)[act]
         lat_l.append(code.indices[act].cpu())
@@ -164,16 +166,14 @@ def output_scores(model, sae, lens: torch.Tensor, prompt: str = SCORE_PROMPT, am
                   batch: int = 256, latents: torch.Tensor | None = None, progress: bool = False) -> np.ndarray:
     """Output score of every latent (or of `latents`), `batch` latents per forward (one prompt copy per latent).
 
-    At the last prompt position the latent is raised by amp_factor · max_j f_j(last) with the error term kept,
+    At the last prompt position the latent is raised by amp_factor · max_j |f_j(last)| with the error term kept,
     i.e. the activation moves by that amount along d_f.
     """
     hook = sae.cfg.hook_name
     dev = model_device(model)
     tok = prompt_tokens(model, prompt).to(dev)
     _, acts = capture(model, tok, hook)
-    x_last = gather_rows(acts[hook])[-1:]
-    top = float(sae.encode(x_last).values.max().clamp_min(0))
-    amount = amp_factor * top
+    amount = amp_factor * float(position_scale(sae, acts[hook][:, -1:])[0, -1])
     D = decoder_directions(sae)
     ids = torch.arange(sae.cfg.n_latents) if latents is None else torch.as_tensor(latents).long()
     V = model.cfg.d_vocab
@@ -328,12 +328,18 @@ class Steer:
 
 
 def position_scale(sae, act: torch.Tensor) -> torch.Tensor:
-    """[B, L]: max_j f_j(x) of the SAE's code at each position of act [B, L, d] (0 where no latent is active), the
+    """[B, L]: max_j |f_j(x)| of the SAE's code at each position of act [B, L, d] (0 where no latent is active), the
     unit of the paper's steering strength."""
     B, L = act.shape[:2]
     if L == 0:
         return act.new_zeros(B, 0)
-    return sae.encode(act.reshape(B * L, -1)).values.amax(1).clamp_min(0).reshape(B, L)
+    return strongest(sae.encode(act.reshape(B * L, -1))).reshape(B, L)
+
+
+def strongest(code) -> torch.Tensor:
+    """[n]: each token's largest |value| (= its largest value for codes >= 0; a signed code's strongest latent may be
+    negative), 0 where none is active."""
+    return code.values.abs().amax(1)
 
 
 def check_strength_scale(strength_scale: str) -> None:
@@ -392,7 +398,7 @@ def _forward(model, seq, steer: Steer | None, clamp):
             cur = site.code.to_dense(sae.cfg.n_latents).gather(1, lat[row].unsqueeze(1).to(site.code.values.device))
             target = val[row].to(cur.device)
             if per_position and per_position[0]:  # the code of each position is the one just encoded
-                target = target * site.code.values.amax(1).clamp_min(0).to(cur.device)
+                target = target * strongest(site.code).to(cur.device)
             delta = torch.where(on.to(cur.device), target - cur.squeeze(1), torch.zeros(()))
             site.code = add_latents(site.code, lat[row].unsqueeze(1), delta.unsqueeze(1))
 
