@@ -89,3 +89,14 @@ def test_prompt_ranking_orders_by_magnitude_with_the_sign_kept():
     r = codes.ranking([0, 1])
     # sums: latent 0: 0.5 + 2.0 = 2.5, latent 1: -3.0 + 1.0 = -2.0, latent 3: -0.25 (latent 2 never active)
     assert list(r["latent"]) == [0, 1, 3] and list(r["value"]) == pytest.approx([2.5, -2.0, -0.25])
+
+
+def test_steering_page_amounts_use_the_largest_magnitude(bundle):
+    from saelab.explorer.steering import _amounts
+
+    t = bundle.table()
+    assert t.loc[DENSE, "max"] < 0  # only negative: its scale is |min|
+    assert _amounts(bundle, [DENSE, DEAD], -2.0) == pytest.approx([2.0 * t.loc[DENSE, "min"], -2.0])
+    both = both_signs_latent(bundle)
+    want = max(t.loc[both, "max"], -t.loc[both, "min"])
+    assert _amounts(bundle, [both], 3.0) == pytest.approx([3.0 * want])

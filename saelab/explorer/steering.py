@@ -44,8 +44,10 @@ def parse_latents(text: str, n: int) -> list[int]:
 
 
 def _amounts(bundle, latents: list[int], alpha: float):
-    """α × each latent's largest activation in the bundle (1 for a dead latent): the evaluator's convention."""
-    mx = bundle.table()["max"].to_numpy()[latents]
+    """α × each latent's largest activation in the bundle (1 for a dead latent): the evaluator's convention; its
+    largest |activation| for signed codes (a latent that only goes negative has its scale there: α < 0 follows it)."""
+    t = bundle.table()
+    mx = np.fmax(t["max"].to_numpy(), -t["min"].to_numpy())[latents]
     return [alpha * (float(m) if np.isfinite(m) and m > 0 else 1.0) for m in mx]
 
 
