@@ -16,6 +16,9 @@ way and its call is redone on the PyTorch path, so training goes on. `SAELAB_KER
 error instead (the user asked for Triton); `SAELAB_KERNELS=torch` skips the Triton path, the test and the warning.
 Forcing Triton with CPU tensors only works under the Triton interpreter (`TRITON_INTERPRET=1` set before triton is
 first imported): that is how the tests check the kernels without a GPU.
+
+The fused streaming encoder top-k (`triton_topk_stream`, which `topk_stream.streaming_topk` calls) takes the Triton
+path by the same rule, and falls back the same way (`with_fallback`) when it raises or fails its own first check.
 """
 
 from __future__ import annotations
@@ -155,18 +158,25 @@ class _TritonWithFallback:
     def _run(self, op: str, args: tuple):
         from saelab.kernels import torch_ops, triton_ops
 
-        if _trusted(self.device, set(self.dtypes), forced=False):
-            try:
-                return getattr(triton_ops, op)(*args)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 -- any kernel failure: record it, warn, and use the exact path
-                for dtype in self.dtypes:
-                    key = (str(self.device), dtype)
-                    _VERDICTS[key] = SelfTest("triton", key[0], str(dtype).removeprefix("torch."), False,
-                                              f"{op} raised {describe(e)}")
-                _trusted(self.device, set(self.dtypes), forced=False)  # the warning
-        return getattr(torch_ops, op)(*args)
+        return with_fallback(self.device, self.dtypes, op, lambda: getattr(triton_ops, op)(*args),
+                             lambda: getattr(torch_ops, op)(*args))
+
+
+def with_fallback(device: torch.device, dtypes: frozenset[torch.dtype], op: str, triton_call, torch_call):
+    """`triton_call()` while the Triton path is trusted on this device and these dtypes, else `torch_call()`; a
+    Triton call that raises (other than out of memory) becomes their verdict, warns once, and `torch_call` answers."""
+    if _trusted(device, set(dtypes), forced=False):
+        try:
+            return triton_call()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- any kernel failure: record it, warn, and use the exact path
+            for dtype in dtypes:
+                key = (str(device), dtype)
+                _VERDICTS[key] = SelfTest("triton", key[0], str(dtype).removeprefix("torch."), False,
+                                          f"{op} raised {describe(e)}")
+            _trusted(device, set(dtypes), forced=False)  # the warning
+    return torch_call()
 
 
 @functools.lru_cache(maxsize=None)

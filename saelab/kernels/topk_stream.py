@@ -26,6 +26,11 @@ dense `pre.topk(k)` bit for bit on CPU (tests/test_streaming_topk.py), for three
 block of pre-activations (and its column range) to ranking keys elementwise per column, and the values returned are
 still the pre-activations at the chosen indices. `columns` restricts the scan to a subset of latents (AuxK's dead
 ones), gathered a block at a time; indices are then positions in `columns`.
+
+On CUDA (Triton path, see `backend`) a call ranked by the pre-activations themselves (no `key`), k ≤ 256
+(`triton_topk_stream.MAX_K`), runs the fused Triton kernel instead (`triton_topk_stream`: the GEMM tile and the
+top-k merge in one kernel, no block of pre-activations in memory): the same selection with ties to the lowest index,
+values to GEMM rounding.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from saelab.kernels.backend import backend_for, forced_backend, with_fallback
 
 BLOCK_ALIGN = 16  # block widths are multiples of this (MKL computes narrow or odd blocks with other kernels)
 PARTIAL_SORT_FACTOR = 64  # ATen's CPU topk uses partial_sort (descending output) when k * 64 <= n
@@ -74,6 +81,10 @@ def streaming_topk(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     n = W_enc.shape[1] if columns is None else columns.numel()
     if not 1 <= k <= n:
         raise ValueError(f"streaming_topk: k must be in [1, {n}], got {k}")
+    if key is None and backend_for(x_c, W_enc, b_enc, columns) == "triton":
+        fused = _fused_topk(x_c, W_enc, b_enc, k, columns)
+        if fused is not None:
+            return fused
     blocks = block_bounds(n, chunk)
     if len(blocks) == 1 or k * PARTIAL_SORT_FACTOR > n:  # one block, or narrow enough that [B, n] is O(B·k)
         pre = block_preacts(x_c, W_enc, b_enc, 0, n, columns)
@@ -124,3 +135,18 @@ def _dense_rows(x_c, W_enc, b_enc, k, blocks, key, columns, rows):
             full_key[:, s:e] = key(pre, s, e)[rows]
     idx = full_key.topk(k, dim=-1, sorted=False).indices
     return full_val.gather(1, idx), idx
+
+
+def _fused_topk(x_c, W_enc, b_enc, k, columns):
+    """The fused Triton kernel's (values, indices); None where it does not serve the call (k above its MAX_K, mixed
+    dtypes, which the dense addmm refuses too) or failed in `auto` (warned once by `with_fallback`): the blocked
+    torch path answers."""
+    from saelab.kernels import triton_topk_stream as fused
+
+    if k > fused.MAX_K or not x_c.dtype == W_enc.dtype == b_enc.dtype:
+        return None
+    if forced_backend() == "triton":
+        return fused.fused_topk(x_c, W_enc, b_enc, k, "pre", columns)
+    return with_fallback(x_c.device, frozenset({x_c.dtype}), "streaming_topk",
+                         lambda: fused.checked(x_c.device, x_c.dtype)
+                         and fused.fused_topk(x_c, W_enc, b_enc, k, "pre", columns), lambda: None)
