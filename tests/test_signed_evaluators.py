@@ -96,3 +96,25 @@ def test_activation_sweep_keeps_the_positive_side(model):
         per_row = dense[:, :, f].amax(1)
         want = sorted(per_row[per_row > 0].tolist(), reverse=True)[:3]
         np.testing.assert_allclose(sorted(sw.top_value[sw.top_latent == f], reverse=True), want, atol=1e-6)
+
+
+@torch.no_grad()
+def test_most_negative_contexts_from_the_model_match_a_brute_force_scan(model):
+    import saelab
+    from saelab.data.corpus import CorpusSpec
+    from saelab.eval.splice import corpus_rows
+
+    sae = abstopk()
+    rows = corpus_rows(model, CorpusSpec(), "validation", 128, 4)  # (an SAE without a run: rows of 128)
+    _, cache = model.run_with_cache(rows, names_filter=HOOK)
+    z = sae.encode(cache[HOOK][:, 1:].reshape(-1, 256)).to_dense(32).reshape(4, -1, 32)  # BOS never scored
+    f = int((z.amin((0, 1)) < 0).logical_and(z.amax((0, 1)) > 0).nonzero()[0])  # a latent of both signs
+    for negative, sign in ((False, 1), (True, -1)):
+        got = saelab.top_activations(sae, f, n=3, model=model, tokens=4 * 128, negative=negative)
+        peak, pos = (sign * z[:, :, f]).max(1)
+        want = [r for r in torch.argsort(-peak, stable=True)[:3].tolist() if peak[r] > 0]
+        assert [e.row for e in got.examples] == want and want
+        assert [e.pos for e in got.examples] == (pos[want] + 1).tolist()
+        torch.testing.assert_close(torch.tensor([e.act for e in got.examples]), sign * peak[want])
+        assert all((e.act < 0) == negative for e in got.examples)
+        assert ("most negative" in got._repr_html_()) == negative

@@ -66,6 +66,7 @@ class TopActivations:
     source: str  # "bundle" or "model"
     stats: Any = None
     context: int = 12  # tokens shown each side of the peak
+    negative: bool = False  # the most negative contexts (signed codes), most negative first
 
     def texts(self) -> list[str]:
         """Each example's window around its peak as plain text."""
@@ -76,8 +77,9 @@ class TopActivations:
         return out
 
     def _repr_html_(self) -> str:
-        scale = max((float(e.act) for e in self.examples), default=0.0)
-        head = f"latent {self.latent} · top {len(self.examples)} contexts (from the {self.source})"
+        scale = max((abs(float(e.act)) for e in self.examples), default=0.0)
+        which = "most negative" if self.negative else "top"
+        head = f"latent {self.latent} · {which} {len(self.examples)} contexts (from the {self.source})"
         parts = [f"<div style='font-weight:600;margin:4px 0'>{head}</div>"]
         if self.stats is not None:
             st = self.stats
@@ -93,9 +95,10 @@ class TopActivations:
 
 
 def top_activations(run, latent: int, n: int = 10, model=None, corpus=None, tokens: int = 65_536,
-                    context: int = 12) -> TopActivations:
-    """The n contexts where `latent` fires most. From the run's dashboard bundle when it has one (no model
-    needed); otherwise one pass of `tokens` held-out tokens through the model (given, or the run's own).
+                    context: int = 12, negative: bool = False) -> TopActivations:
+    """The n contexts where `latent` fires most (`negative`: where it is most negative, for signed codes such as
+    AbsTopK's). From the run's dashboard bundle when it has one (no model needed); otherwise one pass of `tokens`
+    held-out tokens through the model (given, or the run's own).
 
     >>> saelab.top_activations(run, 12)                     # doctest: +SKIP
     """
@@ -105,7 +108,8 @@ def top_activations(run, latent: int, n: int = 10, model=None, corpus=None, toke
     if isinstance(run, Run) and run.bundle is not None and model is None and corpus is None:
         b = run.bundle
         lat = b.latent(latent)
-        return TopActivations(lat.index, lat.top[:n], b.token_text, "bundle", lat.stats, context)
+        return TopActivations(lat.index, (lat.bottom if negative else lat.top)[:n], b.token_text, "bundle",
+                              lat.stats, context, negative)
     sae = run.sae if isinstance(run, Run) else run
     if not 0 <= int(latent) < sae.cfg.n_latents:
         raise ConfigError(f"latent {latent} is out of range: the SAE has {sae.cfg.n_latents} latents")
@@ -117,8 +121,9 @@ def top_activations(run, latent: int, n: int = 10, model=None, corpus=None, toke
     if corpus is None and cfg is not None:
         corpus = cfg.corpus
     examples = top_examples(model, sae, int(latent), n=n, corpus=corpus, tokens=tokens,
-                            context_size=cfg.context_size if cfg else 128)
+                            context_size=cfg.context_size if cfg else 128, negative=negative)
     from saelab.dashboard.vocab import display_vocab
 
     shown = display_vocab(model.tokenizer, model.cfg.d_vocab)
-    return TopActivations(int(latent), examples, lambda ids: [shown[int(t)] for t in ids], "model", None, context)
+    return TopActivations(int(latent), examples, lambda ids: [shown[int(t)] for t in ids], "model", None, context,
+                          negative)

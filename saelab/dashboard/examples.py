@@ -222,9 +222,10 @@ class RowActivations:
 
 @torch.no_grad()
 def top_examples(model, sae, latent: int, n: int = 10, corpus=None, tokens: int = 65_536, context_size: int = 128,
-                 batch_rows: int = 32) -> list:
+                 batch_rows: int = 32, negative: bool = False) -> list:
     """Without a bundle: the n held-out rows where `latent` peaks highest (one pass of `tokens` tokens through the
-    model up to the SAE's hook), as the reader's `Example`s (kind "top"), strongest first; BOS is never scored."""
+    model up to the SAE's hook), as the reader's `Example`s (kind "top"), strongest first; BOS is never scored.
+    `negative`: the rows where it is most negative (signed codes), kind "bottom", most negative first."""
     import math
 
     from saelab.dashboard.reader import Example
@@ -244,7 +245,9 @@ def top_examples(model, sae, latent: int, n: int = 10, corpus=None, tokens: int 
         hit = (code.indices == latent) & (code.values != 0)
         val = (code.values * hit).sum(1).float().cpu()
         acts[i:i + tok.shape[0], 1:] = val.reshape(tok.shape[0], -1)
-    peak, pos = acts.max(1)
+    sign = -1 if negative else 1
+    peak, pos = (sign * acts).max(1)  # the trough of -acts for `negative`
     order = [int(r) for r in torch.argsort(-peak, stable=True)[:n] if peak[r] > 0]
-    return [Example(kind="top", bin=-1, rank=j, row=r, pos=int(pos[r]), act=float(peak[r]),
-                    tokens=rows[r].numpy().astype(np.int32), acts=acts[r].numpy()) for j, r in enumerate(order)]
+    return [Example(kind="bottom" if negative else "top", bin=-1, rank=j, row=r, pos=int(pos[r]),
+                    act=sign * float(peak[r]), tokens=rows[r].numpy().astype(np.int32), acts=acts[r].numpy())
+            for j, r in enumerate(order)]
