@@ -100,3 +100,11 @@ def test_steering_page_amounts_use_the_largest_magnitude(bundle):
     both = both_signs_latent(bundle)
     want = max(t.loc[both, "max"], -t.loc[both, "min"])
     assert _amounts(bundle, [both], 3.0) == pytest.approx([3.0 * want])
+
+
+def test_compare_counts_bottom_examples_as_shared_rows(bundle):
+    from saelab.explorer.compare import shared_rows
+
+    lat = bundle.latent(DENSE)  # only negative: every example row is a bottom or random one
+    want = {e.row for e in lat.bottom + lat.random + [x for iv in lat.intervals for x in iv.examples]}
+    assert shared_rows(lat, lat) == sorted(want) and {e.row for e in lat.bottom} <= want and lat.bottom

@@ -23,7 +23,8 @@ def _int(key: str, default: int) -> int:
 
 def shared_rows(lat_a, lat_b) -> list[int]:
     """Rows (of the shared token table) that are examples of both latents."""
-    rows = lambda lat: {e.row for e in lat.top + lat.random + [x for iv in lat.intervals for x in iv.examples]}
+    rows = lambda lat: {e.row for e in lat.top + lat.bottom + lat.random + [x for iv in lat.intervals
+                                                                           for x in iv.examples]}
     return sorted(rows(lat_a) & rows(lat_b))
 
 
@@ -32,7 +33,8 @@ def _latent_column(entry, bundle, lat, col) -> None:
     with col:
         state.latent_link(entry, lat.index, f"**latent {lat.index}** ↗")
         st.caption(("dead · " if s.dead else "") + ("dense · " if s.dense else "") +
-                   f"density {100 * s.density:.3g} % · max {s.max:.3g} · {s.n_active:,} tokens")
+                   f"density {100 * s.density:.3g} % · max {s.max:.3g}"
+                   + (f" · min {s.min:.3g}" if bundle.signed_codes and not s.dead else "") + f" · {s.n_active:,} tokens")
         if not s.dead:
             st.plotly_chart(render.activation_histogram(lat), config=render.PLOT_CONFIG, key=f"h{lat.index}_{id(col)}")
             st.html(render.examples_html(bundle, lat.top[:5], 8, "global", max(abs(s.max), abs(s.min))))
