@@ -4,6 +4,9 @@
 #   doctor         `saelab doctor --json` (skipped, and said so, where this saelab has no doctor command)
 #   gpu_kernels    bench/gpu_kernels.py: every sparse op, Triton vs PyTorch vs float64, d 768/2304, n 24k/131k,
 #                  k 32/64, fp32 and bf16
+#   topk_stream    bench/gpu_topk_stream.py: the fused streaming encoder top-k, exact on integer inputs (ties to the
+#                  lowest index, as the torch path), and against dense GEMM + topk and the blocked torch path at
+#                  B 4096, k 32, d 2048/4096, n 65k/262k, bf16 and fp32 (TF32 off): agreement, ms, peak memory
 #   train          a ~2-minute `saelab train --device cuda` on the reference model (with its core evaluation)
 #   train_step     bench/train_step.py --device cuda, every architecture, shape b (d 768, n 24576)
 #   kernels        bench/sparse_kernels.py --device cuda (sparse vs dense decoder, bf16, the full grid)
@@ -113,12 +116,14 @@ if [ $DRY = 1 ]; then
                 --context-size 64)
     STEP_ARGS=(--device cpu --shapes 32x128 --batch 64 --steps 1 --repeats 1 --archs all)
     BENCH_ARGS=(--device cpu --dtype float32 --cases 64x512x8 --repeats 1 --warmup 1)
+    TOPK_ARGS=(--device cpu --tiny --repeats 1)
 else
     DEV=cuda
     KERNELS_ARGS=(--device cuda)
     TRAIN_ARGS=(--device cuda --tokens "$TRAIN_TOKENS" --checkpoint-every 2000)
     STEP_ARGS=(--device cuda --shapes b --archs all)
     BENCH_ARGS=(--device cuda)
+    TOPK_ARGS=(--device cuda)
 fi
 
 if "$PY" -m saelab.cli doctor --help > /dev/null 2>&1; then
@@ -128,11 +133,13 @@ else
 fi
 step gpu_kernels 120 "$WORK/gpu_kernels.json" \
     "$PY" bench/gpu_kernels.py "${KERNELS_ARGS[@]}" --out "$WORK/gpu_kernels.json"
+step topk_stream 90 "$WORK/topk_stream.json" \
+    "$PY" bench/gpu_topk_stream.py "${TOPK_ARGS[@]}" --out "$WORK/topk_stream.json"
 step train 180 "$WORK/train-run" "$PY" -m saelab.cli train "${TRAIN_ARGS[@]}" --out "$WORK/train-run" --no-progress
 step train_step 110 "$WORK/train_step/train_step-$DEV.json" \
     "$PY" bench/train_step.py "${STEP_ARGS[@]}" --out "$WORK/train_step"
 step kernels 70 "$WORK/kernels.json" "$PY" bench/sparse_kernels.py "${BENCH_ARGS[@]}" --out "$WORK/kernels.json"
-step compile_check 60 "$WORK/compile_check.log" env -u TRITON_INTERPRET "$PY" -m saelab.kernels.compile_check
+step compile_check 90 "$WORK/compile_check.log" env -u TRITON_INTERPRET "$PY" -m saelab.kernels.compile_check
 
 # ---------------------------------------------------------------------------------------------------- report
 "$PY" bench/gpu_report.py assemble "$STEPS" "$WORK/env.json" "$OUT" --started "$START" $([ $DRY = 1 ] && echo --dry-run)

@@ -191,3 +191,31 @@ def test_bad_arguments(tk):
         tk.fused_topk(x, W, b, 41)
     with pytest.raises(ValueError, match="share a dtype"):
         tk.fused_topk(x, W.double(), b, 3)
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tk, tmp_path, monkeypatch):
+    """bench/gpu_topk_stream.py (the GPU check's step) at its tiny sizes: passes with the kernel, and fails when the
+    kernel's answer is wrong in one row."""
+    import json
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    monkeypatch.syspath_prepend(bench)
+    import gpu_topk_stream as g
+
+    out = tmp_path / "topk.json"
+    assert g.main(["--device", DEV, "--tiny", "--dtypes", "float32", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [c["kind"] for c in result["cases"]] == ["exact", "exact", "timed"]
+    assert all(c["ok"] for c in result["cases"]) and result["cases"][0]["fused_equals_stable_sort"]
+
+    def off_by_one(x, W, b, k):  # the right answer, but one row's last index moved to a worse latent
+        v, i = g.dense(x, W, b, k)
+        order = v.sort(1, descending=True).indices
+        v, i = v.gather(1, order), i.gather(1, order)
+        i[0, -1] = (i[0, -1] + 1) % W.shape[1]
+        return v, i
+
+    monkeypatch.setattr(g, "fused", off_by_one)
+    assert g.main(["--device", DEV, "--tiny", "--dtypes", "float32", "--repeats", "1"]) == 1
