@@ -335,6 +335,8 @@ def test_triton_kernels_compile_for_gpus():
     lines = res.stdout.strip().splitlines()
     assert len(lines) >= 40
     assert not [ln for ln in lines if "LOCAL:" in ln and "LOCAL:0" not in ln], res.stdout
+    stream = [ln for ln in lines if "stream_topk_kernel" in ln]  # the fused top-k: 5 variants per arch, no spills
+    assert len(stream) == 10 and all("STACK:0 " in ln for ln in stream if "STACK:" in ln), "\n".join(stream)
 
 
 # ------------------------------------------------------------------------------------------------ selection & API
