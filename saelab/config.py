@@ -314,6 +314,14 @@ class SAEConfig:
     expansion_factor: int = setting(16, "width as a multiple of d_in when --n-latents is not given")
     k: int = setting(32, "active latents per token")
     hook_name: str = setting("", "hook to train on", flag="--hook", default_text=MIDDLE_HOOK)
+    # a transcoder (`saelab.sae.transcoder`): the encoder reads hook_name, the decoder writes target_hook (d_out wide)
+    target_hook: str = setting("", "train a transcoder: encode --hook, reconstruct this hook's activations of the same "
+                                   "tokens (e.g. --hook blocks.2.hook_mlp_in --target-hook blocks.2.hook_mlp_out)",
+                               default_text="none: an SAE")
+    skip: bool = setting(False, "skip-transcoder (Paulo et al. 2025): add a linear term W_skip·x (zero at init) to the "
+                                "transcoder's output; needs --target-hook")
+    d_out: int = 0  # the target's width (a transcoder's; 0 for an SAE)
+    target_scale: float = 1.0  # normalize "scale": the target's own fixed factor, E||ỹ||² = d_out
     model_name: str = "reference"
     # "scale": one fixed factor so that E||x||² = d_in (from cache statistics), folded into the weights at save;
     # "layer_norm": per-token (x − μ)/(σ + ln_eps) as in OpenAI's released SAEs, undone on output by x̂·σ + μ;
@@ -355,8 +363,14 @@ class SAEConfig:
         check(self.input_scale > 0 and self.input_scale == self.input_scale, "sae.input_scale",
               f"must be a positive number, got {self.input_scale}")
         check(self.ln_eps >= 0, "sae.ln_eps", f"must be >= 0, got {self.ln_eps}")
+        check(self.target_scale > 0 and self.target_scale == self.target_scale, "sae.target_scale",
+              f"must be a positive number, got {self.target_scale}")
+        check(self.d_out >= 0, "sae.d_out", f"must be >= 0, got {self.d_out}")
         check(self.dtype in DTYPES, "sae.dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
         self.options = check_options(self.architecture, self.options)
+        from saelab.sae.transcoder import check_transcoder_config
+
+        check_transcoder_config(self)
         if self.encoder_chunk:
             from saelab.sae.architectures import get_architecture
 

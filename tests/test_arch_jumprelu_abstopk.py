@@ -484,10 +484,10 @@ def test_cli_trains_learns_and_resumes_bit_exactly(cache, tmp_path, monkeypatch,
 
     real_step = SAERun.step
 
-    def dies_at_50(self, step, x, grad):
+    def dies_at_50(self, step, x, grad, target=None):
         if step == 50:
             raise KeyboardInterrupt
-        return real_step(self, step, x, grad)
+        return real_step(self, step, x, grad, target)
 
     monkeypatch.setattr(SAERun, "step", dies_at_50)
     assert cli("b") == 130

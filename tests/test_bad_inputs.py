@@ -164,6 +164,17 @@ CASES = [
     Case("train-target-l0-above-width", ["train", "--cache", "{cache}", "--arch", "jumprelu", "--n-latents", "64",
                                          "--target-l0", "100"], ["target_l0", "got 100", "n_latents (64)"],
          hint="--target-l0"),
+    Case("train-cache-lacks-target-hook", ["train", "--cache", "{cache}", "--target-hook", "blocks.2.hook_mlp_out"],
+         ["--target-hook", "'blocks.2.hook_mlp_out'", HOOK], hint=f"saelab cache --hooks {HOOK},blocks.2.hook_mlp_out"),
+    Case("train-skip-without-target-hook", ["train", "--skip"], ["sae.skip", "needs a target hook"],
+         hint="--target-hook"),
+    Case("train-mp-transcoder", ["train", "--arch", "mp", "--target-hook", "blocks.2.hook_mlp_out"],
+         ["sae.target_hook", "mp SAE cannot be a transcoder", "own decoder rows"]),
+    Case("train-transcoder-layer-norm", ["train", "--target-hook", "blocks.2.hook_mlp_out", "--normalize",
+                                        "layer_norm"], ["sae.normalize", "'layer_norm'", "target's own statistics"]),
+    Case("train-resume-target-width-differs", ["train", "--cache", "{cache}", "--target-hook", HOOK, "--out",
+                                               "{tmp}/tc_run", "--resume"],
+         ["--resume", "d_out 99", "d_out 256"], hint="the cache the run was trained on"),
     Case("train-k-zero", ["train", "--k", "0"], ["sae.k", "got 0"]),
     Case("train-threads-negative", ["train", "--threads", "-1"], ["threads", "got -1"]),
     Case("train-cache-tokens-zero", ["train", "--cache-tokens", "0"], ["cache_tokens", "got 0"]),
@@ -309,6 +320,11 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "run" / "sae").mkdir(parents=True)
     (tmp / "run" / "sae" / "cfg.json").write_text("{}")
     (tmp / "run" / "config.yaml").write_text("tokens: [1, 2\n")
+    step = tmp / "tc_run" / "checkpoints" / "step-00000010"  # a transcoder's checkpoint whose target is 99 wide
+    step.mkdir(parents=True)
+    (step / "state.json").write_text(json.dumps({"sae": {"hook_name": HOOK, "d_in": 256, "target_hook": HOOK,
+                                                         "d_out": 99}}))
+    (step / "state.safetensors").write_text("")
     good_spans = '{"text": "x = 1", "spans": {"number": [[4, 5]]}}\n'
     (tmp / "seqlabels.jsonl").write_text('{"text": "x = 1", "label": "assignment"}\n')
     (tmp / "outofrange.jsonl").write_text(good_spans + '{"text": "x = 1", "spans": {"number": [[4, 9]]}}\n')

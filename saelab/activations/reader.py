@@ -74,11 +74,15 @@ class ActivationCache(BatchSource):
     With `world_size` > 1, rank r reads shards r, r + world_size, ... (disjoint, together complete); a cache with
     fewer shards than ranks is split by blocks instead. `n_rows` is the number of rows *this* reader covers per
     epoch (all training rows when world_size is 1); `n_rows_total` is the cache's.
+
+    `target_hook` (a transcoder's target): a second hook of the cache, read from the same rows in the same order
+    (`Batch.targets`); the gradients (`with_grads`) are then the target hook's.
     """
 
     def __init__(self, path: str | Path, hook_name: str | None = None, batch_size: int = 4096, seed: int = 0,
                  buffer_rows: int | None = None, with_grads: bool = False, rank: int = 0, world_size: int = 1,
-                 device: str | torch.device = "cpu", verify: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS):
+                 device: str | torch.device = "cpu", verify: bool = False, block_rows: int = DEFAULT_BLOCK_ROWS,
+                 target_hook: str | None = None):
         self.path = Path(path)
         self.manifest = m = read_manifest(self.path)
         spec = m["spec"]
@@ -88,8 +92,9 @@ class ActivationCache(BatchSource):
                 raise CacheError(f"the cache at {self.path} holds {len(hooks)} hooks ({', '.join(hooks)}); pass "
                                  f"hook_name= one of them")
             hook_name = hooks[0]
-        if hook_name not in hooks:
-            raise CacheError(f"the cache at {self.path} has no hook {hook_name!r}; it holds {', '.join(hooks)}")
+        for name in (hook_name, target_hook or hook_name):
+            if name not in hooks:
+                raise CacheError(f"the cache at {self.path} has no hook {name!r}; it holds {', '.join(hooks)}")
         if with_grads and not spec["with_grads"]:
             raise CacheError(f"the cache at {self.path} was written without gradients, which this run needs",
                              hint="write one with `saelab cache ... --with-grads` (another --out) and train from it, "
@@ -105,8 +110,10 @@ class ActivationCache(BatchSource):
             warnings.warn(f"the cache at {self.path} is incomplete ({m['n_tokens']:,} of {m['target_tokens']:,} "
                           f"tokens); reading the {len(m['shards'])} complete shards. Rerun the `saelab cache` command "
                           f"to finish it.")
-        self.hook_name = hook_name
+        self.hook_name, self.target_hook = hook_name, target_hook or None
+        self.grad_hook = self.target_hook or hook_name  # a transcoder's gradients are its target's
         self.d_in = int(spec["d_in"][hook_name])
+        self.d_out = int(spec["d_in"][self.target_hook]) if self.target_hook else None
         self.dtype = spec["dtype"]
         self.batch_size, self.seed, self.with_grads = batch_size, seed, with_grads
         self.rank, self.world_size = rank, world_size
@@ -117,7 +124,8 @@ class ActivationCache(BatchSource):
         self.n_rows_total = int(m["n_rows"])
         self._check(verify)
 
-        row_bytes = self.d_in * STORAGE[self.dtype].itemsize * (2 if with_grads else 1)
+        width = self.d_out or self.d_in  # of the gradients (the target's for a transcoder)
+        row_bytes = STORAGE[self.dtype].itemsize * (self.d_in + (self.d_out or 0) + (width if with_grads else 0))
         if buffer_rows is None:
             buffer_rows = max(4 * batch_size, DEFAULT_BUFFER_BYTES // row_bytes)
         self.block_rows = min(block_rows, buffer_rows)
@@ -138,8 +146,10 @@ class ActivationCache(BatchSource):
             i = s["index"]
             want = {tokens_file(i): ((s["sequences"], self.T), np.dtype("<i4")),
                     acts_file(self.hook_name, i): ((s["rows"], self.d_in), STORAGE[self.dtype])}
+            if self.target_hook:
+                want[acts_file(self.target_hook, i)] = ((s["rows"], self.d_out), STORAGE[self.dtype])
             if self.with_grads:
-                want[grads_file(self.hook_name, i)] = ((s["rows"], self.d_in), STORAGE[self.dtype])
+                want[grads_file(self.grad_hook, i)] = ((s["rows"], self.d_out or self.d_in), STORAGE[self.dtype])
             for rel, (shape, dtype) in want.items():
                 offset, problem = check_file(self.path, rel, shape, dtype, s["files"].get(rel), checksum)
                 if problem:
@@ -192,20 +202,28 @@ class ActivationCache(BatchSource):
         if getattr(self, "_acts", None) is None:
             cap = self.buffer_rows
             self._acts = np.empty((cap, self.d_in), dtype=STORAGE[self.dtype])
-            self._grads = np.empty((cap, self.d_in), dtype=STORAGE[self.dtype]) if self.with_grads else None
+            self._grads = np.empty((cap, self.d_out or self.d_in), dtype=STORAGE[self.dtype]) \
+                if self.with_grads else None
+            self._targets = np.empty((cap, self.d_out), dtype=STORAGE[self.dtype]) if self.target_hook else None
             self._tok = np.empty(cap, dtype=np.int64)
             self._pos = np.empty((cap, 2), dtype=np.int64)
         shards = self.manifest["shards"]
         itemsize = self.d_in * STORAGE[self.dtype].itemsize
+        out_itemsize = (self.d_out or self.d_in) * STORAGE[self.dtype].itemsize  # the gradients' and targets' rows
         o = 0
         for j, r0, nb in blocks.tolist():
             s = shards[j]
             i = s["index"]
             rel = acts_file(self.hook_name, i)
             pread_into(self._fds.get(self.path / rel), self._acts[o:o + nb], self._offsets[rel] + r0 * itemsize)
+            if self.target_hook:
+                rel = acts_file(self.target_hook, i)
+                pread_into(self._fds.get(self.path / rel), self._targets[o:o + nb],
+                           self._offsets[rel] + r0 * out_itemsize)
             if self.with_grads:
-                rel = grads_file(self.hook_name, i)
-                pread_into(self._fds.get(self.path / rel), self._grads[o:o + nb], self._offsets[rel] + r0 * itemsize)
+                rel = grads_file(self.grad_hook, i)
+                pread_into(self._fds.get(self.path / rel), self._grads[o:o + nb],
+                           self._offsets[rel] + r0 * out_itemsize)
             rows = np.arange(r0, r0 + nb)
             seq, pos = rows // self.K, rows % self.K + self.first
             s_lo, s_hi = int(seq[0]), int(seq[-1]) + 1
@@ -234,7 +252,8 @@ class ActivationCache(BatchSource):
             idx = self._wperm[self.offset - self._wstart:self.offset - self._wstart + k]
             pieces.append((from_storage(self._acts[idx], self.dtype),
                            None if self._grads is None else from_storage(self._grads[idx], self.dtype),
-                           torch.from_numpy(self._tok[idx]), torch.from_numpy(self._pos[idx])))
+                           torch.from_numpy(self._tok[idx]), torch.from_numpy(self._pos[idx]),
+                           None if self._targets is None else from_storage(self._targets[idx], self.dtype)))
             self.offset += k
             count -= k
         return pieces
@@ -242,7 +261,8 @@ class ActivationCache(BatchSource):
     # ------------------------------------------------------------------------------------------- cursor
     def _identity(self) -> dict:
         return {"hook": self.hook_name, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "n_rows": self.n_rows, "block_rows": self.block_rows, "buffer_rows": self.buffer_rows}
+                "n_rows": self.n_rows, "block_rows": self.block_rows, "buffer_rows": self.buffer_rows,
+                **({"target_hook": self.target_hook} if self.target_hook else {})}
 
     def state_dict(self) -> dict:
         return {"kind": "ActivationCache", "epoch": self.epoch, "offset": self.offset, **self._identity()}
@@ -261,16 +281,22 @@ class ActivationCache(BatchSource):
     def stats(self) -> dict:
         """Statistics of this hook over the whole cache (all ranks), float64, from the per-shard files."""
         if self._stats is None:
-            s: RunningStats = load_stats(self.path, self.manifest, self.hook_name)
-            n = max(s.n, 1)
-            self._stats = {"mean": torch.from_numpy(s.mean.copy()), "var": torch.from_numpy(s.m2 / n),
-                           "mean_sq_norm": s.sum_sq_norm / n, "mean_norm": s.sum_norm / n, "max_norm": s.max_norm,
-                           "n": s.n}
+            self._stats = self._hook_stats(self.hook_name)
         return self._stats
+
+    def target_stats(self) -> dict:
+        """`stats` of the target hook (a transcoder's)."""
+        return self._hook_stats(self.target_hook)
+
+    def _hook_stats(self, hook: str) -> dict:
+        s: RunningStats = load_stats(self.path, self.manifest, hook)
+        n = max(s.n, 1)
+        return {"mean": torch.from_numpy(s.mean.copy()), "var": torch.from_numpy(s.m2 / n),
+                "mean_sq_norm": s.sum_sq_norm / n, "mean_norm": s.sum_norm / n, "max_norm": s.max_norm, "n": s.n}
 
     def close(self) -> None:
         self._fds.close()
-        self._acts = self._grads = None
+        self._acts = self._grads = self._targets = None
         self._window_key = None
 
     def __del__(self):
@@ -280,5 +306,7 @@ class ActivationCache(BatchSource):
             pass
 
     def __repr__(self) -> str:
-        return (f"ActivationCache({str(self.path)!r}, hook={self.hook_name!r}, d_in={self.d_in}, rows={self.n_rows:,}"
+        target = f", target_hook={self.target_hook!r}, d_out={self.d_out}" if self.target_hook else ""
+        return (f"ActivationCache({str(self.path)!r}, hook={self.hook_name!r}, d_in={self.d_in}{target}, "
+                f"rows={self.n_rows:,}"
                 f", dtype={self.dtype}, batch_size={self.batch_size}, buffer_rows={self.buffer_rows:,})")

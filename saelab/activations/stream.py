@@ -14,6 +14,9 @@ the window (no model work), recomputes that one window and skips the consumed ro
 
 Data parallelism: with rank / world_size, rank r takes windows r, r + world_size, ... (disjoint, together the
 whole corpus); `stats()` always estimates from window 0, so every rank normalises alike.
+
+A transcoder's target (`target_hook`) is captured in the same forward as the input hook, so its rows are the same
+tokens in the same order (`Batch.targets`); the gradients are then the target hook's.
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ class ActivationStream(BatchSource):
     def __init__(self, model, hook_name: str, corpus: CorpusSpec | None = None, context_size: int = 128,
                  batch_size: int = 4096, seed: int = 0, shuffle_buffer: int | None = None, with_grads: bool = False,
                  exclude_bos: bool = True, split: str = "train", device: str | torch.device | None = None,
-                 batch_rows: int = 32, rank: int = 0, world_size: int = 1):
+                 batch_rows: int = 32, rank: int = 0, world_size: int = 1, target_hook: str | None = None):
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size), got rank {rank}, world_size {world_size}")
-        self.model, self.hook_name = model, hook_name
+        self.model, self.hook_name, self.target_hook = model, hook_name, target_hook or None
         self.rank, self.world_size = rank, world_size
         self.corpus = corpus or CorpusSpec()
         self.T, self.split = context_size, split
@@ -47,7 +50,8 @@ class ActivationStream(BatchSource):
         self.K = self.T - self.first
         self.batch_size, self.seed, self.with_grads = batch_size, seed, with_grads
         self.batch_rows = batch_rows
-        self.capture = HookCapture(model, [hook_name], with_grads=with_grads, kept_from=self.first)
+        hooks = [hook_name] + ([self.target_hook] if self.target_hook not in (None, hook_name) else [])
+        self.capture = HookCapture(model, hooks, with_grads=with_grads, kept_from=self.first)
         self.device = torch.device(device) if device is not None else self.capture.device
         shuffle_buffer = shuffle_buffer or 16 * batch_size
         seqs = max(1, math.ceil(shuffle_buffer / self.K))
@@ -67,19 +71,22 @@ class ActivationStream(BatchSource):
         return it
 
     def _compute(self, seqs: np.ndarray):
-        acts, grads, toks, pos = [], [], [], []
+        acts, grads, toks, targets = [], [], [], []
+        grad_hook = self.target_hook or self.hook_name  # a transcoder's gradients are its target's
         for start in range(0, len(seqs), self.batch_rows):
             tokens = torch.from_numpy(seqs[start:start + self.batch_rows])
             a, g = self.capture(tokens)
             acts.append(a[self.hook_name].float())
+            if self.target_hook:
+                targets.append(a[self.target_hook].float())
             if g is not None:
-                grads.append(g[self.hook_name].float())
+                grads.append(g[grad_hook].float())
             toks.append(tokens[:, self.first:].reshape(-1))
         B = len(seqs)
         seq_idx = np.repeat(np.arange(B), self.K)
         pos = np.tile(np.arange(self.first, self.T), B)
         return (torch.cat(acts), torch.cat(grads) if grads else None, torch.cat(toks),
-                torch.from_numpy(np.stack([seq_idx, pos], 1)))
+                torch.from_numpy(np.stack([seq_idx, pos], 1)), torch.cat(targets) if targets else None)
 
     def _load(self, epoch: int, window: int) -> bool:
         """Compute window `window` of `epoch`; False when the epoch has no such window (the split is over)."""
@@ -99,14 +106,15 @@ class ActivationStream(BatchSource):
                 raise DataError(f"the corpus split {self.split!r} of {self.corpus.source!r} has no rows of "
                                  f"{self.T} tokens for rank {self.rank} of {self.world_size}")
             return False
-        acts, grads, toks, pos = self._compute(np.stack(seqs))
+        acts, grads, toks, pos, targets = self._compute(np.stack(seqs))
         pos[:, 0] += window * self.window_seqs
-        self._acts, self._grads, self._tok, self._pos = acts, grads, toks, pos
+        self._acts, self._grads, self._tok, self._pos, self._targets = acts, grads, toks, pos, targets
         n = acts.shape[0]
         self._perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, window, 2]).permutation(n))
         self._loaded = (epoch, window)
         if epoch == 0 and window == 0 and self._stats is None:
             self._stats = _stats_of(acts)
+            self._target_stats = None if targets is None else _stats_of(targets)
         return True
 
     def _take(self, count: int):
@@ -123,7 +131,8 @@ class ActivationStream(BatchSource):
             idx = self._perm[self.pos:self.pos + k]
             dev_idx = idx.to(self._acts.device)
             pieces.append((self._acts[dev_idx], None if self._grads is None else self._grads[dev_idx],
-                           self._tok[idx.to(self._tok.device)], self._pos[idx]))
+                           self._tok[idx.to(self._tok.device)], self._pos[idx],
+                           None if self._targets is None else self._targets[dev_idx]))
             self.pos += k
             count -= k
         return pieces
@@ -132,7 +141,8 @@ class ActivationStream(BatchSource):
     def _identity(self) -> dict:
         return {"hook": self.hook_name, "seed": self.seed, "window_seqs": self.window_seqs, "context_size": self.T,
                 "first_kept_position": self.first, "split": self.split, "corpus": self.corpus.source,
-                "rank": self.rank, "world_size": self.world_size}
+                "rank": self.rank, "world_size": self.world_size,
+                **({"target_hook": self.target_hook} if self.target_hook else {})}
 
     def state_dict(self) -> dict:
         return {"kind": "ActivationStream", "epoch": self.epoch, "window": self.window, "pos": self.pos,
@@ -152,8 +162,15 @@ class ActivationStream(BatchSource):
         if self._stats is None:
             it = self._row_iterator(0)
             seqs = list(itertools.islice(it, self.window_seqs))
-            self._stats = _stats_of(self._compute(np.stack(seqs))[0])
+            computed = self._compute(np.stack(seqs))
+            self._stats = _stats_of(computed[0])
+            self._target_stats = None if computed[4] is None else _stats_of(computed[4])
         return self._stats
+
+    def target_stats(self) -> dict:
+        """`stats` of the target hook (a transcoder's), from the same window."""
+        self.stats()
+        return self._target_stats
 
 
 def _stats_of(acts: torch.Tensor) -> dict:
@@ -168,14 +185,16 @@ def stream_activations(model, hook_name: str, corpus: CorpusSpec | None = None, 
                        batch_size: int = 4096, seed: int = 0, shuffle_buffer: int | None = None,
                        with_grads: bool = False, exclude_bos: bool = True, split: str = "train",
                        device: str | torch.device | None = None, batch_rows: int = 32, rank: int = 0,
-                       world_size: int = 1) -> ActivationStream:
+                       world_size: int = 1, target_hook: str | None = None) -> ActivationStream:
     """Batches of `hook_name` computed on the fly; same `Batch` interface and cursor API as `ActivationCache`.
 
     shuffle_buffer: training rows per shuffled window (default 16 × batch_size); device: where batches go (default
     the model's); batch_rows: packed rows per model forward; rank / world_size: with `torchrun`, rank r takes
     windows r, r + world_size, ... of the corpus (disjoint, together complete; each rank tokenizes everything but
-    runs the model only on its windows).
+    runs the model only on its windows); target_hook: a transcoder's target, captured in the same forwards
+    (`Batch.targets`, the same tokens in the same order; the gradients are then its).
     """
     return ActivationStream(model, hook_name, corpus=corpus, context_size=context_size, batch_size=batch_size,
                             seed=seed, shuffle_buffer=shuffle_buffer, with_grads=with_grads, exclude_bos=exclude_bos,
-                            split=split, device=device, batch_rows=batch_rows, rank=rank, world_size=world_size)
+                            split=split, device=device, batch_rows=batch_rows, rank=rank, world_size=world_size,
+                            target_hook=target_hook)

@@ -17,7 +17,10 @@ Each architecture is one small file (`topk.py`, `batchtopk.py`, `matryoshka.py`,
 import it (the SAE imports them).
 
 Conventions: `pre` is the dense pre-activation [B, n] computed without autograd (the step's one dense GEMM);
-`x_c = x̃ − b_dec` the centred normalised input; `grad` the LM-loss gradient at the hook in normalised space, or None.
+`x_c = x̃ − b_pre` the centred normalised input (b_pre: an SAE's b_dec, a transcoder's b_in); `x_norm` in `losses`
+what the decoder must reproduce (an SAE's x̃; a transcoder's normalised target, less its skip term:
+`saelab.sae.transcoder`); `grad` the LM-loss gradient at the hook (a transcoder's: at its target) in normalised space,
+or None.
 A selection is `(indices [B, K], valid [B, K] bool or None)`; padded slots (valid False) get value 0 and no gradient,
 so every kernel consumes variable-k codes as they are. "Active" always means value != 0.
 """
@@ -89,6 +92,8 @@ class Architecture:
     # True: the training selection is a per-token top-k of an elementwise key of pre (`stream_key`), so with
     # `SAEConfig.encoder_chunk` it runs block by block (`saelab.kernels.topk_stream`) without the [B, n] matrix
     streams: ClassVar[bool] = False
+    # why this architecture cannot be a transcoder (`saelab.sae.transcoder`); "" where it can
+    transcoder_refusal: ClassVar[str] = ""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -104,8 +109,9 @@ class Architecture:
         architecture's own parameters and any change to that init."""
 
     @torch.no_grad()
-    def init_from_data(self, sae, x_norm: torch.Tensor) -> None:
-        """At the end of `SparseAutoencoder.init_from_data_`, on its normalised sample x̃ [N, d_in] (b_dec already
+    def init_from_data(self, sae, x_norm: torch.Tensor, y_norm: torch.Tensor) -> None:
+        """At the end of `SparseAutoencoder.init_from_data_`, on its normalised sample x̃ [N, d_in] and what the
+        decoder must reproduce of it, ỹ (x̃ itself for an SAE, the target for a transcoder; b_pre and b_dec already
         set): data-dependent state (JumpReLU places its thresholds)."""
 
     @classmethod
@@ -267,7 +273,7 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor | None, err: torch.Tenso
         z = torch.zeros_like(sub).scatter_(1, local, kept if signed else kept.relu())
         # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
         z = DenseEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
-                               F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_dec)
+                               F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_pre)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
         if streamed:  # many dead latents: their top-k in blocks of `chunk` dead columns
@@ -305,10 +311,11 @@ class DenseEncoder(torch.autograd.Function):
     """Codes z of a set of latents (AuxK's dead ones; all of them on the dense path of ReLU and Gated SAEs) with the
     gradient of x_c·W_rowsᵀ + b_rows where z ≠ 0 (a ReLU'd code: where it is > 0), taken from the main step's
     pre-activations (no GEMM in the forward): the dense counterpart of `encoder_values`. The backward gives W_rows and b_rows their gradients and
-    b_dec its gradient through x_c = x̃ − b_dec as −(Σ_tokens g)·W_rows, a vector product instead of a [B, d] GEMM."""
+    b_pre (an SAE's b_dec) its gradient through x_c = x̃ − b_pre as −(Σ_tokens g)·W_rows, a vector product instead of
+    a [B, d] GEMM."""
 
     @staticmethod
-    def forward(ctx, z, x_c, w_rows, b_rows, b_dec):
+    def forward(ctx, z, x_c, w_rows, b_rows, b_pre):
         ctx.save_for_backward(z, x_c, w_rows)
         return z.clone()
 

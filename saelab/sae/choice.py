@@ -206,7 +206,7 @@ class FeatureChoice(Architecture):
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
-        x_c = torch.cat(xs) - sae.b_dec
+        x_c = torch.cat(xs) - sae.b_pre
         n_tok = total = x_c.shape[0]
         if world > 1:  # ranks may hold different counts: agree on the global N
             t = torch.tensor(n_tok, device=x_c.device)

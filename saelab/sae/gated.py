@@ -73,7 +73,7 @@ class Gated(ReLU):
         x_aux = s.decode(gate, frozen) + sae.b_dec.detach()
         losses = {"fvu": fvu(x_norm - x_hat, sae.loss_normalizer),
                   "l1": weighted_l1(s, gate, frozen) / sae.loss_normalizer,
-                  "aux_fvu": fvu(x_norm - x_aux, sae.loss_normalizer)}
+                  "aux_fvu": fvu(x_norm.detach() - x_aux, sae.loss_normalizer)}  # trains the gate alone
         losses["loss"] = losses["fvu"] + self.l1_coef() * losses["l1"] + losses["aux_fvu"]
         self.gate = None
         return x_hat, losses

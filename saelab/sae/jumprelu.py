@@ -201,7 +201,7 @@ class JumpReLU(Architecture):
         sae.l0_error.zero_()
 
     @torch.no_grad()
-    def init_from_data(self, sae, x_norm: torch.Tensor) -> None:
+    def init_from_data(self, sae, x_norm: torch.Tensor, y_norm: torch.Tensor) -> None:
         """θ of every latent at the cut-off that gives the sample (its first INIT_ROWS rows) a mean L0 of target_l0
         (or k), so the SAE starts as sparse as it is meant to end; then the encoder (and θ with it, the same code) is
         scaled so that this code's reconstruction has the least-squares scale on the sample. The tied init's
@@ -209,12 +209,13 @@ class JumpReLU(Architecture):
         pre-activations below their thresholds: L0 fell from 32 to 8 in 60 steps, where TopK keeps its k."""
         if self.opt.init_threshold:
             return
-        x_c = x_norm[:INIT_ROWS].to(sae.W_dec.dtype) - sae.b_dec
+        x_c = x_norm[:INIT_ROWS].to(sae.W_dec.dtype) - sae.b_pre
         pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
         want = max(1, round((self.opt.target_l0 or self.cfg.k) * pre.shape[0]))
         cut = max(float(global_cut(pre.reshape(-1).float(), min(want, pre.numel()), 1)), MIN_INIT_THRESHOLD)
         x_hat = (pre * (pre > cut)) @ sae.W_dec
-        scale = float((x_c * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
+        y_c = y_norm[:INIT_ROWS].to(sae.W_dec.dtype) - sae.b_dec  # what the code's x̂ should be (x_c for an SAE)
+        scale = float((y_c * x_hat).sum() / x_hat.pow(2).sum().clamp_min(1e-12))
         if scale > 0:
             sae.W_enc.mul_(scale)
             sae.b_enc.mul_(scale)

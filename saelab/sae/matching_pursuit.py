@@ -92,6 +92,8 @@ class MatchingPursuit(Architecture):
     help = "MP-SAE (Costa et al. 2025): T steps of matching pursuit over the decoder atoms (tied, no encoder)"
     Options = MatchingPursuitOptions
     needs_preacts = False
+    transcoder_refusal = ("matching pursuit explains its input by its own decoder rows (its encoder is its "
+                          "dictionary), so it cannot write another hook's activations")
 
     @property
     def train_steps(self) -> int:

@@ -89,7 +89,7 @@ class Support:
         """The pre-activations on the support, with the encoder's gradient (each use of them here is 0 at or below
         the support's threshold: a ReLU, the gate, JumpReLU's step)."""
         if self.dense:
-            return DenseEncoder.apply(pre, x_c.detach(), sae.W_enc.T, sae.b_enc, sae.b_dec)
+            return DenseEncoder.apply(pre, x_c.detach(), sae.W_enc.T, sae.b_enc, sae.b_pre)
         return encoder_values(x_c, sae.W_enc, sae.b_enc, self.indices, pre.gather(1, self.indices))
 
     def gather(self, pre: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class ReLU(Architecture):
     @torch.no_grad()
     def init_parameters(self, sae) -> None:
         sae.W_dec.mul_(DECODER_INIT_NORM)
-        sae.W_enc.copy_(sae.W_dec.T)
+        sae.W_enc.mul_(DECODER_INIT_NORM)  # still W_decᵀ where the init tied them
 
     def begin_step(self, step: int, steps: int) -> None:
         warm = self.opt.l1_warmup_fraction * steps

@@ -28,6 +28,9 @@ from saelab.kernels import sparse_decode
 from saelab.sae.architectures import get_architecture
 from saelab.sae.code import SparseCode
 from saelab.sae.saelens import load_weights, read_sae_folder, save_sae
+from saelab.sae.transcoder import init_state as init_transcoder_state
+from saelab.sae.transcoder import init_target, reconstruction_goal, skip_term
+from saelab.sae.transcoder import reset as reset_transcoder
 
 
 @dataclass
@@ -43,13 +46,16 @@ class SparseAutoencoder(nn.Module):
         if not cfg.d_in:
             raise ValueError("SAEConfig.d_in must be set (the activation width) before building the SAE")
         self.cfg = cfg
+        if cfg.target_hook and not cfg.d_out:
+            raise ValueError("SAEConfig.d_out must be set (the target hook's width) before building a transcoder")
         self.arch = get_architecture(cfg.architecture)(cfg)
-        d, n = cfg.d_in, cfg.n_latents
+        d, n, d_out = cfg.d_in, cfg.n_latents, cfg.d_out or cfg.d_in  # a transcoder's decoder writes d_out wide
         dtype = getattr(torch, cfg.dtype)
         self.W_enc = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype).T)
         self.b_enc = nn.Parameter(torch.zeros(n, device=device, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n, d_out, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, device=device, dtype=dtype))
+        init_transcoder_state(self)  # a transcoder's b_in (and W_skip): `saelab.sae.transcoder`
         # E||x̃ − E x̃||² in normalised space: the fixed denominator of the normalised MSE (set from data stats;
         # fixed rather than per batch so the loss is a plain mean over tokens and splits across ranks exactly)
         self.register_buffer("loss_normalizer", torch.ones((), device=device, dtype=torch.float32))
@@ -59,36 +65,51 @@ class SparseAutoencoder(nn.Module):
     # ------------------------------------------------------------------------------------------ init & hygiene
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Tied init: unit-norm random decoder rows, encoder = decoder transpose (a copy), zero biases."""
+        """Tied init: unit-norm random decoder rows, encoder = decoder transpose (a copy), zero biases. A transcoder
+        whose target is narrower or wider than its input draws unit-norm encoder rows of their own."""
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        w = torch.randn(self.cfg.n_latents, self.cfg.d_in, generator=gen, dtype=torch.float32)
+        w = torch.randn(self.cfg.n_latents, self.W_dec.shape[1], generator=gen, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
+        if w.shape[1] != self.d_in:
+            w = torch.randn(self.cfg.n_latents, self.d_in, generator=gen, dtype=torch.float32)
+            w /= w.norm(dim=1, keepdim=True)
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()
         self.b_dec.zero_()
+        reset_transcoder(self)
         self.arch.init_parameters(self)
 
     @torch.no_grad()
     def init_from_data_(self, x: torch.Tensor, mean_sq_norm: float | None = None, var_total: float | None = None,
-                        median_samples: int = 32768) -> None:
+                        median_samples: int = 32768, target: torch.Tensor | None = None,
+                        target_stats: dict | None = None) -> None:
         """Data-dependent init on a sample of raw activations: the fixed input scale (E||x̃||² = d_in), the loss
         normaliser E||x̃ − E x̃||², and b_dec = geometric median of the sample (OpenAI, dictionary_learning).
-        `mean_sq_norm` / `var_total` (raw space, e.g. from cache statistics) override the sample's estimates."""
+        `mean_sq_norm` / `var_total` (raw space, e.g. from cache statistics) override the sample's estimates.
+        A transcoder also takes its target's rows of the same tokens (`target`) and their statistics
+        (`target_stats`: mean_sq_norm, var_total): the normaliser and b_dec are the target's, b_in the input's
+        median (`saelab.sae.transcoder`)."""
         x = self._check_input(x).float()
         msn = float(mean_sq_norm) if mean_sq_norm is not None else float(x.pow(2).sum(-1).mean())
         var = float(var_total) if var_total is not None else float((x - x.mean(0)).pow(2).sum(-1).mean())
         if self.cfg.normalize == "scale":
             self.cfg.input_scale = math.sqrt(self.d_in / max(msn, 1e-12))
         x_norm, _ = self.normalize_input(x[:median_samples])
-        if self.cfg.normalize == "scale":
-            self.loss_normalizer.fill_(var * self.cfg.input_scale ** 2)
-        elif self.cfg.normalize in ("layer_norm", "constant_norm_rescale"):
-            self.loss_normalizer.fill_(float((x_norm - x_norm.mean(0)).pow(2).sum(-1).mean()))
+        if self.cfg.target_hook:
+            ts = target_stats or {}
+            y_norm = init_target(self, target, ts.get("mean_sq_norm"), ts.get("var_total"), median_samples)
+            self.b_in.copy_(geometric_median(x_norm).to(self.b_in.dtype))
         else:
-            self.loss_normalizer.fill_(var)
-        self.b_dec.copy_(geometric_median(x_norm).to(self.b_dec.dtype))
-        self.arch.init_from_data(self, x_norm)
+            y_norm = x_norm
+            if self.cfg.normalize == "scale":
+                self.loss_normalizer.fill_(var * self.cfg.input_scale ** 2)
+            elif self.cfg.normalize in ("layer_norm", "constant_norm_rescale"):
+                self.loss_normalizer.fill_(float((x_norm - x_norm.mean(0)).pow(2).sum(-1).mean()))
+            else:
+                self.loss_normalizer.fill_(var)
+        self.b_dec.copy_(geometric_median(y_norm).to(self.b_dec.dtype))
+        self.arch.init_from_data(self, x_norm, y_norm)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -113,6 +134,17 @@ class SparseAutoencoder(nn.Module):
     def d_in(self) -> int:
         return self.cfg.d_in
 
+    @property
+    def b_pre(self) -> torch.Tensor:
+        """The bias the encoder subtracts from its input (x_c = x̃ − b_pre): an SAE's b_dec, a transcoder's b_in."""
+        return self.b_in if self.cfg.target_hook else self.b_dec
+
+    @property
+    def output_scale(self) -> float:
+        """normalize "scale": the fixed factor of the decoder's side, the input's for an SAE, the target's for a
+        transcoder."""
+        return self.cfg.target_scale if self.cfg.target_hook else self.cfg.input_scale
+
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """(x̃, per-token statistics or None): x̃ = (x − shift) / scale for the per-token normalisations."""
         mode = self.cfg.normalize
@@ -135,8 +167,8 @@ class SparseAutoencoder(nn.Module):
                                  f"decode a SparseCode made by this SAE's encode (it carries them in .norm)")
             shift, scale = norm
             return x_hat * scale + shift
-        if self.cfg.normalize == "scale" and self.cfg.input_scale != 1.0:
-            return x_hat / self.cfg.input_scale
+        if self.cfg.normalize == "scale" and self.output_scale != 1.0:
+            return x_hat / self.output_scale
         return x_hat
 
     def grad_to_normalized(self, grad: torch.Tensor | None, norm: tuple | None) -> torch.Tensor | None:
@@ -147,14 +179,14 @@ class SparseAutoencoder(nn.Module):
         grad = grad.to(self.W_dec.dtype)
         if norm is not None:
             return grad * norm[1]
-        if self.cfg.normalize == "scale" and self.cfg.input_scale != 1.0:
-            return grad / self.cfg.input_scale
+        if self.cfg.normalize == "scale" and self.output_scale != 1.0:
+            return grad / self.output_scale
         return grad
 
     # ------------------------------------------------------------------------------------------ encode / decode
     def preacts(self, x_norm: torch.Tensor) -> torch.Tensor:
         """Dense pre-activations [B, n]: the one dense GEMM of a step."""
-        return torch.addmm(self.b_enc, x_norm - self.b_dec, self.W_enc)
+        return torch.addmm(self.b_enc, x_norm - self.b_pre, self.W_enc)
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, grad: torch.Tensor | None = None) -> SparseCode:
@@ -162,13 +194,18 @@ class SparseAutoencoder(nn.Module):
         `grad` (the LM-loss gradient at the hook, [B, d_in]) is used only by gradient-aware architectures."""
         x_norm, norm = self.normalize_input(self._check_input(x))
         pre = self.preacts(x_norm) if self.arch.needs_preacts else None
-        code = self.arch.code_inference(self, pre, self.grad_to_normalized(grad, norm), x_c=x_norm - self.b_dec)
+        code = self.arch.code_inference(self, pre, self.grad_to_normalized(grad, norm), x_c=x_norm - self.b_pre)
         code.norm = norm
         return code
 
-    def decode(self, code: SparseCode) -> torch.Tensor:
-        """Reconstruction in raw activation space (differentiable in the code's values and W_dec)."""
-        return self.denormalize_output(sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec, code.norm)
+    def decode(self, code: SparseCode, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction in raw activation space (differentiable in the code's values and W_dec); a transcoder's
+        output at its target hook. `x`: the raw input rows the code was made from, which a skip-transcoder's output
+        depends on (W_skip·x); ignored otherwise."""
+        out = sparse_decode(code.indices, code.values, self.W_dec) + self.b_dec
+        if self.cfg.skip:
+            out = out + skip_term(self, None if x is None else self.normalize_input(self._check_input(x))[0])
+        return self.denormalize_output(out, code.norm)
 
     def _check_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.d_in:
@@ -178,20 +215,24 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------ training forward
     def forward(self, x: torch.Tensor, grad: torch.Tensor | None = None,
-                dead_mask: torch.Tensor | None = None) -> SAEOutput:
-        """Reconstruction and losses of a training step. `grad` (LM-loss gradient at the hook) is for
-        gradient-aware architectures; `dead_mask [n]` (bool) enables the AuxK loss on those latents."""
+                dead_mask: torch.Tensor | None = None, target: torch.Tensor | None = None) -> SAEOutput:
+        """Reconstruction and losses of a training step. `grad` (LM-loss gradient at the hook; a transcoder's: at
+        its target hook) is for gradient-aware architectures; `dead_mask [n]` (bool) enables the AuxK loss on those
+        latents; `target` [B, d_out]: a transcoder's target activations of the same tokens (its loss's goal)."""
         if not self.arch.trainable:
             raise ValueError(f"architecture {self.arch.name!r} is inference-only (an imported SAE); it cannot be "
                              f"trained")
         x_norm, norm = self.normalize_input(self._check_input(x))
-        x_c = x_norm - self.b_dec  # b_dec gets gradient through the encoder too
+        x_c = x_norm - self.b_pre  # b_pre (an SAE's b_dec) gets gradient through the encoder too
         with torch.no_grad():  # with the streaming encoder (encoder_chunk) the architecture computes it in blocks
             dense = self.arch.needs_preacts and not self.cfg.encoder_chunk
             pre = torch.addmm(self.b_enc, x_c, self.W_enc) if dense else None
         g = self.grad_to_normalized(grad, norm)
         code = self.arch.code_train(self, x_c, pre, g)
-        x_hat_norm, losses = self.arch.losses(self, x_norm, x_c, pre, code, g, dead_mask)
+        goal, skip = reconstruction_goal(self, x_norm, target)  # an SAE's: x̃ itself
+        x_hat_norm, losses = self.arch.losses(self, goal, x_c, pre, code, g, dead_mask)
+        if skip is not None:
+            x_hat_norm = x_hat_norm + skip
         code.norm = norm
         return SAEOutput(self.denormalize_output(x_hat_norm, norm), code, losses)
 

@@ -5,7 +5,11 @@ the folder, reproduces x̂ and keeps our metadata, and `ActivationsStore.from_sa
 saelab's own `saelab.json` (the full config, training summary and metrics).
 
 `read_sae_folder` and `load_weights` read saelab folders and SAELens-saved ones (TopK, JumpReLU, ReLU "standard" as
-saelab's `relu`, Gated, and BatchTopK, which SAELens saves for inference as JumpReLU). An architecture may name a
+saelab's `relu`, Gated, and BatchTopK, which SAELens saves for inference as JumpReLU; the transcoders "transcoder",
+"skip_transcoder", "jumprelu_transcoder" and "jumprelu_skip_transcoder" as saelab's relu / jumprelu transcoders).
+A transcoder (`saelab.sae.transcoder`) is saved as SAELens's transcoder classes save one: W_dec [n, d_out],
+b_dec [d_out], W_skip [d_out, d_in], cfg.json's d_out and metadata.hook_name_out (its target hook), no input
+centring (b_in folded into the encoder bias), each side's fixed scale folded in. An architecture may name a
 tensor differently from SAELens (Gated's b_enc is SAELens's b_gate: `saelens_export`'s "rename"). SAELens
 conventions that saelab does not have are folded into the weights exactly, so the imported SAE computes the same
 codes and reconstruction:
@@ -37,6 +41,7 @@ import torch
 
 from saelab.config import SAEConfig, from_dict
 from saelab.errors import SaelabError, SAEFileError
+from saelab.sae.transcoder import fold_input_bias, from_saelens_architecture, saelens_architecture
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
@@ -58,22 +63,35 @@ RESAVE = "restore the original file, or save the SAE again from SAELens"
 # ------------------------------------------------------------------------------------------------------ save
 def folded_state(sae) -> dict[str, torch.Tensor]:
     """Weights that act on raw activations: a fixed input scale s is folded in (x̃ = s·x), as SAELens does:
-    W_enc ← s·W_enc, W_dec ← W_dec / s, b_dec ← b_dec / s (the code values are unchanged)."""
-    s = sae.cfg.input_scale if sae.cfg.normalize == "scale" else 1.0
-    return {
+    W_enc ← s·W_enc, W_dec ← W_dec / s, b_dec ← b_dec / s (the code values are unchanged). A transcoder's output side
+    has its own scale t (W_dec / t, b_dec / t, W_skip·s/t) and its b_in is folded into b_enc."""
+    scaled = sae.cfg.normalize == "scale"
+    s, t = (sae.cfg.input_scale, sae.output_scale) if scaled else (1.0, 1.0)
+    state = {
         "W_enc": (sae.W_enc.detach() * s).contiguous(),
         "b_enc": sae.b_enc.detach().contiguous(),
-        "W_dec": (sae.W_dec.detach() / s).contiguous(),
-        "b_dec": (sae.b_dec.detach() / s).contiguous(),
+        "W_dec": (sae.W_dec.detach() / t).contiguous(),
+        "b_dec": (sae.b_dec.detach() / t).contiguous(),
     }
+    if sae.cfg.target_hook:
+        state = fold_input_bias(sae, state)
+    if sae.cfg.skip:
+        state["W_skip"] = (sae.W_skip.detach() * (s / t)).contiguous()
+    return state
 
 
 def saelens_export(sae) -> dict:
     """The architecture's SAELens view: {"architecture", "cfg" (extra cfg.json keys), "tensors" (extra weights),
     "rename" (our name → SAELens's, for a base tensor SAELens names differently)}."""
     export = sae.arch.saelens_export(sae)
-    return {"architecture": export["architecture"], "cfg": dict(export.get("cfg") or {}),
-            "tensors": dict(export.get("tensors") or {}), "rename": dict(export.get("rename") or {})}
+    export = {"architecture": export["architecture"], "cfg": dict(export.get("cfg") or {}),
+              "tensors": dict(export.get("tensors") or {}), "rename": dict(export.get("rename") or {})}
+    if sae.cfg.target_hook:  # SAELens's transcoder class of that encoder; b_in folded into its biases
+        export["architecture"] = saelens_architecture(export["architecture"], sae.cfg.skip)
+        export["cfg"]["d_out"] = sae.W_dec.shape[1]
+        export["tensors"] = fold_input_bias(sae, export["tensors"]) if "b_mag" in export["tensors"] else \
+            export["tensors"]
+    return export
 
 
 def run_metadata(train_config: dict | None) -> dict:
@@ -95,6 +113,7 @@ def saelens_metadata(sae, train_config: dict | None = None) -> dict:
         "model_name": sae.cfg.model_name,
         "model_class_name": "HookedTransformer",
         "hook_name": sae.cfg.hook_name,
+        **({"hook_name_out": sae.cfg.target_hook} if sae.cfg.target_hook else {}),  # SAELens's transcoders' target
         "hook_head_index": None,
         "hook_layer": None,
         "context_size": run["context_size"],
@@ -115,11 +134,12 @@ def saelens_cfg(sae, export: dict, metadata: dict) -> dict:
     """cfg.json as SAELens 6 writes it (`SAEConfig.to_dict`)."""
     cfg = sae.cfg
     out = {"architecture": export["architecture"], "d_in": cfg.d_in, "d_sae": cfg.n_latents, "dtype": cfg.dtype,
-           "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": SAELENS_NORMALIZE[cfg.normalize],
+           "device": "cpu", "apply_b_dec_to_input": not cfg.target_hook,  # a transcoder's b_in is folded in
+           "normalize_activations": SAELENS_NORMALIZE[cfg.normalize],
            "reshape_activations": "none",
            # SAELens 6 reads these from metadata; the top-level copies are for tools that read SAELens < 6's layout
            "model_name": cfg.model_name, "hook_name": cfg.hook_name}
-    if export["architecture"] in TOPK_FAMILY:
+    if sae.arch.saelens_export(sae)["architecture"] in TOPK_FAMILY:
         out["rescale_acts_by_decoder_norm"] = False
     out.update(export["cfg"])
     out["metadata"] = metadata
@@ -148,10 +168,12 @@ def save_sae(sae, path: str | Path, extra: dict | None = None, metadata: dict | 
                                f"{cfg.ln_eps}: SAELens uses the unbiased sigma and eps 1e-5, so its x_hat differs "
                                f"slightly from saelab's")
     saved_cfg = asdict(cfg)
-    saved_cfg.update(normalize="none" if cfg.normalize == "scale" else cfg.normalize, input_scale=1.0)
-    s = cfg.input_scale if cfg.normalize == "scale" else 1.0
-    info = {"format": SAELAB_FORMAT, "sae": saved_cfg, "folded_input_scale": s if cfg.normalize == "scale" else None,
-            "loss_normalizer": float(sae.loss_normalizer) / s ** 2, "saelens_format": SAELENS_FORMAT}
+    saved_cfg.update(normalize="none" if cfg.normalize == "scale" else cfg.normalize, input_scale=1.0, target_scale=1.0)
+    scaled = cfg.normalize == "scale"
+    t = sae.output_scale if scaled else 1.0  # the loss normaliser is in the decoder's (output) space
+    info = {"format": SAELAB_FORMAT, "sae": saved_cfg, "folded_input_scale": cfg.input_scale if scaled else None,
+            **({"folded_target_scale": cfg.target_scale if scaled else None} if cfg.target_hook else {}),
+            "loss_normalizer": float(sae.loss_normalizer) / t ** 2, "saelens_format": SAELENS_FORMAT}
     info.update(extra or {})
 
     _replace(path / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp)))
@@ -228,10 +250,23 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
     raw = _saelens6(raw)
     meta = raw.get("metadata") or {}
     arch = raw.get("architecture")
-    if arch not in IMPORTABLE:
+    transcoder = from_saelens_architecture(arch) if isinstance(arch, str) else None
+    if transcoder is not None:  # SAELens's transcoder classes: a standard or JumpReLU encoder, another output hook
+        arch, skip = transcoder
+        if not isinstance(raw.get("d_out"), int) or raw["d_out"] < 1:
+            raise SAEFileError(f"{where}: d_out must be a positive integer, got {raw.get('d_out')!r}", hint=RESAVE)
+        if "threshold" in state and arch == "standard":
+            raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'transcoder' (ReLU) has no threshold tensor", hint=RESAVE)
+        # SAELens itself splices a transcoder without hook_name_out at its input hook (HookedSAETransformer)
+        target = {"target_hook": meta.get("hook_name_out") or meta.get("hook_name") or "", "d_out": raw["d_out"],
+                  "skip": skip}
+    elif arch not in IMPORTABLE:
         raise SAEFileError(f"{where}: architecture {arch!r} cannot be loaded by saelab",
                            hint=f"saelab loads SAELens {sorted(IMPORTABLE)} SAEs (BatchTopK and Matryoshka ones as "
-                                f"they are saved for inference, i.e. as jumprelu)")
+                                f"they are saved for inference, i.e. as jumprelu) and the transcoders 'transcoder', "
+                                f"'skip_transcoder', 'jumprelu_transcoder', 'jumprelu_skip_transcoder'")
+    else:
+        target = {}
     for key in ("d_in", "d_sae"):
         if not isinstance(raw.get(key), int) or raw[key] < 1:
             raise SAEFileError(f"{where}: {key} must be a positive integer, got {raw.get(key)!r}", hint=RESAVE)
@@ -268,14 +303,14 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
         cfg = SAEConfig(architecture=IMPORTABLE[arch], d_in=raw["d_in"], n_latents=raw["d_sae"], k=k,
                         hook_name=meta.get("hook_name") or "", model_name=meta.get("model_name") or "",
                         normalize=norm, ln_eps=SAELENS_LN_EPS, ln_unbiased=True,
-                        dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32")
+                        dtype=dtype if dtype in ("float32", "float16", "bfloat16") else "float32", **target)
     except SaelabError as e:
         raise SAEFileError(f"{where}: {e.message}", hint=RESAVE) from None
     if arch == "standard" and "threshold" in state:
         raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'standard' (ReLU) SAE has no threshold tensor", hint=RESAVE)
     fold = {"apply_b_dec_to_input": bool(raw.get("apply_b_dec_to_input", True)),
             "rescale": arch in TOPK_FAMILY and bool(raw.get("rescale_acts_by_decoder_norm", False))}
-    return cfg, state, fold
+    return cfg, state, {} if target else fold  # a transcoder encodes x·W_enc + b_enc as saelab's (b_in 0) does
 
 
 def fold_conventions(state: dict, apply_b_dec_to_input: bool = True, rescale: bool = False) -> dict:
@@ -343,6 +378,8 @@ def _check_agreement(sae, raw: dict, path: Path) -> None:
     del expect["metadata"], expect["device"]
     meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
     expect.update({"metadata.hook_name": sae.cfg.hook_name, "metadata.model_name": sae.cfg.model_name})
+    if sae.cfg.target_hook:
+        expect["metadata.hook_name_out"] = sae.cfg.target_hook
     for key, want in expect.items():
         got = meta.get(key.split(".")[1]) if key.startswith("metadata.") else raw.get(key)
         if got != want:
@@ -356,7 +393,8 @@ def _check_tensors(sae, state: dict, path: Path) -> None:
     """The file holds exactly the SAE's tensors, with the config's shapes, all finite."""
     where = path / WEIGHTS_FILE
     export = saelens_export(sae)
-    attr = {export["rename"].get(n, n): n for n in BASE_TENSORS}  # the file's name → the SAE's
+    attr = {export["rename"].get(n, n): n for n in BASE_TENSORS + (("W_skip",) if sae.cfg.skip else ())}
+    # (the file's name → the SAE's)
     names = list(attr) + [n for n in export["tensors"] if n not in BASE_TENSORS]
     extra, missing = sorted(set(state) - set(names)), [n for n in names if n not in state]
     if missing or extra:
@@ -367,8 +405,9 @@ def _check_tensors(sae, state: dict, path: Path) -> None:
     for name in names:
         want = tuple((getattr(sae, attr[name]) if name in attr else export["tensors"][name]).shape)
         if tuple(state[name].shape) != want:
+            d_out = f", d_out {sae.cfg.d_out}" if sae.cfg.target_hook else ""
             raise SAEFileError(f"{where}: {name} is {tuple(state[name].shape)} but the config says {want} "
-                               f"(d_in {sae.d_in}, n_latents {sae.n_latents})",
+                               f"(d_in {sae.d_in}, n_latents {sae.n_latents}{d_out})",
                                hint="the weights and the config come from different SAEs (or one was edited); "
                                     "restore the matching file or re-save the SAE")
         bad = int((~torch.isfinite(state[name])).sum())

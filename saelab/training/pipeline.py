@@ -71,19 +71,27 @@ def _check_cache(cfg: TrainConfig, data: dict) -> int:
         raise CacheError(f"the cache at {cfg.cache} has no hook {hook!r}; it holds {', '.join(hooks)}",
                          hint=f"pass --hook with one of them, or write a cache of that hook with "
                               f"`saelab cache --hooks {hook} --out DIR`")
+    target = cfg.sae.target_hook
+    if target and target not in hooks:
+        raise CacheError(f"--target-hook {target}: the cache at {cfg.cache} has no hook {target!r}; it holds "
+                         f"{', '.join(hooks)}",
+                         hint=f"a transcoder reads both hooks from one cache: write one with `saelab cache --hooks "
+                              f"{hook},{target} --out DIR`")
     data["sae"]["hook_name"] = hook
     d_in = int(spec["d_in"][hook])
     if cfg.sae.d_in and cfg.sae.d_in != d_in:
         raise ConfigError(f"sae.d_in: {cfg.sae.d_in}, but {hook} in the cache at {cfg.cache} is {d_in} wide",
                           hint="drop sae.d_in from the config (it is taken from the activations)")
-    from_dict(SAEConfig, {**data["sae"], "d_in": d_in})  # k <= n_latents and the like, now that the width is known
+    d_out = {"d_out": int(spec["d_in"][target])} if target else {}
+    from_dict(SAEConfig, {**data["sae"], "d_in": d_in, **d_out})  # k <= n_latents and the like, now that the width is known
     if not manifest["shards"]:
         raise CacheError(f"the cache at {cfg.cache} has no complete shard yet",
                          hint="finish writing it: rerun the `saelab cache` command that made it")
     return d_in
 
 
-def _check_resume_width(run_dir: Path, hook: str, d_in: int, cache: str) -> None:
+def _check_resume_width(run_dir: Path, hook: str, d_in: int, cache: str, target: str = "",
+                        d_out: int = 0) -> None:
     from saelab.training import checkpoint as ckpt
 
     last = ckpt.latest_checkpoint(run_dir)
@@ -93,6 +101,10 @@ def _check_resume_width(run_dir: Path, hook: str, d_in: int, cache: str) -> None
     if sae.get("d_in") not in (None, d_in) or sae.get("hook_name") not in (None, "", hook):
         raise ConfigError(f"--resume: the checkpoint {last} is an SAE of {sae.get('hook_name')!r} (d_in "
                           f"{sae.get('d_in')}), the cache at {cache} gives {hook!r} (d_in {d_in})",
+                          hint="resume with the cache the run was trained on, or start a new run with another --out")
+    if target and sae.get("d_out") not in (None, 0, d_out):
+        raise ConfigError(f"--resume: the checkpoint {last} is a transcoder to {sae.get('target_hook')!r} (d_out "
+                          f"{sae.get('d_out')}), the cache at {cache} gives {target!r} (d_out {d_out})",
                           hint="resume with the cache the run was trained on, or start a new run with another --out")
 
 
@@ -125,6 +137,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     d_in = None
     if cfg.cache and cfg.source != "stream":
         d_in = _check_cache(cfg, data)
+        if cfg.sae.target_hook:
+            from saelab.activations.format import read_manifest
+
+            d_out = int(read_manifest(cfg.cache)["spec"]["d_in"][cfg.sae.target_hook])
     else:
         locate_model(cfg.model.name)
         check_source(cfg.corpus, "train")
@@ -144,7 +160,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         data["out"] = str(Path("runs") / data["name"])
     _check_out(Path(data["out"]))
     if d_in is not None and cfg.resume:
-        _check_resume_width(Path(data["out"]), data["sae"]["hook_name"], d_in, cfg.cache)
+        _check_resume_width(Path(data["out"]), data["sae"]["hook_name"], d_in, cfg.cache, cfg.sae.target_hook,
+                            d_out if cfg.sae.target_hook else 0)
     return from_dict(TrainConfig, data)
 
 
@@ -156,23 +173,25 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
     from saelab.sae.architectures import get_architecture
 
     grads = get_architecture(cfg.sae.architecture).needs_grads  # g-SAE: LM-loss gradients ride with the batches
+    target = cfg.sae.target_hook or None  # a transcoder's target rows ride with them too
     if cfg.source != "stream":
         cache_dir = Path(cfg.cache) if cfg.cache else RunDir(cfg.out).cache
         with all_or_none():  # the other ranks wait for rank 0's cache (and stop with it if it cannot be made)
             if not cfg.cache and rank == 0:
-                write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=[cfg.sae.hook_name],
+                hooks = list(dict.fromkeys([cfg.sae.hook_name, target or cfg.sae.hook_name]))
+                write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=hooks,
                                         out=str(cache_dir), tokens=cfg.cache_tokens, context_size=cfg.context_size,
                                         with_grads=grads), progress=progress)
         with all_or_none():  # e.g. a cache with fewer blocks of rows than there are ranks
             return ActivationCache(cache_dir, hook_name=cfg.sae.hook_name, batch_size=cfg.batch_size, seed=cfg.seed,
-                                   rank=rank, world_size=world, with_grads=grads)
+                                   rank=rank, world_size=world, with_grads=grads, target_hook=target)
     from saelab.models import load_model
 
     with all_or_none():
         model = load_model(cfg.model.name, device=rank_device(cfg.model.resolved_device()), dtype=cfg.model.dtype)
         return stream_activations(model, cfg.sae.hook_name, corpus=cfg.corpus, context_size=cfg.context_size,
                                   batch_size=cfg.batch_size, seed=cfg.seed, rank=rank, world_size=world,
-                                  with_grads=grads)
+                                  with_grads=grads, target_hook=target)
 
 
 def prepare(cfgs: list[TrainConfig], source_cfg, check=None, progress: bool = True):

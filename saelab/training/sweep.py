@@ -27,8 +27,10 @@ from saelab.training.pipeline import prepare
 from saelab.training.trainer import TrainResult, train_many
 
 # what every SAE of a sweep shares: the batches (source, hook, sizes, seed), the steps and the checkpoint schedule
-SHARED = ("model.name", "model.dtype", "model.device", "corpus", "sae.hook_name", "source", "cache", "cache_tokens",
-          "context_size", "tokens", "batch_size", "seed", "checkpoint_every", "keep_checkpoints", "resume", "threads")
+SHARED = ("model.name", "model.dtype", "model.device", "corpus", "sae.hook_name", "sae.target_hook", "source", "cache",
+          "cache_tokens",
+          "context_size", "tokens", "batch_size", "seed", "checkpoint_every", "keep_checkpoints", "resume", "threads",
+          "shard_latents")
 FILE_HINT = "a sweep file holds shared TrainConfig fields and `saes`, a list of per-SAE overrides (each with a name)"
 
 

@@ -126,7 +126,8 @@ def make_optimizer(sae: SparseAutoencoder, lr: float, cfg: TrainConfig) -> torch
 
 def default_run_name(cfg: TrainConfig) -> str:
     model = Path(cfg.model.name).name.replace("/", "_")
-    return f"{model}-{cfg.sae.hook_name}-{cfg.sae.architecture}-k{cfg.sae.k}"
+    hooks = cfg.sae.hook_name + (f"-to-{cfg.sae.target_hook}" if cfg.sae.target_hook else "")  # a transcoder's two
+    return f"{model}-{hooks}-{cfg.sae.architecture}{'-skip' if cfg.sae.skip else ''}-k{cfg.sae.k}"
 
 
 class SAERun:
@@ -162,11 +163,14 @@ class SAERun:
             self.rng = ckpt.rng_state(self.device)
             ckpt.set_rng_state(outer, self.device)
 
-    def init(self, first: torch.Tensor, stats: dict | None) -> None:
-        """A new SAE, initialised from the first batch (already on the device) and the source's statistics."""
+    def init(self, first: torch.Tensor, stats: dict | None, target: torch.Tensor | None = None,
+             target_stats: dict | None = None) -> None:
+        """A new SAE, initialised from the first batch (already on the device) and the source's statistics; a
+        transcoder also from the batch's target rows and their statistics."""
         cfg, device, world = self.cfg, self.device, self.world
         with self.own_rng():
-            sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), "d_in": first.shape[1]})
+            widths = {"d_in": first.shape[1], **({"d_out": target.shape[1]} if cfg.sae.target_hook else {})}
+            sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), **widths})
             sae = SparseAutoencoder(sae_cfg, device=device)
             sae.reset_parameters(seed=cfg.seed)
             var_total = float(stats["var"].sum()) if stats is not None else None
@@ -175,13 +179,20 @@ class SAERun:
                 parts = [torch.empty_like(sample) for _ in range(world)]
                 dist.all_gather(parts, sample)
                 sample = torch.cat(parts)
-            sae.init_from_data_(sample, mean_sq_norm=stats and stats["mean_sq_norm"], var_total=var_total)
+                if target is not None:
+                    parts = [torch.empty_like(target) for _ in range(world)]
+                    dist.all_gather(parts, target)
+                    target = torch.cat(parts)
+            tstats = target_stats and {"mean_sq_norm": target_stats["mean_sq_norm"],
+                                       "var_total": float(target_stats["var"].sum())}
+            sae.init_from_data_(sample, mean_sq_norm=stats and stats["mean_sq_norm"], var_total=var_total,
+                                target=target, target_stats=tstats)
             if world > 1:  # and every rank holds exactly rank 0's parameters
                 for t in [*sae.parameters(), sae.loss_normalizer]:
                     dist.broadcast(t.data, 0)
-                scale = torch.tensor([sae.cfg.input_scale], dtype=torch.float64, device=device)
-                dist.broadcast(scale, 0)
-                sae.cfg.input_scale = float(scale)
+                scales = torch.tensor([sae.cfg.input_scale, sae.cfg.target_scale], dtype=torch.float64, device=device)
+                dist.broadcast(scales, 0)
+                sae.cfg.input_scale, sae.cfg.target_scale = float(scales[0]), float(scales[1])
         self.sae, self.start_step, self.tokens_seen = sae, 0, 0
         self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
         self.opt = make_optimizer(sae, self._base_lr(), cfg)
@@ -224,8 +235,9 @@ class SAERun:
         self.t_last, self.tok_last = time.perf_counter(), self.tokens_seen
         self.busy = 0.0  # seconds in this SAE's own steps since the last log line (a sweep's other SAEs excluded)
 
-    def step(self, step: int, x: torch.Tensor, grad: torch.Tensor | None) -> None:
-        """One optimizer step on the batch `x` (on the device) and its LM-loss gradient, if the batch carries one."""
+    def step(self, step: int, x: torch.Tensor, grad: torch.Tensor | None, target: torch.Tensor | None = None) -> None:
+        """One optimizer step on the batch `x` (on the device) and its LM-loss gradient, if the batch carries one;
+        `target`: the batch's target rows (a transcoder's loss is against them)."""
         sae, opt, cfg, world = self.sae, self.opt, self.cfg, self.world
         if not sae.arch.needs_grads:
             grad = None  # as a lone run of this architecture reads the batches (without gradients)
@@ -242,7 +254,7 @@ class SAERun:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, self.steps, cfg, self.base_lr) * g.get("lr_scale", 1.0)
             sae.arch.begin_step(step, self.steps)  # e.g. a penalty's warm-up
-            out = sae(x, grad=grad, dead_mask=dead_mask)
+            out = sae(x, grad=grad, dead_mask=dead_mask, target=target if sae.cfg.target_hook else None)
             loss = out.losses["loss"]
             if not torch.isfinite(loss):
                 from saelab.errors import TrainingError
@@ -423,8 +435,17 @@ def _train_runs(runs: list[SAERun], cfg: TrainConfig, source: Iterable, progress
         first, start = next(it), 0
         stats = source.stats() if hasattr(source, "stats") else None
         sample = first.acts.to(device)
+        target = getattr(first, "targets", None)  # a transcoder's (sae.target_hook)
+        target = None if target is None else target.to(device)
+        tstats = source.target_stats() if target is not None and hasattr(source, "target_stats") else None
+        if target is None and cfg.sae.target_hook:
+            from saelab.errors import ConfigError
+
+            raise ConfigError(f"sae.target_hook is {cfg.sae.target_hook!r}, but the training batches carry no target "
+                              f"activations", hint="read a cache or stream with the target hook (target_hook=), as "
+                                                   "`saelab train --target-hook` does")
         for r in runs:
-            r.init(sample, stats)
+            r.init(sample, stats, target, tstats)
     steps = runs[0].steps
     bar = None
     if progress and rank == 0:
@@ -436,8 +457,9 @@ def _train_runs(runs: list[SAERun], cfg: TrainConfig, source: Iterable, progress
             batch = first if (step == start and first is not None) else next(it)
             x = batch.acts.to(device, non_blocking=True)
             grad = batch.grads.to(device) if getattr(batch, "grads", None) is not None else None
+            target = batch.targets.to(device) if getattr(batch, "targets", None) is not None else None
             for r in runs:
-                r.step(step, x, grad)
+                r.step(step, x, grad, target)
             done = step + 1
             if bar is not None:
                 if done % cfg.log_every == 0 or done == steps:
