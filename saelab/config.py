@@ -335,8 +335,9 @@ class SAEConfig:
     aux_coef: float = setting(1 / 32, "AuxK loss coefficient", default_text="1/32")
     # saelab.kernels.topk_stream: the same codes, values and gradients as the dense path, bit for bit on CPU
     encoder_chunk: int = setting(0, "streaming encoder: compute pre-activations this many latents at a time, keeping "
-                                    "a running top-k per token instead of the [batch, n_latents] matrix (TopK, "
-                                    "AbsTopK, g-SAE); 0: one dense GEMM", default_text="0 (dense)")
+                                    "a running top-k per token (TopK, AbsTopK, g-SAE) or of the batch (BatchTopK, "
+                                    "Matryoshka, mutual and feature choice) instead of the [batch, n_latents] "
+                                    "matrix, in training and in encode; 0: one dense GEMM", default_text="0 (dense)")
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
 
@@ -372,11 +373,11 @@ class SAEConfig:
 
         check_transcoder_config(self)
         if self.encoder_chunk:
-            from saelab.sae.architectures import get_architecture
+            from saelab.sae.architectures import NOT_STREAMED, get_architecture, streaming_architectures
 
             check(get_architecture(self.architecture).streams, "sae.encoder_chunk",
-                  f"the streaming encoder is for per-token top-k selections (topk, abstopk, gtopk); "
-                  f"{self.architecture} trains with the dense encoder (0)")
+                  f"the streaming encoder is for top-k selections ({', '.join(streaming_architectures())}); "
+                  f"{self.architecture} trains with the dense encoder (0): {NOT_STREAMED}")
         if self.d_in:
             if not self.n_latents:
                 self.n_latents = self.expansion_factor * self.d_in

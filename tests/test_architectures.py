@@ -14,7 +14,8 @@ from saelab.activations.in_memory import InMemoryActivations
 from saelab.config import ConfigError, SAEConfig
 from saelab.kernels import grouped_decode, sparse_decode
 from saelab.sae import ARCHITECTURES, SparseAutoencoder
-from saelab.sae.architectures import batch_topk_indices, pack_rows
+from saelab.sae.architectures import pack_rows
+from saelab.sae.batch_select import batch_topk_indices
 from saelab.sae.gradient_topk import attribution_scale, gradient_scores, gradient_topk_indices
 from saelab.training import train
 

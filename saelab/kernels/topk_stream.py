@@ -5,9 +5,11 @@ per-token top-k (keys, values, indices), so memory is O(B·(k + chunk)) instead 
 dense `pre.topk(k)` bit for bit on CPU (tests/test_streaming_topk.py), for three reasons, each checked here:
 
 * The numbers. A block's `addmm(b[s:e], x, W[:, s:e])` is bitwise the full addmm's columns s:e on MKL 2024.2
-  (AVX2) for blocks at least 12 wide (d 16-768, B 8-4096, any column offset); narrower blocks, and odd widths with
-  fewer than 8 tokens on 2 threads, take MKL's small-matrix kernels, which sum in another order (a few ulps). So
-  blocks are a multiple of `BLOCK_ALIGN` columns wide, and a narrower remainder joins the last full block. Row subsets are *not* bitwise (an addmm of 1-7 rows
+  (AVX2) for blocks at least 12 wide (d 16-768, B 12-4096 or a multiple of 4, any column offset); narrower blocks,
+  and widths not a multiple of 4 with fewer than 12 tokens (B not a multiple of 4) on 2 threads, take MKL's
+  small-matrix kernels, which sum in another order (a few ulps). So blocks are a multiple of `BLOCK_ALIGN` columns
+  wide, a narrower remainder joins the last full block, and a batch of fewer than `SMALL_BATCH` tokens is one block
+  (its [B, n] is smaller than W_enc). Row subsets are *not* bitwise (an addmm of 1-7 rows
   differs from the same rows of the batch's), so no step here ever recomputes a row subset: every GEMM has the
   whole batch's rows.
 * The order. torch's CPU topk (ATen TopKImpl.h) sorts the row with `std::partial_sort` when k·64 ≤ n, so even with
@@ -43,18 +45,20 @@ import torch.nn.functional as F
 from saelab.kernels.backend import backend_for, forced_backend, with_fallback
 
 BLOCK_ALIGN = 16  # block widths are multiples of this (MKL computes narrow or odd blocks with other kernels)
+SMALL_BATCH = 12  # fewer rows: one block (MKL's kernel for them depends on the block's width)
 PARTIAL_SORT_FACTOR = 64  # ATen's CPU topk uses partial_sort (descending output) when k * 64 <= n
 
 # (pre-activations of one block [B, e - s], s, e) -> ranking keys [B, e - s]
 Key = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
-def block_bounds(n: int, chunk: int) -> list[tuple[int, int]]:
+def block_bounds(n: int, chunk: int, rows: int | None = None) -> list[tuple[int, int]]:
     """The column blocks [s, e) of a scan over n latents: `chunk` rounded down to a multiple of BLOCK_ALIGN (at least
-    BLOCK_ALIGN) wide, a remainder narrower than BLOCK_ALIGN joined to the block before it; one block when chunk ≥ n."""
+    BLOCK_ALIGN) wide, a remainder narrower than BLOCK_ALIGN joined to the block before it; one block when chunk ≥ n
+    or the batch has fewer than SMALL_BATCH `rows`."""
     if chunk < 1:
         raise ValueError(f"streaming_topk: chunk must be >= 1, got {chunk}")
-    if chunk >= n:
+    if chunk >= n or (rows is not None and rows < SMALL_BATCH):
         return [(0, n)]
     width = max(BLOCK_ALIGN, chunk // BLOCK_ALIGN * BLOCK_ALIGN)
     bounds = [(s, min(n, s + width)) for s in range(0, n, width)]
@@ -85,7 +89,7 @@ def streaming_topk(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
         fused = _fused_topk(x_c, W_enc, b_enc, k, columns)
         if fused is not None:
             return fused
-    blocks = block_bounds(n, chunk)
+    blocks = block_bounds(n, chunk, x_c.shape[0])
     if len(blocks) == 1 or k * PARTIAL_SORT_FACTOR > n:  # one block, or narrow enough that [B, n] is O(B·k)
         pre = block_preacts(x_c, W_enc, b_enc, 0, n, columns)
         idx = (pre if key is None else key(pre, 0, n)).topk(k, dim=-1, sorted=False).indices

@@ -89,8 +89,9 @@ class Architecture:
     # loss weighs each latent by its decoder norm instead (Anthropic's ReLU SAE, Gated)
     unit_decoder: ClassVar[bool] = True
     signed_codes: ClassVar[bool] = False  # True: code values may be negative (AbsTopK); AuxK then ranks by |pre|
-    # True: the training selection is a per-token top-k of an elementwise key of pre (`stream_key`), so with
-    # `SAEConfig.encoder_chunk` it runs block by block (`saelab.kernels.topk_stream`) without the [B, n] matrix
+    # True: with `SAEConfig.encoder_chunk` the selection runs block by block without the [B, n] matrix
+    # (`select_streaming`): a per-token top-k of an elementwise key of pre (`stream_key`,
+    # `saelab.kernels.topk_stream`), or a batch-level one (`saelab.sae.batch_select`)
     streams: ClassVar[bool] = False
     # why this architecture cannot be a transcoder (`saelab.sae.transcoder`); "" where it can
     transcoder_refusal: ClassVar[str] = ""
@@ -155,13 +156,19 @@ class Architecture:
         return None
 
     def select_streaming(self, sae, x_c: torch.Tensor, grad: torch.Tensor | None, k: int):
-        """`select` and the selected pre-activations, (values [B, k], indices [B, k]), computed in blocks of
-        `encoder_chunk` latents: the same indices, order and values as `select` on the dense pre."""
-        return streaming_topk(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk, key=self.stream_key(sae, grad))
+        """`select` with the selected pre-activations, (values, indices, valid or None), each [B, K], computed in
+        blocks of `encoder_chunk` latents: the same indices, order and values as `select` on the dense pre."""
+        vals, idx = streaming_topk(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk,
+                                   key=self.stream_key(sae, grad))
+        return vals, idx, None
 
     def select_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None):
         """Batch-independent selection used by `encode`."""
         return self.select(sae, pre, grad, self.cfg.k)
+
+    def select_inference_streaming(self, sae, x_c: torch.Tensor, grad: torch.Tensor | None):
+        """`select_inference` in blocks of `encoder_chunk` latents, as `select_streaming` is `select`'s."""
+        return self.select_streaming(sae, x_c, grad, self.cfg.k)
 
     # ---------------------------------------------------------------------------------------------- codes
     def values(self, pre_selected: torch.Tensor) -> torch.Tensor:
@@ -172,17 +179,23 @@ class Architecture:
                    k: int | None = None) -> SparseCode:
         """Selected latents with values that carry the (sparse) encoder gradient; pre None: the streaming encoder."""
         if pre is None:
-            pre_selected, idx = self.select_streaming(sae, x_c, grad, k or self.cfg.k)
-            return SparseCode(idx, self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre_selected)))
-        idx, valid = self.select(sae, pre, grad, k or self.cfg.k)
-        vals = self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre.gather(1, idx)))
+            pre_selected, idx, valid = self.select_streaming(sae, x_c, grad, k or self.cfg.k)
+        else:
+            idx, valid = self.select(sae, pre, grad, k or self.cfg.k)
+            pre_selected = pre.gather(1, idx)
+        vals = self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre_selected))
         return SparseCode(idx, vals if valid is None else vals * valid)
 
     @torch.no_grad()
-    def code_inference(self, sae, pre: torch.Tensor, grad: torch.Tensor | None,
+    def code_inference(self, sae, pre: torch.Tensor | None, grad: torch.Tensor | None,
                        x_c: torch.Tensor | None = None) -> SparseCode:
-        idx, valid = self.select_inference(sae, pre, grad)
-        vals = self.values(pre.gather(1, idx))
+        """The inference code; pre None: the streaming encoder (from x_c in blocks)."""
+        if pre is None:
+            pre_selected, idx, valid = self.select_inference_streaming(sae, x_c, grad)
+        else:
+            idx, valid = self.select_inference(sae, pre, grad)
+            pre_selected = pre.gather(1, idx)
+        vals = self.values(pre_selected)
         return SparseCode(idx, vals if valid is None else vals * valid)
 
     def support_values(self, sae, x_norm: torch.Tensor, code: SparseCode) -> torch.Tensor:
@@ -343,40 +356,6 @@ def pack_rows(rows: torch.Tensor, cols: torch.Tensor, n_rows: int,
     return indices, valid
 
 
-def batch_topk_indices(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """BatchTopK: the k·B largest entries of the whole [B, n] matrix, packed per token (columns ascending).
-
-    Exact without ranking all B·n entries: each token's top-2k are candidates, the cut-off t is the (k·B)-th
-    largest candidate, and a token whose every candidate is ≥ t (it may hold more above t) contributes its whole
-    row to a second, exact cut-off; every other token's entries ≥ t are all among its candidates.
-
-    Under torch.distributed "the batch" is the global one, as if one process held every rank's rows: each rank
-    gathers its ≤ k·B·world largest values, all ranks agree on the global cut-off and keep their entries above it
-    (the same set as one process, ties aside)."""
-    B, n = pre.shape
-    world = rank_world()[1]
-    want = k * B * world
-    m = min(n, 2 * k * world)
-    cand = pre.topk(m, dim=-1, sorted=False)
-    cut = global_cut(cand.values.reshape(-1), want, world)
-    full = cand.values.min(1).values >= cut if m < n else torch.zeros(B, dtype=torch.bool, device=pre.device)
-    again = full.any().to(torch.uint8)
-    if world > 1:  # every rank must take part in the second cut if any rank needs it
-        dist.all_reduce(again, op=dist.ReduceOp.MAX)
-    if bool(again):  # some tokens may hold more entries above the cut than their candidates
-        pool = torch.cat([cand.values[~full].reshape(-1), pre[full].reshape(-1)])
-        cut = global_cut(pool, want, world)
-    keep = cand.values >= cut
-    keep[full] = False
-    rows = torch.arange(B, device=pre.device).unsqueeze(1).expand(B, m)[keep]
-    cols = cand.indices[keep]
-    if bool(full.any()):
-        fr, fc = (pre[full] >= cut).nonzero(as_tuple=True)
-        rows = torch.cat([rows, full.nonzero().squeeze(1)[fr]])
-        cols = torch.cat([cols, fc])
-    return pack_rows(rows, cols, B)
-
-
 def global_cut(values: torch.Tensor, want: int, world: int) -> torch.Tensor:
     """The want-th largest of `values` (of every rank's values under torch.distributed)."""
     local = values.topk(min(want, values.numel()), sorted=False).values
@@ -430,6 +409,16 @@ def registry() -> dict[str, type[Architecture]]:
             for arch in getattr(module, "ARCHITECTURES", None) or (module.ARCHITECTURE,):
                 _REGISTRY[arch.name] = arch
     return _REGISTRY
+
+
+# why the architectures without `streams` keep the dense encoder (SAEConfig.encoder_chunk's refusal)
+NOT_STREAMED = ("ReLU, Gated and JumpReLU codes keep every latent above a threshold (early in training half of them, "
+                "as big as [batch, n_latents] itself) and read dense pre-activations in their losses; matching "
+                "pursuit has no encoder GEMM")
+
+
+def streaming_architectures() -> list[str]:
+    return sorted(name for name, arch in registry().items() if arch.streams)
 
 
 def get_architecture(name: str) -> type[Architecture]:

@@ -12,20 +12,22 @@ finished SAE on training data k.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
 from saelab.distributed import rank_world
-from saelab.sae.architectures import (Architecture, ThresholdOptions, batch_topk_indices, calibration_inputs,
-                                      global_cut, threshold_indices, topk_indices)
+from saelab.kernels.topk_stream import streaming_topk
+from saelab.sae.architectures import (Architecture, ThresholdOptions, calibration_inputs, threshold_indices,
+                                      topk_indices)
+from saelab.sae.batch_select import (RunningTop, batch_topk_indices, batch_topk_streaming, preact_blocks,
+                                     threshold_streaming)
 
 
 class BatchTopK(Architecture):
     name = "batchtopk"
     help = "BatchTopK (Bussmann et al. 2024): top k·B over the batch; inference by a learned global threshold"
     Options = ThresholdOptions
+    streams = True  # the global top k·B in blocks (`saelab.sae.batch_select`)
 
     def init_state(self, sae) -> None:
         # one value per latent (all equal here) so the buffer is SAELens's JumpReLU `threshold` as it is; -1: unset
@@ -34,10 +36,19 @@ class BatchTopK(Architecture):
     def select(self, sae, pre, grad, k):
         return batch_topk_indices(pre, k)
 
+    def select_streaming(self, sae, x_c, grad, k):
+        return batch_topk_streaming(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk)
+
     def select_inference(self, sae, pre, grad):
         if float(sae.threshold[0]) < 0:  # not learned yet
             return topk_indices(pre, self.cfg.k), None
         return threshold_indices(pre, sae.threshold)
+
+    def select_inference_streaming(self, sae, x_c, grad):
+        chunk = self.cfg.encoder_chunk
+        if float(sae.threshold[0]) < 0:
+            return *streaming_topk(x_c, sae.W_enc, sae.b_enc, self.cfg.k, chunk), None
+        return threshold_streaming(x_c, sae.W_enc, sae.b_enc, sae.threshold, chunk)
 
     @torch.no_grad()
     def after_step(self, sae, out, step: int) -> None:
@@ -60,19 +71,18 @@ class BatchTopK(Architecture):
     @torch.no_grad()
     def calibrate(self, sae, draw, target_l0: float | None = None, tokens: int | None = None) -> dict:
         """θ ← the (L·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
-        L = target_l0 (default k), exactly: the cut-off c0 of each token's top-2L candidates is a lower bound (the
-        candidates are a subset), and a second pass ranks every entry ≥ c0."""
+        L = target_l0 (default k), exactly: a `RunningTop` of the L·N largest over the sample's batches (and blocks
+        of latents with the streaming encoder)."""
         world, k = rank_world()[1], self.cfg.k if target_l0 is None else target_l0
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
         n_tok = sum(x.shape[0] for x in xs)
-        cands = [sae.preacts(x).topk(min(self.cfg.n_latents, 2 * math.ceil(k)), dim=-1, sorted=False).values
-                 .reshape(-1) for x in xs]
-        want = max(1, round(k * n_tok * world))
-        lower = global_cut(torch.cat(cands), want, world)
-        pool = torch.cat([(p := sae.preacts(x))[p >= lower] for x in xs])
-        cut = float(global_cut(pool, want, world))
+        top = RunningTop(max(1, round(k * n_tok * world)), sae.W_enc.dtype, sae.W_enc.device)
+        for x in xs:  # with the streaming encoder, in blocks of latents
+            for s, pre in preact_blocks(x - sae.b_dec, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk)():
+                top.add(pre, s)
+        cut = float(top.cut())
         if cut <= 0:  # fewer than k positive pre-activations per token: no threshold gives L0 = k
             return {}
         ema = float(sae.threshold[0])

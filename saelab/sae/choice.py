@@ -57,10 +57,11 @@ import torch
 import torch.distributed as dist
 
 from saelab.distributed import rank_world
-from saelab.sae.architectures import (Architecture, ThresholdOptions, auxk_loss, batch_topk_indices,
-                                      calibration_inputs, gather_rows, pack_rows, threshold_indices,
-                                      topk_indices)
+from saelab.kernels.topk_stream import streaming_topk
+from saelab.sae.architectures import (Architecture, ThresholdOptions, auxk_loss, calibration_inputs, gather_rows,
+                                      pack_rows, threshold_indices, topk_indices)
 from saelab.settings import setting as option
+from saelab.sae.batch_select import Blocks, batch_topk_entries, packed, preact_blocks, threshold_streaming
 from saelab.sae.batchtopk import BatchTopK
 
 
@@ -113,6 +114,7 @@ class FeatureChoice(Architecture):
     help = ("Feature Choice (Ayonrinde 2024): each latent takes its m_i best tokens of the batch (Σ m_i = k·B, "
             "Zipf by usage)")
     Options = FeatureChoiceOptions
+    streams = True  # usage and each latent's top m_i over the batch, block by block (`feature_choice_entries`)
 
     def init_state(self, sae) -> None:
         dev = sae.W_dec.device
@@ -133,22 +135,34 @@ class FeatureChoice(Architecture):
                           sae.usage if usage is None else usage)
 
     def select(self, sae, pre, grad, k):
-        batch = pre.shape[0] * rank_world()[1]
+        rows, cols, _ = self.allocate(sae, lambda: [(0, pre)], pre.shape[0])
+        return pack_rows(rows, cols, pre.shape[0])
+
+    def select_streaming(self, sae, x_c, grad, k):
+        first: list = []
+        rows, cols, vals = self.allocate(sae, preact_blocks(x_c, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk, first),
+                                         x_c.shape[0])
+        return packed(rows, cols, vals, first[0], self.cfg.n_latents)
+
+    def allocate(self, sae, blocks: Blocks, rows: int):
+        """The batch's matches (rows, columns, values) from its pre-activation blocks (`rows` tokens on this rank):
+        usage, then capacities, then each latent's top m_i (two passes over the blocks with the streaming encoder)."""
+        batch = rows * rank_world()[1]
         usage = None
         if self.tracks_usage:  # this batch's usage enters the EMA before it ranks this batch's capacities
-            usage = self.updated_usage(sae, pre, batch)
+            usage = self.updated_usage(sae, batch_topk_entries(blocks, self.cfg.k), batch)
         m = self.capacities(sae, batch, usage)
         self.step_usage, self.step_capacity = usage, m
-        idx, valid, self.last_cut = feature_choice_indices(pre, m, with_cut=True)  # the cut feeds θ (after_step)
-        return idx, valid
+        rows, cols, vals, self.last_cut = feature_choice_entries(blocks, m)  # the cut feeds θ (after_step)
+        return rows, cols, vals
 
     @torch.no_grad()
-    def updated_usage(self, sae, pre: torch.Tensor, batch: int) -> torch.Tensor:
+    def updated_usage(self, sae, mutual: tuple, batch: int) -> torch.Tensor:
         """The usage EMA with this batch in it (not yet stored): each latent's share of the batch's mutual-choice
-        matches, i.e. of the k·B largest affinities of the (global) batch × latent matrix."""
-        idx, valid = batch_topk_indices(pre, self.cfg.k)
-        hit = valid & (pre.gather(1, idx) > 0)  # an affinity of 0 is no match
-        counts = torch.bincount(idx[hit], minlength=self.cfg.n_latents).to(sae.usage.dtype)
+        matches `mutual` (rows, columns, values of the k·B largest affinities of the (global) batch × latent matrix:
+        `batch_topk_entries`)."""
+        _, cols, vals = mutual
+        counts = torch.bincount(cols[vals > 0], minlength=self.cfg.n_latents).to(sae.usage.dtype)  # 0 is no match
         if rank_world()[1] > 1:
             dist.all_reduce(counts)
         mom = self.opt.usage_momentum if bool((sae.usage >= 0).all()) else 0.0  # the first batch sets it
@@ -159,17 +173,23 @@ class FeatureChoice(Architecture):
             return topk_indices(pre, self.cfg.k), None
         return threshold_indices(pre, _finite(sae.threshold))
 
+    def select_inference_streaming(self, sae, x_c, grad):
+        chunk = self.cfg.encoder_chunk
+        if not bool((sae.threshold >= 0).any()):
+            return *streaming_topk(x_c, sae.W_enc, sae.b_enc, self.cfg.k, chunk), None
+        return threshold_streaming(x_c, sae.W_enc, sae.b_enc, _finite(sae.threshold), chunk)
+
     # ------------------------------------------------------------------------------------------ losses
     def aux_losses(self, sae, x_c, pre, err, dead_mask, losses):
         if self.cfg.aux_coef <= 0:
             return 0.0
         mask = dead_mask
         if self.opt.aux == "aux_zipf" and self.step_usage is not None:
-            under = self.underused(self.step_usage, self.step_capacity, pre.shape[0] * rank_world()[1])
+            under = self.underused(self.step_usage, self.step_capacity, x_c.shape[0] * rank_world()[1])
             mask = under if mask is None else (mask | under)
         if mask is None:
             return 0.0
-        aux = auxk_loss(sae, x_c, pre, err.detach(), mask, self.cfg.k_aux)
+        aux = auxk_loss(sae, x_c, pre, err.detach(), mask, self.cfg.k_aux, chunk=self.cfg.encoder_chunk)
         if aux is None:
             return 0.0
         losses[self.opt.aux] = aux
@@ -315,11 +335,11 @@ def capacity_groups(m: torch.Tensor) -> list[torch.Tensor]:
     return [(key == j).nonzero().squeeze(1).to(m.device) for j in key.unique().tolist()]
 
 
-def column_tops(pre: torch.Tensor, m: torch.Tensor):
-    """Per column its top min(m_i + 1, B) entries (local `torch.return_types.topk`, descending) and the global
-    ranking of its values (under torch.distributed every rank's top entries pooled and re-ranked, else the local
-    values)."""
-    top = pre.topk(min(int(m.max()) + 1, pre.shape[0]), dim=0, sorted=True)
+def column_tops(pre: torch.Tensor, m: torch.Tensor, depth: int | None = None):
+    """Per column its top `depth` (default min(max m_i + 1, B)) entries (local `torch.return_types.topk`,
+    descending) and the global ranking of its values (under torch.distributed every rank's top entries pooled and
+    re-ranked, else the local values)."""
+    top = pre.topk(depth or min(int(m.max()) + 1, pre.shape[0]), dim=0, sorted=True)
     ranked = top.values
     if rank_world()[1] > 1:
         pooled = gather_rows(top.values.contiguous())
@@ -336,34 +356,47 @@ def column_cut(ranked: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where((m >= 1) & (m <= last), (upper + lower) / 2, upper)
 
 
-def feature_choice_indices(pre: torch.Tensor, m: torch.Tensor, with_cut: bool = False):
-    """Each latent (column) i keeps its m_i largest entries of the batch; packed per token (`pack_rows`):
-    (indices, valid), plus with `with_cut` the per-latent cut [n] (`column_cut`).
+def feature_choice_entries(blocks: Blocks, m: torch.Tensor):
+    """Each latent (column) i keeps its m_i largest entries of the batch, from the batch's pre-activation blocks
+    (`saelab.sae.batch_select`): (rows, columns, values) of the matches, unordered, and the per-latent cut [n]
+    (`column_cut`). A column's top entries depend on its values and on the sort depth alone, and the depth is its
+    capacity group's however the columns are blocked, so blocks give the dense path's matches, ties included.
 
     Under torch.distributed the batch is the global one: the cut-off of column i is the m_i-th largest of its
     values on all ranks (each rank contributes its own top m_i + 1), and each rank keeps its entries at or above
     it."""
-    B, n = pre.shape
-    m = m.to(pre.device)
-    rows, cols = [], []
-    cut = torch.empty(n, dtype=pre.dtype, device=pre.device)
-    groups = capacity_groups(m)
-    for group in groups:
-        mg = m[group]
-        top, ranked = column_tops(pre if len(groups) == 1 else pre.index_select(1, group), mg)
-        depth = top.values.shape[0]
-        keep = torch.arange(depth, device=pre.device).unsqueeze(1) < mg.unsqueeze(0)
-        if rank_world()[1] > 1:  # at or above the global m_i-th largest
-            kth = ranked.gather(0, (mg - 1).clamp(0, ranked.shape[0] - 1).unsqueeze(0))
-            keep &= top.values >= kth
-        rows.append(top.indices[keep])
-        cols.append(group.unsqueeze(0).expand(depth, -1)[keep])
-        if with_cut:
-            cut[group] = column_cut(ranked, mg)
-    idx, valid = pack_rows(torch.cat(rows), torch.cat(cols), B)
-    if not with_cut:
-        return idx, valid
-    return idx, valid, cut.detach()
+    rows, cols, vals = [], [], []
+    cut = None
+    for s, pre in blocks():
+        B, e = pre.shape[0], s + pre.shape[1]
+        if cut is None:  # each group's columns and sort depth: its largest capacity + 1
+            m = m.to(pre.device)
+            groups = [(group, int(m[group].max()) + 1) for group in capacity_groups(m)]
+            cut = torch.empty(m.numel(), dtype=pre.dtype, device=pre.device)
+        for group, depth in groups:
+            lo, hi = torch.searchsorted(group, torch.tensor([s, e], device=group.device)).tolist()
+            if lo == hi:
+                continue
+            here, mg = group[lo:hi], m[group[lo:hi]]
+            top, ranked = column_tops(pre if hi - lo == pre.shape[1] else pre.index_select(1, here - s), mg,
+                                      min(depth, B))
+            keep = torch.arange(top.values.shape[0], device=pre.device).unsqueeze(1) < mg.unsqueeze(0)
+            if rank_world()[1] > 1:  # at or above the global m_i-th largest
+                kth = ranked.gather(0, (mg - 1).clamp(0, ranked.shape[0] - 1).unsqueeze(0))
+                keep &= top.values >= kth
+            rows.append(top.indices[keep])
+            cols.append(here.unsqueeze(0).expand_as(keep)[keep])
+            vals.append(top.values[keep])
+            cut[here] = column_cut(ranked, mg)
+    return torch.cat(rows), torch.cat(cols), torch.cat(vals), cut
+
+
+def feature_choice_indices(pre: torch.Tensor, m: torch.Tensor, with_cut: bool = False):
+    """`feature_choice_entries` of the dense pre-activations [B, n], packed per token (`pack_rows`): (indices,
+    valid), plus with `with_cut` the per-latent cut [n]."""
+    rows, cols, _, cut = feature_choice_entries(lambda: [(0, pre)], m)
+    idx, valid = pack_rows(rows, cols, pre.shape[0])
+    return (idx, valid, cut) if with_cut else (idx, valid)
 
 
 ARCHITECTURES = (MutualChoice, FeatureChoice)

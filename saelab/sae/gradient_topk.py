@@ -68,13 +68,16 @@ class GradientTopK(TopK):
         C = min(self.cfg.n_latents, self.opt.candidates * k)
         if self.opt.candidates == 0 or C >= self.cfg.n_latents:
             key = gradient_key(grad, W_dec, self.opt.beta, self.opt.grad_norm)
-            return streaming_topk(x_c, sae.W_enc, sae.b_enc, k, chunk, key=key)
+            return *streaming_topk(x_c, sae.W_enc, sae.b_enc, k, chunk, key=key), None
         top_values, top_indices = streaming_topk(x_c, sae.W_enc, sae.b_enc, C, chunk)
         pos = candidate_positions(top_values, top_indices, grad, W_dec, k, self.opt.beta, self.opt.grad_norm)
-        return top_values.gather(1, pos), top_indices.gather(1, pos)
+        return top_values.gather(1, pos), top_indices.gather(1, pos), None
 
     def select_inference(self, sae, pre, grad):
         return self.select(sae, pre, grad if self.opt.inference_grads else None, self.cfg.k)
+
+    def select_inference_streaming(self, sae, x_c, grad):
+        return self.select_streaming(sae, x_c, grad if self.opt.inference_grads else None, self.cfg.k)
 
 
 def attribution_scale(grad: torch.Tensor, grad_norm: str) -> torch.Tensor:

@@ -68,7 +68,7 @@ class Matryoshka(BatchTopK):
         return sorted(int(ell[i]) for i in picks) + [n]
 
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
-        ends = self.sample_prefix_ends(pre.device) if self.opt.random_prefixes else self.prefix_ends()
+        ends = self.sample_prefix_ends(x_c.device) if self.opt.random_prefixes else self.prefix_ends()
         bounds = torch.tensor(ends, device=code.indices.device)
         # group of each slot; rows are sorted by latent index, and the running max keeps trailing padding
         # (index 0, value 0) in the last real group, so groups are non-decreasing along each row

@@ -7,8 +7,9 @@ contiguous for the sparse encoder backward.
 Training forward (one dense GEMM): pre = (x̃ − b_dec) W_enc + b_enc over all latents without autograd; the
 architecture (`saelab.sae.architectures`) selects indices; the selected values get their gradient through
 `encoder_values` (sparse), the reconstruction through `sparse_decode` (sparse). x̃ is the normalised input.
-With `encoder_chunk` > 0 (TopK-style selections) the GEMM and the selection run block by block instead
-(`saelab.kernels.topk_stream`), so no step holds [B, n]; same codes, values and gradients.
+With `encoder_chunk` > 0 (TopK-style and batch-level selections) the GEMM and the selection run block by block
+instead (`saelab.kernels.topk_stream`, `saelab.sae.batch_select`), in training and in `encode`, so neither holds
+[B, n]; same codes, values and gradients.
 
 Per-token normalisations (layer_norm, constant_norm_rescale) return their statistics with the code
 (`SparseCode.norm`), so `decode` depends only on its argument, never on an earlier `encode` call.
@@ -193,7 +194,7 @@ class SparseAutoencoder(nn.Module):
         """Sparse code of raw activations x [B, d_in] by the architecture's inference rule (no autograd).
         `grad` (the LM-loss gradient at the hook, [B, d_in]) is used only by gradient-aware architectures."""
         x_norm, norm = self.normalize_input(self._check_input(x))
-        pre = self.preacts(x_norm) if self.arch.needs_preacts else None
+        pre = self.preacts(x_norm) if self.arch.needs_preacts and not self.cfg.encoder_chunk else None
         code = self.arch.code_inference(self, pre, self.grad_to_normalized(grad, norm), x_c=x_norm - self.b_pre)
         code.norm = norm
         return code
