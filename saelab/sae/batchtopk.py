@@ -80,7 +80,7 @@ class BatchTopK(Architecture):
         n_tok = sum(x.shape[0] for x in xs)
         top = RunningTop(max(1, round(k * n_tok * world)), sae.W_enc.dtype, sae.W_enc.device)
         for x in xs:  # with the streaming encoder, in blocks of latents
-            for s, pre in preact_blocks(x - sae.b_dec, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk)():
+            for s, pre in preact_blocks(x - sae.b_pre, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk)():
                 top.add(pre, s)
         cut = float(top.cut())
         if cut <= 0:  # fewer than k positive pre-activations per token: no threshold gives L0 = k
