@@ -259,6 +259,10 @@ CASES = [
     Case("eval-probing-bad-selection", ["eval", "{sae_sound}", "--suite", "probing", "--selection", "mean"],
          ["--selection", "'mean'"]),
     Case("dashboard-bad-split", ["dashboard", "{sae_sound}", "--split", "test"], ["--split", "'test'", "heldout"]),
+    Case("eval-probing-of-a-transcoder", ["eval", "{tmp}/transcoder", "--suite", "probing", "--tokens", "1k"],
+         ["transcoder", "blocks.2.hook_mlp_out", "sparse probing needs an SAE"], hint="--suite core", model=True),
+    Case("steer-a-transcoder", ["steer", "{tmp}/transcoder", "--latent", "1"],
+         ["transcoder", "steering needs an SAE"], hint="--suite core", model=True),
     # ------------------------------------------------------------------------------------------ reference train
     Case("reference-heads-do-not-divide", ["reference", "train", "--out", "{tmp}/r", "--n-embd", "100"],
          ["n_embd", "100", "n_head (8)"]),
@@ -320,6 +324,11 @@ def make_inputs(tmp: Path) -> None:
     (tmp / "run" / "sae").mkdir(parents=True)
     (tmp / "run" / "sae" / "cfg.json").write_text("{}")
     (tmp / "run" / "config.yaml").write_text("tokens: [1, 2\n")
+    from saelab.config import SAEConfig
+    from saelab.sae import SparseAutoencoder
+
+    SparseAutoencoder(SAEConfig(d_in=256, n_latents=64, k=4, hook_name="blocks.2.mlp.hook_in", d_out=256,
+                                target_hook="blocks.2.hook_mlp_out")).save(tmp / "transcoder")  # a sound transcoder
     step = tmp / "tc_run" / "checkpoints" / "step-00000010"  # a transcoder's checkpoint whose target is 99 wide
     step.mkdir(parents=True)
     (step / "state.json").write_text(json.dumps({"sae": {"hook_name": HOOK, "d_in": 256, "target_hook": HOOK,

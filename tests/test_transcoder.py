@@ -158,3 +158,45 @@ def test_training_from_a_cache_resumes_bit_exactly(cache, tmp_path):
     assert info["target_hook"] == OUT and info["skip"] and info["d_out"] == 256
     log = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["fvu"] < 0.8 * log[0]["fvu"], (log[0], log[-1])
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_core_metrics_compare_with_the_target_and_splice_the_output_there(reference_model):
+    """evaluate_core of a skip-transcoder: FVU against the target's activations, and CE with the target hook
+    replaced by the transcoder's output (computed from the input hook), each against a hand-made computation."""
+    from saelab.eval.core import evaluate_core, format_core
+    from saelab.eval.splice import capture, prediction_mask, special_mask
+
+    model = reference_model
+    rows = torch.randint(5, 1000, (6, 32), generator=torch.Generator().manual_seed(0))
+    rows[:, 0] = model.tokenizer.bos_token_id
+    with torch.no_grad():
+        _, acts = capture(model, rows, [IN, OUT])
+    spec = special_mask(rows, [model.tokenizer.bos_token_id, model.tokenizer.eos_token_id])
+    x, y = acts[IN][~spec], acts[OUT][~spec]
+    tc = SparseAutoencoder(SAEConfig(d_in=x.shape[1], n_latents=512, k=16, hook_name=IN, target_hook=OUT,
+                                     d_out=y.shape[1], skip=True))
+    tc.reset_parameters(seed=0)
+    tc.init_from_data_(x, target=y)
+    with torch.no_grad():
+        tc.W_skip.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    m = evaluate_core(model, tc, rows=rows, n_tokens=None, batch_rows=4,
+                      special_token_ids=[model.tokenizer.bos_token_id, model.tokenizer.eos_token_id])
+    with torch.no_grad():
+        y_hat = tc.decode(tc.encode(x), x)
+        fvu = float((y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+        def replace(act, hook):  # the hand-made splice: the target hook's non-special rows ← the output
+            new = act.clone()
+            new[~spec] = y_hat.to(act.dtype)
+            return new
+
+        logits = model.run_with_hooks(rows, fwd_hooks=[(OUT, replace)]).double()
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1),
+                                           reduction="none").reshape(6, 31)
+    counted = prediction_mask(spec)
+    assert m.target_hook == OUT and m.hook_name == IN
+    assert m.fvu == pytest.approx(fvu, rel=1e-4)
+    assert m.ce_sae == pytest.approx(float(ce[counted].mean()), rel=1e-5)
+    assert m.delta_ce > 0  # an untrained transcoder costs loss
+    assert f"{IN} → target: {OUT}" in format_core(m).splitlines()[0]

@@ -43,6 +43,12 @@ Downstream (natural log, nats):
     kl_sae / kl_zero / kl_mean = mean over counted predictions of KL(p_clean ‖ p_patched) = Σ_v p_c (log p_c − log p_p).
 A ratio with a zero denominator is NaN in `CoreMetrics` and null in `to_dict()`.
 
+Transcoders (`sae.cfg.target_hook`: the encoder reads `hook_name`, the decoder writes the target hook). Every metric
+compares with the target: x above is the target's activation and x̂ the transcoder's output (from the input hook's
+activation of the same token), so FVU, MSE, cosine, ... are against the target; CE_sae runs the model with the input
+hook read and the target hook replaced by the output (zero and mean ablation replace the target hook too: its mean).
+`CoreMetrics.target_hook` names it, and the report says "target: <hook>".
+
 SAEs with two inference rules. A g-SAE (`gtopk`) selects its latents with the LM-loss gradient g at the hook, as it
 was trained to; `encode(x)` without g falls back to plain TopK. Its core metrics are measured under both rules on the
 same tokens: per batch one full forward and one backward of the clean LM loss to the hook (the gradient the
@@ -64,7 +70,7 @@ import torch
 
 from saelab.eval.splice import (FALLBACK_RULE, GRAD_RULE, as_rows, batches, capture, corpus_rows, default_special_ids,
                                 infers_with_grad, lm_loss_grad, prediction_mask, replace_rows, run_with_replacement,
-                                sae_reconstruct, special_mask)
+                                sae_reconstruct, special_mask, target_hook)
 from saelab.models.loading import model_device
 
 if TYPE_CHECKING:  # only the `indices` / `values` of a code are read here
@@ -411,11 +417,14 @@ class CoreMetrics:
     # an SAE with two inference rules (g-SAE): these numbers' rule ("with gradient"), and the other rule's metrics
     rule: str = ""
     topk_fallback: "CoreMetrics | None" = None
+    target_hook: str = ""  # a transcoder's: what the reconstruction metrics and the splice compare with
 
     def to_dict(self, per_latent: bool = True) -> dict[str, Any]:
         """JSON-serialisable (numbers, lists, dicts; NaN → None). `per_latent=False` drops `latent_density`.
         `rule` and `topk_fallback` (nested, the same keys) appear only for an SAE with two inference rules."""
         d = asdict(self)
+        if not self.target_hook:
+            del d["target_hook"]
         if self.topk_fallback is None:
             del d["topk_fallback"]
             if not self.rule:
@@ -435,7 +444,8 @@ class CoreMetrics:
             fields += [("CE clean (nats)", "ce_clean"), ("CE with SAE (nats)", "ce_sae"), ("ΔCE (nats)", "delta_ce"),
                        ("KL (nats)", "kl_sae"), ("loss recovered (zero abl.)", "loss_recovered_zero"),
                        ("loss recovered (mean abl.)", "loss_recovered_mean")]
-        title = f"core metrics · {self.hook_name} · {self.n_tokens:,} held-out tokens"
+        target = f" → target: {self.target_hook}" if self.target_hook else ""
+        title = f"core metrics · {self.hook_name}{target} · {self.n_tokens:,} held-out tokens"
         if self.topk_fallback is None:
             return table_html([(label, getattr(self, k)) for label, k in fields], title=title)
         return grid_html(["", self.rule, self.topk_fallback.rule],
@@ -507,6 +517,7 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
     hook = hook_name or getattr(getattr(sae, "cfg", None), "hook_name", "")
     if not hook:
         raise ValueError("no hook name: the SAE's cfg.hook_name is empty; pass hook_name=")
+    out_hook = target_hook(sae) or hook  # where x̂ is compared and spliced in: a transcoder's target
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     if rows is None:
@@ -533,18 +544,22 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
             yield from batches(rows, batch_rows, dev, specials, exclude_special, start=lo, stop=hi)
 
     def forward(tok, full: bool):
-        """(clean logits, or None when truncated after the hook; activation [b, L, ...]; its LM-loss gradient, for
-        a g-SAE only, which needs the full forward)."""
+        """(clean logits, or None when truncated after the hooks; the input activation [b, L, ...]; the activation
+        x̂ is compared with, the target's for a transcoder; the LM-loss gradient there, for a g-SAE only, which needs
+        the full forward)."""
         if with_grad:
-            return lm_loss_grad(model, tok, hook)
-        logits, acts = capture(model, tok, hook, stop_at_layer=None if full else "auto")
-        return logits, acts[hook], None
+            logits, out, grad = lm_loss_grad(model, tok, out_hook)
+            return logits, out if out_hook == hook else capture(model, tok, hook)[1][hook], out, grad
+        logits, acts = capture(model, tok, list(dict.fromkeys([hook, out_hook])), stop_at_layer=None if full else "auto")
+        return logits, acts[hook], acts[out_hook], None
 
-    def reconstruct(act, grad, keep):
-        """x [n, d] at the kept positions and {kind: (code, x̂)}: the g-SAE's own rule gets the gradient."""
+    def reconstruct(act, out, grad, keep):
+        """The compared rows y [n, d] at the kept positions (x itself for an SAE, the target's for a transcoder) and
+        {kind: (code, x̂)} from the input rows x: the g-SAE's own rule gets the gradient."""
         x = act.reshape(*keep.shape, -1)[keep]
+        y = out.reshape(*keep.shape, -1)[keep]
         g = None if grad is None else grad.reshape(*keep.shape, -1)[keep]
-        return x, {kind: sae_reconstruct(sae, x, g if kind == "sae" else None) for kind in kinds}
+        return y, {kind: sae_reconstruct(sae, x, g if kind == "sae" else None) for kind in kinds}
 
     from tqdm.auto import tqdm
 
@@ -558,14 +573,14 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         while they fit in keep_bytes."""
         total, count, held = None, 0, 0
         for i, tok, spec in batches_of(start_row, n_rows):
-            _, act, grad = forward(tok, full=False)
-            x, codes = reconstruct(act, grad, ~spec)
+            _, act, out, grad = forward(tok, full=False)
+            x, codes = reconstruct(act, out, grad, ~spec)
             for kind, (code, x_hat) in codes.items():
                 recon[kind].update(x, x_hat, code)
             x_hats = {kind: x_hat for kind, (_, x_hat) in codes.items()}
-            size = act.numel() * act.element_size() + sum(v.numel() * v.element_size() for v in x_hats.values())
+            size = out.numel() * out.element_size() + sum(v.numel() * v.element_size() for v in x_hats.values())
             if keep_for_ce and i < ce_rows and held + size <= keep_bytes:
-                kept[i] = (act, x_hats)
+                kept[i] = (out, x_hats)
                 held += size
             xd = x.double().sum(0)
             total = xd if total is None else total + xd
@@ -587,11 +602,11 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         for i, tok, spec in batches_of(0, ce_rows):
             keep = ~spec
             if i in kept:
-                act, x_hats = kept.pop(i)
-                logits_clean = model(tok)  # act is bitwise the activation of this forward
+                out, x_hats = kept.pop(i)
+                logits_clean = model(tok)  # out is bitwise the activation of this forward
             else:
-                logits_clean, act, grad = forward(tok, full=True)
-                x, codes = reconstruct(act, grad, keep)
+                logits_clean, act, out, grad = forward(tok, full=True)
+                x, codes = reconstruct(act, out, grad, keep)
                 if not recon_done:
                     for kind, (code, x_hat) in codes.items():
                         recon[kind].update(x, x_hat, code)
@@ -599,7 +614,8 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
             down.begin(logits_clean, tok, prediction_mask(spec))
             del logits_clean
             for kind, value in (*x_hats.items(), ("zero", torch.zeros(())), ("mean", mean)):
-                down.add(kind, run_with_replacement(model, tok, hook, replace_rows(act, keep, value.to(act.device))))
+                down.add(kind, run_with_replacement(model, tok, out_hook,
+                                                    replace_rows(out, keep, value.to(out.device))))
             down.end()
             bar.update(tok.shape[0])
     if not recon_done and ce_rows < n_rows:
@@ -615,7 +631,8 @@ def evaluate_core(model, sae, rows=None, corpus=None, split: str = "validation",
         values = {k: v for k, v in {**r, **d}.items() if k in fields}
         values["n_predictions"] = d.get("n_predictions", 0)
         return CoreMetrics(hook_name=hook, n_rows=n_rows, context_size=L, exclude_special=exclude_special,
-                           special_token_ids=list(specials) if exclude_special else [], **values)
+                           special_token_ids=list(specials) if exclude_special else [],
+                           target_hook=target_hook(sae), **values)
 
     result = metrics("sae")
     if with_grad:
@@ -631,7 +648,8 @@ def format_core(m: CoreMetrics) -> str:
     per rule, its own first."""
     ms = [m] if m.topk_fallback is None else [m, m.topk_fallback]
     cols = [_core_lines(x) for x in ms]
-    head = (f"core metrics  {m.hook_name}  ({m.n_tokens:,} tokens, {m.n_predictions:,} predictions, "
+    target = f" → target: {m.target_hook}" if m.target_hook else ""
+    head = (f"core metrics  {m.hook_name}{target}  ({m.n_tokens:,} tokens, {m.n_predictions:,} predictions, "
             f"{m.n_latents:,} latents)")
     if len(cols) == 1:
         return "\n".join([head] + [f"  {label:<21}{value}" for label, value in cols[0]])

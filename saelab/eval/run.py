@@ -32,8 +32,18 @@ def load_run(run: Path):
     check_source(cfg.corpus, "validation")
     model_name = sae.cfg.model_name or cfg.model.name
     model = load_model(model_name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
-    check_hook_names(model, sae.cfg.hook_name)  # an SAE of another model: one clear line, not a failed forward
-    return sae, model, cfg, rd
+    check_hook_names(model, [sae.cfg.hook_name, *([sae.cfg.target_hook] if sae.cfg.target_hook else [])])
+    return sae, model, cfg, rd  # (an SAE of another model: one clear line above, not a failed forward)
+
+
+def require_sae(sae, what: str, run: Path) -> None:
+    """`what` reads and writes an SAE's one hook; a transcoder (reads one hook, writes another) is refused."""
+    if sae.cfg.target_hook:
+        from saelab.errors import ConfigError
+
+        raise ConfigError(f"{run} is a transcoder ({sae.cfg.hook_name} → {sae.cfg.target_hook}); {what} needs an SAE "
+                          f"that reads and writes one hook", hint="`saelab eval RUN --suite core` evaluates a "
+                                                                  "transcoder (against its target hook)")
 
 
 def evaluate_run(run: Path, tokens: int, loaded=None):
@@ -62,6 +72,7 @@ def probe_run(run: Path, tokens: int | None = None, progress: bool = True, loade
         raise TypeError("probe_run: the reference tasks need a token budget (tokens)")
     labelled = st.labelled  # read (and checked) before the model loads: a bad line fails at once
     sae, model, cfg, rd = loaded or load_run(run)
+    require_sae(sae, "sparse probing", run)
     with_grad = infers_with_grad(sae)  # a g-SAE: activations with the LM-loss gradient, its fallback probed beside
     if st.data and st.level == "token":
         rows, tasks = labelled
@@ -83,6 +94,7 @@ def score_run(run: Path, tokens: int, progress: bool = True, loaded=None):
     from saelab.eval.steering import score_latents, write_scores
 
     sae, model, cfg, rd = loaded or load_run(run)
+    require_sae(sae, "steering scores", run)
     scores, _ = score_latents(model, sae, n_tokens=tokens, context_size=cfg.context_size, corpus=cfg.corpus,
                               progress=progress)
     return scores, write_scores(scores, rd.eval, model.tokenizer)
@@ -143,6 +155,7 @@ def steer_run(run: Path, latents: list[int], settings: SteerSettings) -> tuple[d
     max_new_tokens, temperature, seed = st.max_new_tokens, st.temperature, st.seed
     prompt = st.prompt if (st.prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
     sae, model, cfg, rd = load_run(run)
+    require_sae(sae, "steering", run)
     check_sae_fits(model, sae)
     n = sae.cfg.n_latents
     for f in latents:

@@ -20,7 +20,8 @@ Forwards
     run_with_replacement(...)        logits with the hooked activation replaced by a given tensor
 
 SAEs
-    sae_reconstruct(sae, x)          (code, x̂) of raw activations [n, d]
+    sae_reconstruct(sae, x)          (code, x̂) of raw activations [n, d] (a transcoder's x̂: its output)
+    target_hook(sae)                 the hook a transcoder writes, "" for an SAE
     infers_with_grad(sae)            whether the SAE's encode selects with the LM-loss gradient (g-SAE)
     lm_loss_grad(model, tokens, h)   (logits, activation, gradient) at h of the clean LM loss, one backward
     decoder_directions(sae)          W_dec rows in raw activation space [n_latents, d]
@@ -191,9 +192,15 @@ def run_with_replacement(model, tokens: torch.Tensor, hook_name: str, replacemen
 # ================================================================================================ SAEs
 def sae_reconstruct(sae, x: torch.Tensor, grad: torch.Tensor | None = None) -> tuple[SparseCode, torch.Tensor]:
     """(code, x̂) of raw activations x [n, d]: x̂ = sae.decode(sae.encode(x)) in raw space; with `grad` (the LM-loss
-    gradient at x, [n, d]) the code is sae.encode(x, grad=grad)."""
+    gradient at x, [n, d]; a transcoder's: at its target) the code is sae.encode(x, grad=grad). A transcoder's x̂ is
+    its output at its target hook, sae.decode(code, x) (a skip-transcoder's depends on x)."""
     code = sae.encode(x) if grad is None else sae.encode(x, grad=grad)
-    return code, sae.decode(code)
+    return code, sae.decode(code, x) if target_hook(sae) else sae.decode(code)
+
+
+def target_hook(sae) -> str:
+    """The hook a transcoder writes (`sae.cfg.target_hook`), or "" for an SAE, which writes the hook it reads."""
+    return getattr(getattr(sae, "cfg", None), "target_hook", "") or ""
 
 
 # The two inference rules of an SAE whose encode takes the LM-loss gradient (g-SAE): its own, and what encode(x)
@@ -273,6 +280,17 @@ def check_sae_fits(model, sae) -> None:
     if width != sae.cfg.d_in:
         raise ModelError(f"the SAE expects d_in={sae.cfg.d_in} activations at {hook!r}, the model gives {width}",
                          hint="the SAE and the model do not belong together")
+    target = target_hook(sae)
+    if target:  # a transcoder writes another hook: it must exist and be d_out wide
+        if target not in model.hook_dict:
+            raise ModelError(f"the transcoder's target hook {target!r} does not exist in this model",
+                             hint="load the model the transcoder was trained on; `saelab hooks` lists valid names")
+        with torch.no_grad():
+            _, acts = capture(model, tok, target)
+        width = gather_rows(acts[target]).shape[-1]
+        if width != sae.cfg.d_out:
+            raise ModelError(f"the transcoder writes d_out={sae.cfg.d_out} activations at {target!r}, the model "
+                             f"gives {width}", hint="the transcoder and the model do not belong together")
 
 
 def add_latents(code: SparseCode, latents: torch.Tensor, amounts: torch.Tensor) -> SparseCode:
@@ -421,5 +439,5 @@ def splice(model, saes, keep_error: bool = True, positions: Positions | dict[str
 
 __all__ = ["as_rows", "corpus_rows", "batches", "default_special_ids", "special_mask",
            "prediction_mask", "gather_rows", "replace_rows", "capture", "run_with_replacement",
-           "sae_reconstruct", "GRAD_RULE", "FALLBACK_RULE", "infers_with_grad", "lm_loss_grad",
+           "sae_reconstruct", "target_hook", "GRAD_RULE", "FALLBACK_RULE", "infers_with_grad", "lm_loss_grad",
            "decoder_directions", "check_sae_fits", "add_latents", "SpliceSite", "splice"]
