@@ -439,6 +439,10 @@ class TrainConfig:
     resume: bool = setting(False, "continue from the run's last checkpoint")
     eval_tokens: int = setting(65_536, "held-out tokens for the final core metrics; 0 skips them", parse=parse_count)
     threads: int = setting(0, "torch CPU threads", default_text="torch's")
+    # saelab.training.latent_parallel
+    shard_latents: int = setting(0, "latent-parallel training under torchrun: split the SAE's latents (their weights "
+                                    "and Adam state) over N processes that share each batch; W processes are W/N "
+                                    "data-parallel groups of N; for topk and batchtopk; 0 or 1: off", metavar="N")
     # saelab.training.tracking
     wandb: str = setting("", "log to this Weights & Biases project: the config, the metrics of metrics.jsonl and the "
                              "closing core metrics, one wandb run per SAE (rank 0 under torchrun); "
@@ -478,3 +482,13 @@ class TrainConfig:
             check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("log_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        check(self.shard_latents >= 0, "shard_latents", f"must be >= 0 (0 or 1: off), got {self.shard_latents}")
+        if self.shard_latents > 1:
+            from saelab.sae.architectures import get_architecture, latent_sharding, registry
+            from saelab.sae.latent_shard import check_width
+
+            able = sorted(name for name, arch in registry().items() if latent_sharding(arch))
+            check(bool(latent_sharding(get_architecture(self.sae.architecture))), "shard_latents",
+                  f"latent-parallel training covers {', '.join(able)}; {self.sae.architecture} trains on one "
+                  f"process or data-parallel (drop --shard-latents)")
+            check_width(self.sae.n_latents, self.sae.k, self.shard_latents)

@@ -41,6 +41,7 @@ from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
 from saelab.kernels.topk_stream import Key, block_preacts, streaming_topk
 from saelab.sae.code import SparseCode
+from saelab.sae.latent_shard import batch_count, reconstruct, shard_of
 from saelab.settings import setting
 
 # files that define an architecture (`ARCHITECTURE`, or a tuple `ARCHITECTURES` for a file with several)
@@ -95,6 +96,11 @@ class Architecture:
     streams: ClassVar[bool] = False
     # why this architecture cannot be a transcoder (`saelab.sae.transcoder`); "" where it can
     transcoder_refusal: ClassVar[str] = ""
+    # latent-parallel training (`saelab.sae.latent_shard`): "token", a per-token top-k chosen from every shard's
+    # candidates; "batch", a batch-level selection whose collectives already span every rank; "": not shardable.
+    # Read from the class itself (`latent_sharding`), not inherited: a subclass that changes the selection or the
+    # losses (g-SAE, Matryoshka) opts in anew
+    latent_sharding: ClassVar[str] = ""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -177,12 +183,20 @@ class Architecture:
 
     def code_train(self, sae, x_c: torch.Tensor, pre: torch.Tensor, grad: torch.Tensor | None,
                    k: int | None = None) -> SparseCode:
-        """Selected latents with values that carry the (sparse) encoder gradient; pre None: the streaming encoder."""
+        """Selected latents with values that carry the (sparse) encoder gradient; pre None: the streaming encoder.
+        A latent shard (`sae.shard`, per-token selections) selects its own top-k, then keeps its part of the token's
+        top-k over every shard's candidates."""
+        k = k or self.cfg.k
+        shard = shard_of(sae) if latent_sharding(self) == "token" else None
+        here = k if shard is None else min(k, sae.cfg.n_latents)
         if pre is None:
-            pre_selected, idx, valid = self.select_streaming(sae, x_c, grad, k or self.cfg.k)
+            pre_selected, idx, valid = self.select_streaming(sae, x_c, grad, here)
         else:
-            idx, valid = self.select(sae, pre, grad, k or self.cfg.k)
+            idx, valid = self.select(sae, pre, grad, here)
             pre_selected = pre.gather(1, idx)
+        if shard is not None:
+            pos, valid = shard.choose(pre_selected, idx, k)
+            idx, pre_selected = idx.gather(1, pos), pre_selected.gather(1, pos)
         vals = self.values(encoder_values(x_c, sae.W_enc, sae.b_enc, idx, pre_selected))
         return SparseCode(idx, vals if valid is None else vals * valid)
 
@@ -210,7 +224,7 @@ class Architecture:
     def losses(self, sae, x_norm: torch.Tensor, x_c: torch.Tensor, pre: torch.Tensor, code: SparseCode,
                grad: torch.Tensor | None, dead_mask: torch.Tensor | None):
         """(x̂ in normalised space, losses); losses["loss"] is the total to minimise. Default: FVU + AuxK."""
-        x_hat = sparse_decode(code.indices, code.values, sae.W_dec) + sae.b_dec
+        x_hat = reconstruct(sae, code.indices, code.values)
         err = x_norm - x_hat
         losses = {"fvu": fvu(err, sae.loss_normalizer)}
         losses["loss"] = losses["fvu"] + self.aux_losses(sae, x_c, pre, err, dead_mask, losses)
@@ -246,6 +260,11 @@ def on_support(code: SparseCode, values: torch.Tensor) -> torch.Tensor:
     return code.values + (values - values.detach()) * code.active()
 
 
+def latent_sharding(arch) -> str:
+    """How an architecture (class or instance) trains latent-parallel: its own class's `latent_sharding`."""
+    return vars(arch if isinstance(arch, type) else type(arch)).get("latent_sharding", "")
+
+
 def topk_indices(pre: torch.Tensor, k: int) -> torch.Tensor:
     return pre.topk(k, dim=-1, sorted=False).indices
 
@@ -270,34 +289,50 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor | None, err: torch.Tenso
     decoder and the encoder's backward run as small dense GEMMs over the dead columns, B·n_dead·d each, which BLAS
     does several times faster than the sparse kernels do the same B·k_aux·d work (k_aux = d/2 is large); with many
     dead the sparse kernels run instead. Same loss, same gradients.
+
+    A latent shard (`sae.shard`) ranks its own dead latents and keeps its part of each token's top-k over every
+    shard's; the auxiliary reconstruction is the sum of the shards' parts.
     """
     dead = dead_mask.nonzero().squeeze(1)
-    n_dead = dead.numel()
+    shard = shard_of(sae)
+    n_dead = dead.numel() if shard is None else int(shard.total(dead.numel()))
     if n_dead == 0:
         return None
     k = min(k_aux, n_dead)
+    here = min(k, dead.numel())  # this shard's candidates (all of k on one process)
+    dense = dead.numel() <= AUXK_DENSE_RATIO * k_aux
     streamed = pre is None  # the streaming encoder: the dead columns' pre-activations are computed here
-    if n_dead <= AUXK_DENSE_RATIO * k_aux or not streamed:
+    if dense or not streamed:
         with torch.no_grad():
-            sub = block_preacts(x_c, sae.W_enc, sae.b_enc, 0, n_dead, dead) if streamed else pre.index_select(1, dead)
-        local = (sub.abs() if signed else sub).topk(k, dim=-1, sorted=False).indices
-    if n_dead <= AUXK_DENSE_RATIO * k_aux:
+            sub = (block_preacts(x_c, sae.W_enc, sae.b_enc, 0, dead.numel(), dead) if streamed
+                   else pre.index_select(1, dead))
+        local = (sub.abs() if signed else sub).topk(here, dim=-1, sorted=False).indices
         kept = sub.gather(1, local)
-        z = torch.zeros_like(sub).scatter_(1, local, kept if signed else kept.relu())
+    else:  # many dead latents: their top-k in blocks of `chunk` dead columns
+        kept, local = streaming_topk(x_c, sae.W_enc, sae.b_enc, here, chunk, key=abs_key if signed else None,
+                                     columns=dead)
+    valid = None
+    if shard is not None:
+        pos, valid = shard.choose(kept.abs() if signed else kept, dead[local], k)
+        if here:
+            local, kept = local.gather(1, pos), kept.gather(1, pos)
+    if not here:  # a shard without dead latents adds nothing
+        e_hat = err.new_zeros(err.shape)
+    elif dense:
+        kept = kept if signed else kept.relu()
+        # scatter_add: a shard's slots that are not its own all point at column local[:, 0] with value 0
+        z = torch.zeros_like(sub).scatter_add_(1, local, kept if valid is None else kept * valid)
         # row gathers by embedding: its backward is a row index_add, far cheaper than index_select's scatter_add
         z = DenseEncoder.apply(z, x_c.detach(), F.embedding(dead, sae.W_enc.T),
                                F.embedding(dead, sae.b_enc.unsqueeze(1)).squeeze(1), sae.b_pre)
         e_hat = z @ F.embedding(dead, sae.W_dec)
     else:
-        if streamed:  # many dead latents: their top-k in blocks of `chunk` dead columns
-            kept, local = streaming_topk(x_c, sae.W_enc, sae.b_enc, k, chunk, key=abs_key if signed else None,
-                                         columns=dead)
-        else:
-            kept = sub.gather(1, local)
         idx = dead[local]
         vals = encoder_values(x_c, sae.W_enc, sae.b_enc, idx, kept)
         vals = vals if signed else vals.relu()
-        e_hat = sparse_decode(idx, vals, sae.W_dec)
+        e_hat = sparse_decode(idx, vals if valid is None else vals * valid, sae.W_dec)
+    if shard is not None:
+        e_hat = shard.sum(e_hat)
     denom = residual_variance(err).clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
@@ -382,7 +417,7 @@ def calibration_inputs(sae, draw: Callable[[], torch.Tensor | None], tokens: int
     """Normalised inputs x̃ of whole batches from `draw()` until `tokens` (counted over all ranks) are in, for an
     architecture's `calibrate`."""
     xs, n_tok = [], 0
-    while n_tok * rank_world()[1] < tokens:
+    while n_tok * batch_count(sae) < tokens:
         x = draw()
         if x is None:
             break

@@ -21,6 +21,7 @@ from saelab.sae.architectures import (Architecture, ThresholdOptions, calibratio
                                       topk_indices)
 from saelab.sae.batch_select import (RunningTop, batch_topk_indices, batch_topk_streaming, preact_blocks,
                                      threshold_streaming)
+from saelab.sae.latent_shard import batch_count
 
 
 class BatchTopK(Architecture):
@@ -28,16 +29,17 @@ class BatchTopK(Architecture):
     help = "BatchTopK (Bussmann et al. 2024): top k·B over the batch; inference by a learned global threshold"
     Options = ThresholdOptions
     streams = True  # the global top k·B in blocks (`saelab.sae.batch_select`)
+    latent_sharding = "batch"  # its collectives span every rank: each shard's entries join the batch's cut
 
     def init_state(self, sae) -> None:
         # one value per latent (all equal here) so the buffer is SAELens's JumpReLU `threshold` as it is; -1: unset
         sae.register_buffer("threshold", torch.full((self.cfg.n_latents,), -1.0, device=sae.W_dec.device))
 
     def select(self, sae, pre, grad, k):
-        return batch_topk_indices(pre, k)
+        return batch_topk_indices(pre, k, batch_count(sae))
 
     def select_streaming(self, sae, x_c, grad, k):
-        return batch_topk_streaming(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk)
+        return batch_topk_streaming(x_c, sae.W_enc, sae.b_enc, k, self.cfg.encoder_chunk, batch_count(sae))
 
     def select_inference(self, sae, pre, grad):
         if float(sae.threshold[0]) < 0:  # not learned yet
@@ -73,12 +75,12 @@ class BatchTopK(Architecture):
         """θ ← the (L·N)-th largest pre-activation of N more training tokens (all ranks' under torch.distributed),
         L = target_l0 (default k), exactly: a `RunningTop` of the L·N largest over the sample's batches (and blocks
         of latents with the streaming encoder)."""
-        world, k = rank_world()[1], self.cfg.k if target_l0 is None else target_l0
+        batches, k = batch_count(sae), self.cfg.k if target_l0 is None else target_l0
         xs = calibration_inputs(sae, draw, self.opt.calibration_tokens if tokens is None else tokens)
         if not xs:
             return {}
         n_tok = sum(x.shape[0] for x in xs)
-        top = RunningTop(max(1, round(k * n_tok * world)), sae.W_enc.dtype, sae.W_enc.device)
+        top = RunningTop(max(1, round(k * n_tok * batches)), sae.W_enc.dtype, sae.W_enc.device)
         for x in xs:  # with the streaming encoder, in blocks of latents
             for s, pre in preact_blocks(x - sae.b_pre, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk)():
                 top.add(pre, s)
@@ -87,7 +89,7 @@ class BatchTopK(Architecture):
             return {}
         ema = float(sae.threshold[0])
         sae.threshold.fill_(cut)
-        return {"threshold_ema": ema, "threshold": cut, "tokens": n_tok * world}
+        return {"threshold_ema": ema, "threshold": cut, "tokens": n_tok * batches}
 
     def saelens_export(self, sae) -> dict:
         if float(sae.threshold[0]) < 0:  # θ not learned yet: inference is TopK, so tell SAELens the same

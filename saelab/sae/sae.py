@@ -28,6 +28,7 @@ from saelab.config import SAEConfig
 from saelab.kernels import sparse_decode
 from saelab.sae.architectures import get_architecture
 from saelab.sae.code import SparseCode
+from saelab.sae.latent_shard import LatentShard, random_rows
 from saelab.sae.saelens import load_weights, read_sae_folder, save_sae
 from saelab.sae.transcoder import init_state as init_transcoder_state
 from saelab.sae.transcoder import init_target, reconstruction_goal, skip_term
@@ -42,11 +43,14 @@ class SAEOutput:
 
 
 class SparseAutoencoder(nn.Module):
-    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: SAEConfig, device: str | torch.device = "cpu", shard: LatentShard | None = None):
+        """`shard`: this module is one shard of a latent-parallel SAE (`saelab.sae.latent_shard`), cfg.n_latents
+        of its latents."""
         super().__init__()
         if not cfg.d_in:
             raise ValueError("SAEConfig.d_in must be set (the activation width) before building the SAE")
         self.cfg = cfg
+        self.shard = shard
         if cfg.target_hook and not cfg.d_out:
             raise ValueError("SAEConfig.d_out must be set (the target hook's width) before building a transcoder")
         self.arch = get_architecture(cfg.architecture)(cfg)
@@ -69,11 +73,11 @@ class SparseAutoencoder(nn.Module):
         """Tied init: unit-norm random decoder rows, encoder = decoder transpose (a copy), zero biases. A transcoder
         whose target is narrower or wider than its input draws unit-norm encoder rows of their own."""
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        w = torch.randn(self.cfg.n_latents, self.W_dec.shape[1], generator=gen, dtype=torch.float32)
+        w = random_rows(self, self.W_dec.shape[1], gen)
         w /= w.norm(dim=1, keepdim=True)
         self.W_dec.copy_(w)
         if w.shape[1] != self.d_in:
-            w = torch.randn(self.cfg.n_latents, self.d_in, generator=gen, dtype=torch.float32)
+            w = random_rows(self, self.d_in, gen)
             w /= w.norm(dim=1, keepdim=True)
         self.W_enc.copy_(w.T)
         self.b_enc.zero_()

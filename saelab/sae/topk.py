@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from saelab.kernels import sparse_decode
 from saelab.sae.architectures import Architecture, fvu, topk_indices
+from saelab.sae.latent_shard import reconstruct, total_latents
 from saelab.settings import setting as option
 
 
@@ -23,6 +23,7 @@ class TopK(Architecture):
     Options = TopKOptions
 
     streams = True
+    latent_sharding = "token"
 
     def select(self, sae, pre, grad, k):
         return topk_indices(pre.clamp_min(0) if self.opt.relu_before_topk else pre, k), None
@@ -33,8 +34,8 @@ class TopK(Architecture):
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
         x_hat, losses = super().losses(sae, x_norm, x_c, pre, code, grad, dead_mask)
         if self.opt.multi_topk:
-            code4 = self.code_train(sae, x_c, pre, grad, min(4 * self.cfg.k, self.cfg.n_latents))
-            err4 = x_norm - (sparse_decode(code4.indices, code4.values, sae.W_dec) + sae.b_dec)
+            code4 = self.code_train(sae, x_c, pre, grad, min(4 * self.cfg.k, total_latents(sae)))
+            err4 = x_norm - reconstruct(sae, code4.indices, code4.values)
             losses["multi_topk_fvu"] = fvu(err4, sae.loss_normalizer)
             losses["loss"] = losses["loss"] + losses["multi_topk_fvu"] / 8
         return x_hat, losses

@@ -2,6 +2,8 @@
 
 A checkpoint is a directory `checkpoints/step-NNNNNNNN/` written under a temporary name and renamed when
 complete, so a run killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+A latent-parallel run's checkpoint holds one tensors file per shard of latents (`tensors_file`), all written into
+the folder before it is renamed (`saelab.training.latent_parallel`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -43,19 +46,37 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-                    keep: int | None = 2) -> Path:
-    """Write checkpoint `step` atomically, then keep the newest `keep` (None: prune nothing)."""
+def tensors_file(shard: int = 0) -> str:
+    """The tensors file of a checkpoint (of latent shard `shard` of a latent-parallel run: shard 0's is the one
+    file of any other run)."""
+    return STATE_TENSORS if shard == 0 else f"state.shard-{shard}.safetensors"
+
+
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """Where checkpoint `step` is written before its rename; the name does not match step-*, so an unfinished
+    checkpoint is never listed."""
+    return RunDir(run_dir).checkpoints / f".tmp-step-{step:08d}"
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+                    keep: int | None = 2, also: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically, then keep the newest `keep` (None: prune nothing). `also(folder)`: more
+    files written into the folder before it is renamed (the other shards' of a latent-parallel run)."""
     def write(folder: Path) -> None:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / STATE_TENSORS))
+        write_tensors(folder / STATE_TENSORS, tensors)
         (folder / STATE_JSON).write_text(json.dumps(meta))
+        if also is not None:
+            also(folder)
 
     root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
-    # the temporary name does not match step-*, so an unfinished checkpoint is never listed
-    final = write_dir_atomic(root / f"step-{step:08d}", write, tmp=root / f".tmp-step-{step:08d}")
+    final = write_dir_atomic(root / f"step-{step:08d}", write, tmp=staging_dir(run_dir, step))
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
@@ -79,11 +100,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: Path, shard: int = 0) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a checkpoint; a latent-parallel run's shard `shard`'s tensors."""
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path / STATE_TENSORS)), json.loads((path / STATE_JSON).read_text())
+        return load_file(str(path / tensors_file(shard))), json.loads((path / STATE_JSON).read_text())
     except Exception as e:  # a damaged file: say which, and what to do
         raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete that directory to resume from the one "
                            f"before it, or start afresh without --resume") from e

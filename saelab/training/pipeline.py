@@ -21,6 +21,7 @@ from saelab.distributed import all_or_none, rank_device, rank_world
 from saelab.errors import CacheError, ConfigError, DataError, SaelabError
 from saelab.models.loading import default_hook_name, locate_model, model_id
 from saelab.rundir import RunDir
+from saelab.training.latent_parallel import check_layout, data_position
 from saelab.training.trainer import TrainResult, default_run_name, train
 
 
@@ -125,7 +126,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     from saelab.config import from_dict, to_dict
     from saelab.data.corpus import CorpusSpec, check_source
 
-    if cfg.wandb:  # first: the one check that needs no file
+    check_layout(cfg.shard_latents, rank_world()[1])  # first: the checks that need no file
+    if cfg.wandb:
         from saelab.training.tracking import require_wandb
 
         require_wandb()
@@ -177,7 +179,7 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
     if cfg.source != "stream":
         cache_dir = Path(cfg.cache) if cfg.cache else RunDir(cfg.out).cache
         with all_or_none():  # the other ranks wait for rank 0's cache (and stop with it if it cannot be made)
-            if not cfg.cache and rank == 0:
+            if not cfg.cache and rank_world()[0] == 0:
                 hooks = list(dict.fromkeys([cfg.sae.hook_name, target or cfg.sae.hook_name]))
                 write_cache(CacheConfig(model=cfg.model, corpus=cfg.corpus, hooks=hooks,
                                         out=str(cache_dir), tokens=cfg.cache_tokens, context_size=cfg.context_size,
@@ -197,7 +199,7 @@ def make_source(cfg: TrainConfig, rank: int = 0, world: int = 1, progress: bool 
 def prepare(cfgs: list[TrainConfig], source_cfg, check=None, progress: bool = True):
     """Resolve every config (and `check` them together), then make the one batch source from `source_cfg(cfgs)`;
     a refusal before training leaves no new folder at the run's (or sweep's) root. → (resolved configs, source)."""
-    rank, world = rank_world()
+    rank = rank_world()[0]
     with all_or_none():
         cfgs = [resolve(c) for c in cfgs]
         if check is not None:
@@ -206,7 +208,7 @@ def prepare(cfgs: list[TrainConfig], source_cfg, check=None, progress: bool = Tr
     root = Path(src.out)
     fresh = not root.exists()
     try:
-        return cfgs, make_source(src, rank, world, progress)
+        return cfgs, make_source(src, *data_position(src.shard_latents), progress)
     except SaelabError:
         if fresh and rank == 0:  # refused before training began: leave no half-made run folder behind
             shutil.rmtree(root, ignore_errors=True)

@@ -23,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from saelab.config import SAEConfig, TrainConfig, flatten, from_dict, save_config, to_dict
-from saelab.distributed import rank_world
+from saelab.distributed import all_or_none, rank_world
 from saelab.models.loading import hook_layer
 from saelab.rundir import RunDir
 from saelab.sae import SparseAutoencoder
+from saelab.sae.latent_shard import total_latents
 from saelab.sae.saelens import run_metadata
 from saelab.training import checkpoint as ckpt
+from saelab.training.latent_parallel import make_grid
 
 
 @dataclass
@@ -143,6 +145,11 @@ class SAERun:
         self.cfg, self.run_dir, self.device, self.label, self.group = cfg, Path(run_dir), device, label, group
         self.dir = RunDir(self.run_dir)
         self.rank, self.world = rank_world()
+        # latent-parallel training (cfg.shard_latents): `world` counts the distinct batches of a step, and the
+        # data-parallel reductions run over `data_group`, the processes holding the same shard (None: all)
+        self.grid, self.data_group = make_grid(cfg), None
+        if self.grid is not None:
+            self.world, self.data_group = self.grid.batches, self.grid.data_group
         self.tracker = None
         self.run_dir.mkdir(parents=True, exist_ok=True)
         outer = ckpt.rng_state(device)
@@ -171,17 +178,21 @@ class SAERun:
         with self.own_rng():
             widths = {"d_in": first.shape[1], **({"d_out": target.shape[1]} if cfg.sae.target_hook else {})}
             sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), **widths})
-            sae = SparseAutoencoder(sae_cfg, device=device)
+            if self.grid is None:
+                sae = SparseAutoencoder(sae_cfg, device=device)
+            else:
+                with all_or_none():  # e.g. a width that does not split into equal shards
+                    sae = self.grid.local_sae(sae_cfg, device)
             sae.reset_parameters(seed=cfg.seed)
             var_total = float(stats["var"].sum()) if stats is not None else None
             sample = first
             if world > 1:  # initialise on the global first batch, as one process would
                 parts = [torch.empty_like(sample) for _ in range(world)]
-                dist.all_gather(parts, sample)
+                dist.all_gather(parts, sample, group=self.data_group)
                 sample = torch.cat(parts)
                 if target is not None:
                     parts = [torch.empty_like(target) for _ in range(world)]
-                    dist.all_gather(parts, target)
+                    dist.all_gather(parts, target, group=self.data_group)
                     target = torch.cat(parts)
             tstats = target_stats and {"mean_sq_norm": target_stats["mean_sq_norm"],
                                        "var_total": float(target_stats["var"].sum())}
@@ -189,23 +200,25 @@ class SAERun:
                                 target=target, target_stats=tstats)
             if world > 1:  # and every rank holds exactly rank 0's parameters
                 for t in [*sae.parameters(), sae.loss_normalizer]:
-                    dist.broadcast(t.data, 0)
+                    dist.broadcast(t.data, group=self.data_group, group_src=0)
                 scales = torch.tensor([sae.cfg.input_scale, sae.cfg.target_scale], dtype=torch.float64, device=device)
-                dist.broadcast(scales, 0)
+                dist.broadcast(scales, group=self.data_group, group_src=0)
                 sae.cfg.input_scale, sae.cfg.target_scale = float(scales[0]), float(scales[1])
         self.sae, self.start_step, self.tokens_seen = sae, 0, 0
-        self.since_fired = torch.zeros(sae_cfg.n_latents, dtype=torch.long, device=device)
+        self.since_fired = torch.zeros(sae.cfg.n_latents, dtype=torch.long, device=device)
         self.opt = make_optimizer(sae, self._base_lr(), cfg)
         self._open(resumed=False)
 
     def resume(self, step: int) -> dict:
         """The state saved at checkpoint `step`; returns its metadata (the source's cursors)."""
         path = ckpt.checkpoint_steps(self.run_dir)[step]
-        tensors, meta = ckpt.load_checkpoint(path)
+        tensors, meta = ckpt.load_checkpoint(path, shard=self.grid.shard if self.grid is not None else 0)
         # a checkpoint of an earlier saelab may name the hook at the top level too
         check_resume_config(TrainConfig._migrate(dict(meta.get("config", {}))), to_dict(self.cfg), path)
         with self.own_rng():
-            sae = SparseAutoencoder(from_dict(SAEConfig, meta["sae"]), device=self.device)
+            sae_cfg = from_dict(SAEConfig, meta["sae"])
+            sae = SparseAutoencoder(sae_cfg, device=self.device) if self.grid is None else \
+                self.grid.local_sae(sae_cfg, self.device)
         sae.load_state_dict({k[len("sae."):]: v for k, v in tensors.items() if k.startswith("sae.")})
         self.sae, self.start_step, self.tokens_seen = sae, meta["step"], meta["tokens"]
         self.since_fired = tensors["since_fired"].to(self.device)
@@ -216,7 +229,7 @@ class SAERun:
         return meta
 
     def _base_lr(self) -> float:
-        return self.cfg.lr or 2e-4 / math.sqrt(self.sae.cfg.n_latents / 2 ** 14)
+        return self.cfg.lr or 2e-4 / math.sqrt(total_latents(self.sae) / 2 ** 14)
 
     def _open(self, resumed: bool) -> None:
         cfg = self.cfg
@@ -265,13 +278,17 @@ class SAERun:
                          f"{self.base_lr:.2e}); the last checkpoint is intact, rerun with --resume")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1:
+            if self.grid is not None:
+                self.grid.reduce_grads(sae)
+            elif world > 1:
                 for p in sae.parameters():
                     if p.grad is not None:  # an architecture may leave a parameter untrained (MP's tied encoder)
                         dist.all_reduce(p.grad)
                         p.grad /= world
             sae.remove_parallel_grad_()
-            if cfg.grad_clip > 0:
+            if cfg.grad_clip > 0 and self.grid is not None:
+                self.grid.clip_grad_norm_(sae, cfg.grad_clip)
+            elif cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
             opt.step()
             sae.normalize_decoder_()
@@ -283,7 +300,7 @@ class SAERun:
             fired[out.code.indices[out.code.values != 0]] = True  # active means value != 0
             if world > 1:
                 f = fired.to(torch.uint8)
-                dist.all_reduce(f, op=dist.ReduceOp.MAX)
+                dist.all_reduce(f, op=dist.ReduceOp.MAX, group=self.data_group)
                 fired = f.bool()
             since_fired += x.shape[0] * world
             since_fired[fired] = 0
@@ -292,14 +309,14 @@ class SAERun:
 
         for name, value in out.losses.items():
             self.accum[name] = self.accum.get(name, 0.0) + float(value.detach())
-        self.accum["l0"] = self.accum.get("l0", 0.0) + float(out.code.l0().float().mean())
+        self.accum["l0"] = self.accum.get("l0", 0.0) + self._mean_l0(out.code)
         self.n_accum += 1
         done = step + 1
         if done % cfg.log_every == 0 or done == self.steps:
             now = time.perf_counter()
             last = {k: v / self.n_accum for k, v in self.accum.items()}
             last.update(step=done, tokens=self.tokens_seen, lr=opt.param_groups[0]["lr"],
-                        dead_pct=100.0 * float((since_fired > self.threshold).float().mean()),
+                        dead_pct=100.0 * self._dead() / total_latents(sae),
                         tokens_per_s=(self.tokens_seen - self.tok_last) / max(now - self.t_last, 1e-9),
                         sae_tokens_per_s=(self.tokens_seen - self.tok_last) / max(self.busy, 1e-9))
             self.log.write(last)
@@ -309,8 +326,9 @@ class SAERun:
             self.busy = 0.0
 
     def save(self, step: int, cursors: list) -> None:
-        """A checkpoint at `step` (rank 0), not pruning older ones: the loop prunes once every SAE has saved."""
-        if self.rank != 0:
+        """A checkpoint at `step` (rank 0; latent-parallel: the shards of batch 0), not pruning older ones: the loop
+        prunes once every SAE has saved."""
+        if self.rank != 0 and (self.grid is None or self.grid.batch != 0):
             return
         # the SAE's whole state_dict: parameters and buffers (loss normaliser, an architecture's thresholds)
         tensors = {f"sae.{n}": t.detach() for n, t in self.sae.state_dict().items()}
@@ -318,9 +336,24 @@ class SAERun:
         tensors.update(self.rng)
         opt_tensors, opt_meta = ckpt.optimizer_to_flat(self.opt)
         tensors.update(opt_tensors)
-        meta = {"step": step, "tokens": self.tokens_seen, "sae": to_dict(self.sae.cfg), "optimizer": opt_meta,
+        sae_cfg = self.sae.cfg if self.grid is None else self.grid.full_config(self.sae.cfg)
+        meta = {"step": step, "tokens": self.tokens_seen, "sae": to_dict(sae_cfg), "optimizer": opt_meta,
                 "cursors": cursors, "config": to_dict(self.cfg)}
-        ckpt.save_checkpoint(self.run_dir, step, tensors, meta, keep=None)
+        if self.grid is not None:
+            self.grid.save_checkpoint(self.run_dir, step, tensors, meta)
+        else:
+            ckpt.save_checkpoint(self.run_dir, step, tensors, meta, keep=None)
+
+    def _mean_l0(self, code) -> float:
+        """Active latents per token (of every shard's latents)."""
+        if self.grid is None:
+            return float(code.l0().float().mean())
+        return float(self.grid.count(code.l0().sum())) / code.values.shape[0]
+
+    def _dead(self) -> int:
+        """Dead latents (of every shard)."""
+        dead = (self.since_fired > self.threshold).sum()
+        return int(dead if self.grid is None else self.grid.count(dead))
 
     def finish(self, draw) -> TrainResult:
         """Calibrate the architecture's inference state on `draw()`n training batches and save the SAE."""
@@ -332,7 +365,9 @@ class SAERun:
                   + ", ".join(f"{k} {v:.4g}" for k, v in calibration.items()))
         training = {"steps": self.steps, "tokens": self.tokens_seen, "calibration": calibration,
                     "dead_token_threshold": self.threshold,
-                    "dead_latents": int((self.since_fired > self.threshold).sum())}
+                    "dead_latents": self._dead()}
+        if self.grid is not None:  # the whole SAE, on rank 0
+            sae = self.grid.gather_sae(sae) or sae
         if rank == 0:
             sae.save(self.dir.sae,
                      extra={"training": {**training, "final_metrics": self.last}, "train_config": to_dict(self.cfg)},
