@@ -102,16 +102,18 @@ def streaming_topk(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     dropped = torch.full((B,), float("-inf"), dtype=b_enc.dtype, device=x_c.device)  # largest key not kept
     for s, e in blocks:
         pre = block_preacts(x_c, W_enc, b_enc, s, e, columns)
-        held = run_idx.shape[1]
-        cand_key = torch.cat([run_key, pre if key is None else key(pre, s, e)], 1)
+        block_key = pre if key is None else key(pre, s, e)
+        # the block's own top k+1 first, so the merge sorts 2k+1 candidates a row instead of copying the block: at
+        # least one of them is dropped, and it is >= every entry of the block outside them, so `dropped` stays exact
+        best = block_key.topk(min(k + 1, e - s), dim=1, sorted=False)
+        cand_key = torch.cat([run_key, best.values], 1)
         top = cand_key.topk(min(k + 1, cand_key.shape[1]), dim=1, sorted=True)
         if top.values.shape[1] > k:
             dropped = torch.maximum(dropped, top.values[:, k])  # NaN propagates, and fails the checks below
         pos = top.indices[:, :k]
         run_key = top.values[:, :k]
-        run_val = run_key if key is None else torch.cat([run_val, pre], 1).gather(1, pos)
-        from_run = run_idx.gather(1, pos.clamp_max(max(held - 1, 0))) if held else pos
-        run_idx = torch.where(pos < held, from_run, pos - held + s)
+        run_val = run_key if key is None else torch.cat([run_val, pre.gather(1, best.indices)], 1).gather(1, pos)
+        run_idx = torch.cat([run_idx, best.indices + s], 1).gather(1, pos)
 
     # rows whose answer the keys alone decide: strictly decreasing, and the k-th strictly above the (k+1)-th
     decided = (run_key[:, :-1] > run_key[:, 1:]).all(1) & (run_key[:, -1] > dropped)
