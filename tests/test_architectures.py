@@ -394,37 +394,48 @@ def test_cli_arch_help_lists_only_that_architectures_options(capsys):
 DIST_SCRIPT = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     sys.path.insert(0, {tests!r})
-    from test_train import planted_data, small_cfg
+    from test_architectures import dist_case
+    from test_train import small_cfg
     from saelab.activations.in_memory import InMemoryActivations
-    from saelab.config import SAEConfig
     from saelab.training import train
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    x = planted_data(n_rows=4096)
-    cfg = small_cfg(sae=SAEConfig(architecture={arch!r}, n_latents=128, k=4), tokens=512 * 20, batch_size=256,
-                    dead_tokens=10**9)
-    train(cfg, InMemoryActivations(x, 256, seed=7, rank=rank, world_size=world), {run!r}, progress=False)
+    x, y, sae = dist_case({arch!r})
+    cfg = small_cfg(sae=sae, tokens=512 * 20, batch_size=256, dead_tokens=10**9)
+    train(cfg, InMemoryActivations(x, 256, seed=7, rank=rank, world_size=world, targets=y), {run!r}, progress=False)
     dist.barrier()  # leave together: a rank exiting while its peer still saves can abort gloo at teardown
     dist.destroy_process_group()
 """)
 
 
+def dist_case(arch: str):
+    """(rows, targets or None, SAEConfig) of the data-parallel test; "skip-transcoder": a BatchTopK skip-transcoder
+    onto a nonlinear map of the rows (12 wide: its own width, target scale and b_in, W_skip)."""
+    x = planted_data(n_rows=4096)
+    if arch != "skip-transcoder":
+        return x, None, SAEConfig(architecture=arch, n_latents=128, k=4)
+    w = torch.randn(x.shape[1], 12, generator=torch.Generator().manual_seed(5))
+    return x, torch.relu(x @ w), SAEConfig(architecture="batchtopk", n_latents=128, k=4, target_hook="h", skip=True)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice", "mp", "relu", "gated"])
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "feature_choice", "mp", "relu", "gated",
+                                  "skip-transcoder"])
 def test_data_parallel_batch_is_global(tmp_path, arch):
     """Under torchrun the batch of batch-level selections (BatchTopK, feature choice) is the global one: two ranks
     train exactly what one process does. MP (per token, tied, W_enc without a gradient) too, and ReLU and Gated (each
-    rank picks its own packed or dense path; Gated's r_mag and b_mag are broadcast and averaged like the rest)."""
+    rank picks its own packed or dense path; Gated's r_mag and b_mag are broadcast and averaged like the rest), and a
+    skip-transcoder (each rank's target rows stay with its input rows; both sides' init from the global batch)."""
     script = tmp_path / "dist.py"
     script.write_text(DIST_SCRIPT.format(tests=os.path.dirname(__file__), run=str(tmp_path / "ddp"), arch=arch))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                     str(script)], check=True, env=env, timeout=600)
-    x = planted_data(n_rows=4096)
-    cfg = small_cfg(sae=SAEConfig(architecture=arch, n_latents=128, k=4), tokens=512 * 20, batch_size=512,
-                    dead_tokens=10 ** 9)
-    train(cfg, InMemoryActivations(x, 512, seed=7), tmp_path / "single", progress=False)
+    x, y, sae = dist_case(arch)
+    cfg = small_cfg(sae=sae, tokens=512 * 20, batch_size=512, dead_tokens=10 ** 9)
+    train(cfg, InMemoryActivations(x, 512, seed=7, targets=y), tmp_path / "single", progress=False)
     a, b = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    assert y is None or (a["W_dec"].shape == (128, 12) and a["W_skip"].abs().max() > 0)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)

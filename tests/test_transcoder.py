@@ -1,8 +1,8 @@
 """Transcoders and skip-transcoders (`saelab.sae.transcoder`): with target = input a transcoder is the SAE with its
 bias untied (same init, outputs, losses; gradients that sum to the SAE's), for every architecture that transcodes;
 matching pursuit refuses; the skip term recovers the linear map of linear data; the FVU is against the target, by
-hand; a cache's two hooks come row for row aligned (the target is the model's MLP applied to the input rows);
-training from the cache resumes bit-exactly."""
+hand; a cache's two hooks come row for row aligned (the target is the model's MLP applied to the input rows), and a
+stream's rows are the cache's; training from the cache resumes bit-exactly."""
 
 import json
 import os
@@ -138,6 +138,43 @@ def test_a_caches_two_hooks_come_row_for_row_aligned(cache, reference_model):
         assert torch.equal(batch.acts, other.acts) and torch.equal(batch.positions, other.positions)
         with torch.no_grad():
             torch.testing.assert_close(batch.targets, mlp(batch.acts), atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_gives_the_caches_rows_with_their_targets(cache, reference_model):
+    """Training without a cache streams from the model (`saelab train --source stream`, below): each streamed row
+    (input and target) is the cache's row of the same (sequence, position), and its target is the model's MLP of its
+    input."""
+    from saelab.activations import ActivationCache, stream_activations
+
+    reader = ActivationCache(cache, hook_name=IN, target_hook=OUT, batch_size=512, seed=0)
+    rows = {}
+    for _, batch in zip(range(16), reader):  # (nearly) every cached row, keyed by its provenance
+        for key, a, t in zip(map(tuple, batch.positions.tolist()), batch.acts, batch.targets):
+            rows[key] = (a, t)
+    stream = stream_activations(reference_model, IN, context_size=32, batch_size=512, seed=0, target_hook=OUT,
+                                shuffle_buffer=2048)  # windows of 96 sequences
+    found = 0
+    mlp = reference_model.blocks[1].mlp
+    for _, batch in zip(range(4), stream):
+        with torch.no_grad():
+            torch.testing.assert_close(batch.targets, mlp(batch.acts), atol=1e-5, rtol=1e-5)
+        for key, a, t in zip(map(tuple, batch.positions.tolist()), batch.acts, batch.targets):
+            if key in rows:
+                found += 1
+                torch.testing.assert_close(a, rows[key][0], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(t, rows[key][1], atol=1e-5, rtol=1e-5)
+    assert found > 1500, found  # the stream's first window lies within the cache's sequences
+
+
+@pytest.mark.slow
+def test_a_transcoder_trains_from_the_stream(tmp_path):
+    from saelab.cli import main
+
+    assert main(["train", "--source", "stream", "--hook", IN, "--target-hook", OUT, "--context-size", "32",
+                 "--tokens", "2k", "--batch-size", "256", "--n-latents", "128", "--k", "4", "--eval-tokens", "0",
+                 "--no-progress", "--out", str(tmp_path / "s")]) == 0
+    info = json.loads((tmp_path / "s" / "sae" / "saelab.json").read_text())["sae"]
+    assert info["hook_name"] == IN and info["target_hook"] == OUT and info["d_out"] == 256
 
 
 def test_training_from_a_cache_resumes_bit_exactly(cache, tmp_path):

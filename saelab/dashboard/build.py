@@ -122,8 +122,9 @@ def build_bundle(out: str | Path, rows: Iterable[np.ndarray], n_rows: int, captu
 
     rows: packed token rows (BOS first), at least `n_rows` of them unless the corpus is shorter; capture(tokens
     [B, T]) → activations [B·(T-1), d_in] at the SAE's hook; encode(acts) → SparseCode. sae_info: n_latents,
-    hook_name, sha256, signed_codes (whether values may be negative; also set when any is), ... ; directions: raw-space decoder rows [F, d_in]; unembed: (W_U, gain, centres) or None
-    when the hook is not in the residual stream; meta: model/corpus descriptions for the manifest (its "spec"
+    hook_name, sha256, signed_codes (whether values may be negative; also set when any is), a transcoder's target_hook
+    and d_out, ... ; directions: raw-space decoder rows [F, d_out] (d_in for an SAE: the space the decoder writes);
+    unembed: (W_U, gain, centres) or None when the hook the decoder writes is not in the residual stream; meta: model/corpus descriptions for the manifest (its "spec"
     part decides whether a half-built bundle is resumed)."""
     settings = settings or DashboardSettings()
     out = Path(out)

@@ -5,6 +5,7 @@ The public API (stable; the explorer app and the notebooks are written against i
     b = saelab.dashboard.open("runs/x/dashboard")
     b.manifest                       dict: schema version, model, hook, SAE hash, corpus, tokens, settings, files
     b.n_latents, b.vocab (list[str]), b.tokens (memory-mapped int32 [rows, tokens_per_row])
+    b.hooks                          "HOOK" of an SAE, "IN → OUT" of a transcoder (reads IN, its decoder writes OUT)
     b.table()                        pandas DataFrame, one row per latent: statistics, map_x/map_y, scores
     lat = b.latent(i)                `Latent`: stats, histograms, examples by kind, logits, neighbours, scores
     lat.top / lat.intervals / lat.random, lat.examples("top")
@@ -149,6 +150,10 @@ class Bundle:
         self.settings = self.manifest["settings"]
         # values may be negative (AbsTopK and other signed codes): pages show the bottom examples and a red side
         self.signed_codes = bool(self.manifest["sae"].get("signed_codes", False))
+        # a transcoder's latents read one hook and write another (decoder directions, logit lens: the target's)
+        sae = self.manifest["sae"]
+        self.target_hook = sae.get("target_hook") or None
+        self.hooks = f"{sae['hook_name']} → {self.target_hook}" if self.target_hook else sae["hook_name"]
 
     # ---------------------------------------------------------------------------------------- lazy file handles
     def _npy(self, name: str) -> np.ndarray:
@@ -303,7 +308,7 @@ class Bundle:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return (f"Bundle({str(self.path)!r}: {self.n_latents:,} latents of {m['sae']['hook_name']} on "
+        return (f"Bundle({str(self.path)!r}: {self.n_latents:,} latents of {self.hooks} on "
                 f"{m['model']['name']}, {m['corpus']['tokens']:,} tokens)")
 
 

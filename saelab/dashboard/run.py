@@ -134,21 +134,25 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
 
     rp = open_pass(run, tokens, split, dataset, context_size, device)
     sae, model, hook = rp.sae, rp.model, rp.sae.cfg.hook_name
+    # the latents are read at `hook`; their decoder writes `written` (a transcoder's target hook, d_out wide)
+    target = sae.cfg.target_hook or None
+    written, d_out = target or hook, sae.cfg.d_out or sae.cfg.d_in
     unembed = None
     # the logit lens needs directions in the residual stream (or written straight into it)
-    if sae.cfg.d_in == model.cfg.d_model and any(part in hook for part in ("resid", "mlp_out", "attn_out")):
+    if d_out == model.cfg.d_model and any(part in written for part in ("resid", "mlp_out", "attn_out")):
         unembed = unembed_of(model)
     sha = sae_sha256(sae)
     sae_info = {"n_latents": sae.cfg.n_latents, "d_in": sae.cfg.d_in, "k": sae.cfg.k,
                 "architecture": sae.cfg.architecture, "signed_codes": bool(sae.arch.signed_codes), "hook_name": hook,
+                **({"target_hook": target, "d_out": d_out, "skip": bool(sae.cfg.skip)} if target else {}),
                 "path": str(rp.run_dir.sae), "sha256": sha, "group_ends": group_ends(sae)}
     from saelab.models.loading import model_fingerprint
 
     model_info = {"name": rp.model_name, "fingerprint": model_fingerprint(rp.model_name),
                   "n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model, "vocab": model.cfg.d_vocab}
     meta = {"model": model_info, "corpus": rp.corpus_info,
-            "spec": {"model": model_info["fingerprint"], "hook": hook, "corpus": rp.corpus_info,
-                     "context_size": rp.context_size}}
+            "spec": {"model": model_info["fingerprint"], "hook": hook, **({"target_hook": target} if target else {}),
+                     "corpus": rp.corpus_info, "context_size": rp.context_size}}
     out = Path(out) if out else rp.run_dir.dashboard
     with torch.no_grad():
         return build_bundle(out, rp.rows, rp.n_rows, rp.capture, sae.encode, sae_info, decoder_rows(sae).cpu(),
@@ -168,7 +172,7 @@ def summary(path: Path) -> str:
     dead = (format_dead(m["dead_latents"]) if "dead_latents" in m  # (bundles before the per-group report)
             else f"{int(t['dead'].sum()):,} dead in the dashboard's {c['tokens']:,} tokens")
     return "\n".join([
-        f"bundle     {path}: {b.n_latents:,} latents of {m['sae']['hook_name']} on {m['model']['name']}",
+        f"bundle     {path}: {b.n_latents:,} latents of {b.hooks} on {m['model']['name']}",
         f"tokens     {c['tokens']:,} scored tokens ({c['rows']:,} rows of {c['tokens_per_row']}) of {c['source']}: "
         f"{c.get('rows_from', 'the ' + c['split'] + ' split')}"
         + (f" (asked for {c['requested_tokens']:,}; the split has no more)"

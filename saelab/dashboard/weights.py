@@ -16,10 +16,12 @@ from saelab.dashboard.stats import bin_index
 
 
 def decoder_rows(sae) -> torch.Tensor:
-    """Decoder rows in raw activation space, float32 [F, d_in] (an in-memory "scale" SAE divides by its scale)."""
+    """Decoder rows in raw activation space, float32 [F, d_out] (d_in for an SAE; a transcoder's rows live at its
+    target hook). An in-memory "scale" SAE divides by its output side's scale (an SAE's input scale, a transcoder's
+    target scale)."""
     w = sae.W_dec.detach().float()
-    if getattr(sae.cfg, "normalize", None) == "scale" and getattr(sae.cfg, "input_scale", 1.0) != 1.0:
-        w = w / sae.cfg.input_scale
+    if sae.cfg.normalize == "scale" and sae.output_scale != 1.0:
+        w = w / sae.output_scale
     return w
 
 

@@ -241,10 +241,11 @@ def lm_loss_grad(model, tokens: torch.Tensor, hook_name: str, target_mask: torch
 
 
 def decoder_directions(sae) -> torch.Tensor:
-    """[n_latents, d_in]: what one unit of each latent adds to the reconstruction in RAW activation space.
+    """[n_latents, d_out]: what one unit of each latent adds to the reconstruction in RAW activation space (d_out =
+    d_in for an SAE; a transcoder's directions live at its target hook).
 
-    A folder loaded from disk has its input scale folded in (rows are already raw); an in-memory SAE with
-    normalize == "scale" divides by its input scale. A layer_norm SAE has no fixed raw direction (it is scaled by
+    A folder loaded from disk has its scales folded in (rows are already raw); an in-memory SAE with
+    normalize == "scale" divides by its output side's scale (an SAE's input scale, a transcoder's target scale). A layer_norm SAE has no fixed raw direction (it is scaled by
     each token's norm), so it is refused here.
     """
     cfg = sae.cfg
@@ -255,7 +256,7 @@ def decoder_directions(sae) -> torch.Tensor:
 
         raise ConfigError("a layer_norm SAE has no fixed raw-space decoder direction (it depends on each token's "
                           "norm)", hint="use an SAE trained with normalize='scale' or 'none'")
-    scale = float(getattr(cfg, "input_scale", 1.0) or 1.0)
+    scale = float(getattr(cfg, "target_scale" if target_hook(sae) else "input_scale", 1.0) or 1.0)
     return W / scale if norm == "scale" and scale != 1.0 else W
 
 

@@ -92,7 +92,7 @@ def _two_saes(entry, bundle) -> None:
         return
     hook_a, hook_b = state.hook_name(bundle), state.hook_name(bundle_b)
     if ua.shape[1] != ub.shape[1] or hook_a != hook_b:
-        st.warning(f"{entry.name} reads {hook_a} (d {ua.shape[1]}), {other.name} reads "
+        st.warning(f"{entry.name} is on {hook_a} (d {ua.shape[1]}), {other.name} on "
                    f"{hook_b} (d {ub.shape[1]}): decoder directions are only "
                    f"comparable on the same hook.")
         if ua.shape[1] != ub.shape[1]:

@@ -131,7 +131,10 @@ def _downloads(entry, bundle, i: int) -> None:
 
     def vector() -> str:
         w, _ = state.decoder_directions(sae_path)
-        return json.dumps({"latent": i, "hook_name": state.hook_name(bundle), "space": "raw activations",
+        m = bundle.manifest["sae"]  # a transcoder's decoder vector lives at its target hook
+        return json.dumps({"latent": i, "hook_name": m["hook_name"],
+                           **({"target_hook": bundle.target_hook} if bundle.target_hook else {}),
+                           "space": f"raw activations at {bundle.target_hook or m['hook_name']}",
                            "vector": w[i].tolist()})
 
     c[1].download_button("Download decoder vector (JSON)", vector, file_name=f"{entry.name}-latent-{i}-decoder.json",

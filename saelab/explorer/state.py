@@ -132,7 +132,7 @@ def load_sae(path: str):
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def decoder_directions(path: str):
-    """Raw-space decoder rows [F, d_in] (float32 torch), unit-normalised copy for cosines."""
+    """Raw-space decoder rows [F, d_out] (float32 torch; d_in for an SAE), unit-normalised copy for cosines."""
     import torch
 
     from saelab.dashboard.weights import decoder_rows
@@ -157,8 +157,8 @@ def model_name(bundle) -> str:
 
 
 def hook_name(bundle) -> str:
-    """The hook the bundle's SAE reads."""
-    return bundle.manifest["sae"]["hook_name"]
+    """The hook the bundle's SAE reads, "IN → OUT" for a transcoder (reads IN, writes OUT)."""
+    return bundle.hooks
 
 
 # ================================================================================================ current view

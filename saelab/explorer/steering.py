@@ -1,8 +1,8 @@
 """Steering: pick latents and strengths, steered vs unsteered generations side by side, a strength sweep.
 
-It uses the steering evaluator (`saelab.eval.steering`: a hook adding α·W_dec[f] at the SAE's hook during
-generation: `Steer`, `steer_directions`, `generate`), with amounts α × the latent's max activation as the evaluator
-uses. Without that module, or without the model, the page says so and the rest of the explorer is unaffected.
+It uses the steering evaluator (`saelab.eval.steering`: a hook adding α·W_dec[f] where the decoder writes, the
+SAE's hook or a transcoder's target hook, during generation: `Steer`, `steer_directions`, `generate`), with amounts
+α × the latent's max activation as the evaluator uses. Without that module, or without the model, the page says so and the rest of the explorer is unaffected.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def _generate(model_name: str, sae_path: str, bundle_path: str, latents: tuple, 
 
     def run(a):
         d = mod.steer_directions(sae, list(latents), _amounts(bundle, list(latents), a)).sum(0, keepdim=True)
-        return mod.generate(model, tokens, n_new, temperature, seed, steer=mod.Steer(sae.cfg.hook_name, d))
+        written = sae.cfg.target_hook or sae.cfg.hook_name  # a transcoder's latents write its target hook
+        return mod.generate(model, tokens, n_new, temperature, seed, steer=mod.Steer(written, d))
 
     texts = {"unsteered": model.tokenizer.decode(mod.generate(model, tokens, n_new, temperature, seed)[0, P:]),
              "steered": model.tokenizer.decode(run(alpha)[0, P:])}
