@@ -27,7 +27,9 @@ from saelab.sae.sae import load_sae
 from saelab.sae.saelens import SAELENS_FORMAT, save_sae
 
 FIXTURES = Path(__file__).parent / "fixtures" / "saelens"
-NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "cfg.json").exists())
+FOLDERS = sorted(p for p in FIXTURES.iterdir() if (p / "cfg.json").exists())
+TRANSCODERS = [p.name for p in FOLDERS if "d_out" in json.loads((p / "cfg.json").read_text())]
+NAMES = [p.name for p in FOLDERS if p.name not in TRANSCODERS]  # SAEs
 SAELENS_PYTHON = Path(os.environ.get("SAELENS_PYTHON", "/tmp/saelens-venv/bin/python"))
 
 
@@ -54,6 +56,7 @@ def test_fixtures_cover_every_convention():
     assert {"topk", "topk_rescale", "topk_trained", "topk_no_b_dec_input", "topk_constant_norm_rescale",
             "topk_layer_norm", "topk_all_conventions", "jumprelu", "standard", "batchtopk", "gated",
             "gated_no_b_dec_input"} <= set(NAMES)
+    assert set(TRANSCODERS) == {"transcoder", "skip_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder"}
     cfg = json.loads((FIXTURES / "batchtopk" / "cfg.json").read_text())
     assert cfg["architecture"] == "jumprelu"  # SAELens saves BatchTopK for inference as JumpReLU
     assert cfg["metadata"]["training_architecture"] == "batchtopk"
@@ -100,6 +103,49 @@ def test_standard_loads_as_relu_and_jumprelu_as_thresholds():
     torch.testing.assert_close(jump.arch.threshold(jump).detach(), raw.clamp_min(0), rtol=1e-6, atol=0)  # as 0
     bt = load_sae(FIXTURES / "batchtopk")
     assert bt.cfg.k == 4  # the trained k, from SAELens's training metadata
+
+
+@pytest.mark.parametrize("name", TRANSCODERS)
+def test_loader_reproduces_saelens_transcoders(name, tmp_path):
+    """SAELens's transcoder classes load as saelab transcoders of its input and output hooks (ReLU → relu, JumpReLU →
+    jumprelu; skip_ → the skip term) and reproduce SAELens's codes, its decode and its output at the target hook
+    (forward: the decode plus x·W_skipᵀ); saved again by saelab, the folder is SAELens's class and tensors."""
+    e = json.loads((FIXTURES / name / "expected.json").read_text())
+    x, y_hat_ref, decoded_ref = (torch.tensor(e[k]) for k in ("x", "y_hat", "decoded"))
+    a = e["acts"]
+    raw = json.loads((FIXTURES / name / "cfg.json").read_text())
+    assert raw["architecture"] == name and e["loaded_as"] in e["saved_by"]  # written and read back by that class
+    sae = load_sae(FIXTURES / name)
+    skip = "skip" in name
+    assert (sae.cfg.architecture, sae.cfg.skip) == ("jumprelu" if name.startswith("jumprelu") else "relu", skip)
+    assert sae.cfg.hook_name == "blocks.3.ln2.hook_normalized" and sae.cfg.target_hook == "blocks.3.hook_mlp_out"
+    assert (sae.d_in, sae.cfg.d_out, sae.n_latents) == (16, 24, 48) and sae.cfg.model_name == "gpt2"
+    code = sae.encode(x)
+    z = code.to_dense(48).detach()
+    z_ref = dense_acts((a["rows"], a["cols"], torch.tensor(a["values"])), z.shape)
+    assert torch.equal(z != 0, z_ref != 0), "a different set of active latents than SAELens"
+    torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+    y_hat = sae.decode(code, x).detach()
+    assert y_hat.shape == (x.shape[0], 24) and rel_err(y_hat, y_hat_ref) < 1e-5
+    w = load_file(str(FIXTURES / name / "sae_weights.safetensors"))
+    if skip:  # the skip term is SAELens's forward minus its decode, and large enough that dropping it shows
+        torch.testing.assert_close(y_hat - (z @ sae.W_dec + sae.b_dec).detach(), y_hat_ref - decoded_ref,
+                                   atol=1e-5, rtol=1e-5)
+        assert rel_err(decoded_ref, y_hat_ref) > 0.2
+        with pytest.raises(ValueError, match="decode\\(code, x\\)"):
+            sae.decode(code)
+    else:
+        assert torch.equal(y_hat_ref, decoded_ref)
+    if "threshold" in w:  # the thresholds count: a ReLU reading of the weights fires other latents
+        assert (w["threshold"] < 0).any() and not torch.equal((x @ w["W_enc"] + w["b_enc"] > 0), z_ref != 0)
+    save_sae(sae, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "cfg.json").read_text())
+    assert again["architecture"] == name and again["d_out"] == 24 and again["apply_b_dec_to_input"] is False
+    assert again["metadata"]["hook_name_out"] == "blocks.3.hook_mlp_out"
+    w2 = load_file(str(tmp_path / "again" / "sae_weights.safetensors"))
+    assert w2.keys() == w.keys()
+    for n in w:  # (SAELens's negative thresholds are saved as 0, which codes the same)
+        torch.testing.assert_close(w2[n], w[n].clamp_min(0) if n == "threshold" else w[n], atol=1e-6, rtol=1e-6)
 
 
 def test_pre_6_layout_loads_the_same(tmp_path):
@@ -375,3 +421,74 @@ def test_saelens_loads_our_folders(tmp_path):
         assert r["metadata"]["saelab_version"] == saelab.__version__  # our metadata survives SAELens's loader
         assert r["store"]["hook_name"] == hook and r["store"]["context_size"] == 32 and r["store"]["prepend_bos"]
         assert r["store"]["activations_shape"][-1] == x.shape[1], name
+
+
+# transcoders saelab trains → the SAELens class that loads each (jumprelu and the BatchTopK family: JumpReLU at
+# inference)
+TRAINED_TRANSCODERS = {("relu", False): "Transcoder", ("relu", True): "SkipTranscoder",
+                       ("jumprelu", False): "JumpReLUTranscoder", ("batchtopk", False): "JumpReLUTranscoder",
+                       ("batchtopk", True): "JumpReLUSkipTranscoder"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAELENS_PYTHON.exists(), reason=f"no SAELens venv at {SAELENS_PYTHON} (see "
+                                                         f"tests/fixtures/saelens/make_fixtures.py; SAELENS_PYTHON)")
+def test_saelens_loads_the_transcoders_we_train(tmp_path):
+    """Tiny transcoders trained by saelab (one pass, `train_many`) on an MLP's input → output (d_in 16, d_out 24) and
+    saved: SAELens loads each as its transcoder class, keeps both hooks and d_out, and reproduces our codes and our
+    output at the target hook (its forward, the skip term included); a TopK transcoder, saved as topk_transcoder,
+    is refused by SAELens by name rather than read as something else."""
+    from saelab.activations.in_memory import InMemoryActivations
+    from saelab.config import TrainConfig
+    from saelab.training.trainer import train_many
+
+    hook_in, hook_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"  # both hooks exist in TransformerLens
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g) * 2 + 0.5
+    A, B = torch.randn(16, 64, generator=g) / 4, torch.randn(64, 24, generator=g) / 8
+    y = torch.relu(x @ A - 0.5) @ B + 0.3  # an MLP: the target is another width, a nonlinear function of the input
+    cases = [*TRAINED_TRANSCODERS, ("topk", False)]
+    cfgs = [TrainConfig(sae=SAEConfig(architecture=arch, n_latents=64, k=4, hook_name=hook_in, target_hook=hook_out,
+                                      skip=skip, model_name="reference",
+                                      # (from the default start, 40 steps against a random decoder raise the
+                                      # thresholds until few latents fire; a low start keeps many of them in play)
+                                      options={"init_threshold": 0.1} if arch == "jumprelu" else {}),
+                        context_size=32, tokens=256 * 40,
+                        batch_size=256, lr=3e-3, lr_warmup_steps=5, log_every=10, checkpoint_every=1000,
+                        eval_tokens=0) for arch, skip in cases]
+    names = [f"{arch}{'-skip' if skip else ''}" for arch, skip in cases]
+    results = train_many(cfgs, [tmp_path / n for n in names], InMemoryActivations(x, 256, seed=0, targets=y),
+                         progress=False)
+    xs = x[:64]
+    ours = {}
+    for name, res in zip(names, results):
+        folder = tmp_path / name / "sae"
+        sae = load_sae(folder)
+        code = sae.encode(xs)
+        ours[name] = (sae.decode(code, xs).detach(), code.to_dense(sae.n_latents))
+        torch.testing.assert_close(ours[name][0], res.sae.decode(res.sae.encode(xs), xs).detach(), atol=1e-4,
+                                   rtol=1e-4)  # the folder computes what training left
+        assert float(ours[name][1].ne(0).float().sum(-1).mean()) > 2, name  # the codes are not silent
+        (folder / "x.json").write_text(json.dumps(xs.tolist()))
+    *loadable, topk = names
+    proc = subprocess.run([str(SAELENS_PYTHON), str(FIXTURES / "check_in_saelens.py"), str(tmp_path),
+                           *(f"{n}/sae" for n in loadable)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "saelens_report.json").read_text())
+    for (arch, skip), name in zip(TRAINED_TRANSCODERS, loadable):
+        r, (y_hat, z) = report[f"{name}/sae"], ours[name]
+        diff = float((torch.tensor(r["forward"]) - y_hat).abs().max())
+        print(f"{name}: SAELens {r['class']}, max |y_hat diff| {diff:.2e}, L0 {(z != 0).float().sum(-1).mean():.1f}")
+        assert r["class"] == TRAINED_TRANSCODERS[arch, skip], name
+        assert diff < 1e-5 * max(1.0, float(y_hat.abs().max())), name
+        assert torch.equal(torch.tensor(r["acts"]) != 0, z != 0), name
+        torch.testing.assert_close(torch.tensor(r["acts"]), z, atol=1e-5, rtol=1e-5)
+        assert (r["metadata"]["hook_name"], r["metadata"]["hook_name_out"]) == (hook_in, hook_out), name
+        assert r["store"]["hook_name"] == hook_in and r["store"]["activations_shape"][-1] == 16, name
+        if skip:  # SAELens's decode leaves the skip term out; its forward adds it
+            assert not torch.allclose(torch.tensor(r["x_hat"]), y_hat, atol=1e-3), name
+    assert json.loads((tmp_path / topk / "sae" / "cfg.json").read_text())["architecture"] == "topk_transcoder"
+    refused = subprocess.run([str(SAELENS_PYTHON), "-c", "import sys; from sae_lens import SAE; "
+                              "SAE.load_from_disk(sys.argv[1])", str(tmp_path / topk / "sae")],
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "topk_transcoder" in refused.stderr, refused.stderr[-2000:]
