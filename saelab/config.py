@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from saelab.data.corpus import CorpusSpec
-from saelab.settings import check, parse_count, setting
+from saelab.settings import CountError, TextError, check, parse_count, setting
 
 T = TypeVar("T")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -298,6 +298,36 @@ __all__ = ["ConfigError", "ModelSpec", "CorpusSpec", "from_dict", "to_dict", "lo
 
 
 NORMALIZATIONS = ("none", "scale", "layer_norm", "constant_norm_rescale")
+# --encoder-chunk auto: the dense encoder up to this width (at B 4,096 its [B, n] fp32 matrix is 1 GiB there, and
+# streaming in 4,096-latent blocks measured 1.66x the dense step at n 16,384: bench/width.py), streaming beyond
+AUTO_DENSE_LATENTS = 65_536
+AUTO_CHUNK = 16_384
+
+
+def parse_encoder_chunk(text: str) -> int:
+    """--encoder-chunk: a number of latents, `auto` (-1) or `dense` (0)."""
+    words = {"auto": -1, "dense": 0}
+    if str(text).strip().lower() in words:
+        return words[str(text).strip().lower()]
+    try:
+        chunk = parse_count(text)
+    except CountError:
+        chunk = -1
+    if chunk < 0:
+        raise TextError(f"not a number of latents, auto or dense: {text!r} (e.g. 16384, 16k, auto)")
+    return chunk
+
+
+def auto_encoder_chunk(architecture: str, n_latents: int) -> int:
+    """What `--encoder-chunk auto` means for this SAE: dense (0) for architectures that cannot stream and up to
+    AUTO_DENSE_LATENTS, blocks of AUTO_CHUNK latents beyond."""
+    from saelab.sae.architectures import get_architecture  # the registry, imported when first needed
+
+    if n_latents <= AUTO_DENSE_LATENTS or not get_architecture(architecture).streams:
+        return 0
+    return AUTO_CHUNK
+
+
 
 
 @dataclass
@@ -334,10 +364,13 @@ class SAEConfig:
     k_aux: int = setting(0, "AuxK latents", default_text="d_in // 2")
     aux_coef: float = setting(1 / 32, "AuxK loss coefficient", default_text="1/32")
     # saelab.kernels.topk_stream: the same codes, values and gradients as the dense path, bit for bit on CPU
-    encoder_chunk: int = setting(0, "streaming encoder: compute pre-activations this many latents at a time, keeping "
-                                    "a running top-k per token (TopK, AbsTopK, g-SAE) or of the batch (BatchTopK, "
-                                    "Matryoshka, mutual and feature choice) instead of the [batch, n_latents] "
-                                    "matrix, in training and in encode; 0: one dense GEMM", default_text="0 (dense)")
+    encoder_chunk: int = setting(-1, "streaming encoder: compute pre-activations this many latents at a time, keeping "
+                                     "a running top-k per token (TopK, AbsTopK, g-SAE) or of the batch (BatchTopK, "
+                                     "Matryoshka, mutual and feature choice) instead of the [batch, n_latents] "
+                                     "matrix, in training and in encode; dense (or 0): one dense GEMM; auto: dense "
+                                     f"up to {AUTO_DENSE_LATENTS:,} latents (where it is faster), blocks of "
+                                     f"{AUTO_CHUNK:,} beyond (where the [batch, n] matrix outgrows memory)",
+                                 parse=parse_encoder_chunk, default_text="auto", metavar="N|auto|dense")
     dtype: str = "float32"
     options: dict = field(default_factory=dict)  # the architecture's own options (see `saelab train --arch A --help`)
 
@@ -359,8 +392,8 @@ class SAEConfig:
         check(self.k >= 1, "sae.k", f"must be >= 1, got {self.k}")
         check(self.k_aux >= 0, "sae.k_aux", f"must be >= 0, got {self.k_aux}")
         check(self.aux_coef >= 0, "sae.aux_coef", f"must be >= 0, got {self.aux_coef}")
-        check(self.encoder_chunk >= 0, "sae.encoder_chunk", f"must be >= 0 (0: the dense encoder), got "
-                                                            f"{self.encoder_chunk}")
+        check(self.encoder_chunk >= -1, "sae.encoder_chunk", f"must be a number of latents, auto (-1) or dense (0), "
+                                                             f"got {self.encoder_chunk}")
         check(self.input_scale > 0 and self.input_scale == self.input_scale, "sae.input_scale",
               f"must be a positive number, got {self.input_scale}")
         check(self.ln_eps >= 0, "sae.ln_eps", f"must be >= 0, got {self.ln_eps}")
@@ -372,7 +405,7 @@ class SAEConfig:
         from saelab.sae.transcoder import check_transcoder_config
 
         check_transcoder_config(self)
-        if self.encoder_chunk:
+        if self.encoder_chunk > 0:
             from saelab.sae.architectures import NOT_STREAMED, get_architecture, streaming_architectures
 
             check(get_architecture(self.architecture).streams, "sae.encoder_chunk",
@@ -382,6 +415,8 @@ class SAEConfig:
             if not self.n_latents:
                 self.n_latents = self.expansion_factor * self.d_in
             check(self.k <= self.n_latents, "sae.k", f"must be <= n_latents ({self.n_latents}), got {self.k}")
+            if self.encoder_chunk == -1:  # auto, decided once the width is known (and then recorded as a number)
+                self.encoder_chunk = auto_encoder_chunk(self.architecture, self.n_latents)
             check(self.encoder_chunk <= self.n_latents, "sae.encoder_chunk",
                   f"must be <= n_latents ({self.n_latents}), got {self.encoder_chunk}")
             from saelab.sae.architectures import get_architecture  # the registry, imported when first needed

@@ -129,7 +129,7 @@ CASES = [
          hint="verify"),
     Case("train-cache-k-above-width", ["train", "--cache", "{cache}", "--n-latents", "8", "--k", "32"],
          ["sae.k", "32", "n_latents (8)"]),
-    Case("train-encoder-chunk-negative", ["train", "--encoder-chunk", "-1"], ["sae.encoder_chunk", "got -1"]),
+    Case("train-encoder-chunk-negative", ["train", "--encoder-chunk", "-5"], ["--encoder-chunk", "'-5'", "auto"]),
     Case("train-cache-encoder-chunk-above-width", ["train", "--cache", "{cache}", "--n-latents", "64",
                                                    "--encoder-chunk", "65"],
          ["sae.encoder_chunk", "65", "n_latents (64)"]),

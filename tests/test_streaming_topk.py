@@ -171,13 +171,28 @@ def test_auxk_blocked_equals_dense(signed):
 
 
 def test_encoder_chunk_config_errors():
-    with pytest.raises(ConfigError, match="sae.encoder_chunk: must be >= 0"):
-        SAEConfig(encoder_chunk=-1)
+    with pytest.raises(ConfigError, match="sae.encoder_chunk: must be a number of latents, auto"):
+        SAEConfig(encoder_chunk=-2)
     with pytest.raises(ConfigError, match=r"sae.encoder_chunk: must be <= n_latents \(512\)"):
         SAEConfig(d_in=32, n_latents=512, encoder_chunk=513)
     with pytest.raises(ConfigError, match="relu trains with the dense encoder"):
         SAEConfig(architecture="relu", encoder_chunk=1024)
     assert SAEConfig(d_in=32, n_latents=512, encoder_chunk=512).encoder_chunk == 512
+
+
+def test_encoder_chunk_auto_streams_only_wide_saes_that_can():
+    from saelab.config import AUTO_CHUNK, AUTO_DENSE_LATENTS, parse_encoder_chunk
+
+    assert SAEConfig().encoder_chunk == -1  # auto until the width is known
+    wide = AUTO_DENSE_LATENTS * 2
+    assert SAEConfig(d_in=32, n_latents=AUTO_DENSE_LATENTS).encoder_chunk == 0  # dense where it is faster
+    assert SAEConfig(d_in=32, n_latents=wide).encoder_chunk == AUTO_CHUNK
+    assert SAEConfig(architecture="batchtopk", d_in=32, n_latents=wide).encoder_chunk == AUTO_CHUNK
+    assert SAEConfig(architecture="relu", d_in=32, n_latents=wide).encoder_chunk == 0  # cannot stream
+    assert SAEConfig(d_in=32, n_latents=wide, encoder_chunk=0).encoder_chunk == 0  # dense when asked
+    assert [parse_encoder_chunk(t) for t in ("auto", "dense", "16k", "0")] == [-1, 0, 16_000, 0]
+    with pytest.raises(ConfigError, match="not a number of latents"):
+        parse_encoder_chunk("-3")
 
 
 # ------------------------------------------------------------------ batch-level selections (saelab.sae.batch_select)
