@@ -12,9 +12,16 @@ straight line from x_r to x_c (IG; interpolating all latents and the error of a 
 hook activation, since decoding is affine). Activation patching of a node adds its clean-minus-corrupted
 contribution (Δf_{t,i} d_i, or Δe_t) to the corrupted run's activation at position t.
 
+Transcoders (read one hook, write another: `sae.cfg.target_hook`): the latents are read from the input hook and
+write the target hook, so their nodes live at the target: the splice replaces the target's value y by the
+transcoder's output plus the error, y = x̂(f(x_in)) + e with e = y − x̂ (d_i: decoder rows in the target's space,
+d_out wide), and every coefficient above is taken at the target hook. A skip-transcoder's linear term W_skip·x_in
+is part of x̂ but no node: it is a function of the input hook, recomputed from it wherever the input changes.
+
 Edges u → d between nodes of two spliced hooks (upstream before downstream): IE(u→d) = Σ_pairs ∇_d m · ∂d/∂u · Δu,
 one vector–Jacobian product per downstream node (d = f_j(x_down) at its position, or the error there), with the
-upstream activation as the differentiated input: ∂d/∂(upstream latent i) = ∂d/∂x_up · d_i.
+upstream activation as the differentiated input: ∂d/∂(upstream latent i) = ∂d/∂x_up · d_i. (x_up: where the
+upstream latents write; a downstream transcoder's latents are functions of its input hook, its error of both.)
 
 Faithfulness of a circuit C (a set of nodes; evals notes §4): F(C) = (m(C) − m(∅)) / (m(M) − m(∅)) on the clean
 prompts, m(C) the mean logit difference with every node outside C mean-ablated (latent values and error vectors
@@ -33,16 +40,19 @@ from saelab.errors import ConfigError, SAEFileError
 from saelab.eval.patching import (Baseline, baseline, capture, hook_coefficients, last_position_hooks, mean_ld,
                                    pearson)
 from saelab.eval.relp import RelPRules, check_fired, rule_hooks
-from saelab.eval.splice import decoder_directions
+from saelab.eval.splice import decoder_directions, target_hook
 from saelab.eval.tasks import TaskBatch
 
 
 @dataclass
 class SAENodes:
     """Node values of one spliced SAE on a task: dense latents f [N, L, n_latents] and error e [N, L, d] for the
-    clean and the corrupted prompts; D the raw-space decoder rows [n_latents, d]; bias the raw-space decoder bias."""
+    clean and the corrupted prompts; D the raw-space decoder rows [n_latents, d]; bias the raw-space decoder bias.
+    `hook`: where the nodes live (the latents write), `read`: the hook the SAE encodes; the same hook for an SAE, a
+    transcoder's target and input hooks (d: the target's width)."""
 
     hook: str
+    read: str
     sae: object
     D: torch.Tensor
     bias: torch.Tensor
@@ -59,9 +69,9 @@ class SAENodes:
 def check_sae(model, sae) -> None:
     """Refuse an SAE made for another model or width, or at a hook the model lacks."""
     cfg = sae.cfg
-    hook = cfg.hook_name
-    if hook not in model.hook_dict:
-        raise SAEFileError(f"the SAE's hook {hook!r} does not exist in this model")
+    for what, hook in (("hook", cfg.hook_name), ("target hook", target_hook(sae))):
+        if hook and hook not in model.hook_dict:
+            raise SAEFileError(f"the SAE's {what} {hook!r} does not exist in this model")
     if getattr(cfg, "normalize", "none") not in ("scale", "none"):
         raise SAEFileError(f"SAE normalisation {cfg.normalize!r} rescales each token, so its latents have no fixed "
                            f"raw-space direction to attribute through", hint="use an SAE with normalize scale/none")
@@ -72,10 +82,16 @@ def check_sae(model, sae) -> None:
                            hint=f"pass --model {have}, or an SAE trained on {want}")
 
 
-def dense_codes(sae, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f [B, L, n_latents] dense latent values, e [B, L, d] error x − x̂) of a hook activation [B, L, *rest]."""
+def dense_codes(sae, act: torch.Tensor, target: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f [B, L, n_latents] dense latent values, e [B, L, d] error) of the activation at the hook the SAE reads
+    [B, L, *rest]: e = x − x̂ for an SAE; a transcoder's e = target − x̂ [B, L, d_out], `target` the activation at
+    its target hook (x̂ its output, a skip-transcoder's W_skip·x included)."""
     B, L = act.shape[:2]
     x = act.reshape(B * L, -1)
+    writes = bool(target_hook(sae))
+    if writes == (target is None):
+        raise ValueError("dense_codes: a transcoder's error needs its target hook's activation (target=), an SAE's "
+                         "is its own input's")
     code = sae.encode(x)  # the architecture's selection; encode itself is not differentiable
     if x.requires_grad and torch.is_grad_enabled():
         # active values as a function of x with the support held fixed, by the architecture's own value function
@@ -84,26 +100,44 @@ def dense_codes(sae, act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
         values = sae.arch.support_values(sae, sae.normalize_input(x)[0], code)
         code = SparseCode(code.indices, values, code.norm)
-    x_hat = sae.decode(code)
+    x_hat = sae.decode(code, x) if writes else sae.decode(code)
     f = code.to_dense(sae.cfg.n_latents)
-    return f.view(B, L, -1), (x - x_hat).view(B, L, -1)
+    y = target.reshape(B * L, -1) if writes else x
+    return f.view(B, L, -1), (y - x_hat).view(B, L, -1)
+
+
+def site_codes(sae, acts: dict, read: str, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`dense_codes` of the activations `acts` captured at the hook the SAE reads and (a transcoder's) writes."""
+    return dense_codes(sae, acts[read], acts[hook] if hook != read else None)
+
+
+def decoder_bias(sae, D: torch.Tensor) -> torch.Tensor:
+    """The raw-space output of the empty code [d] (a skip-transcoder's, for a zero input: its W_skip·x is no
+    constant)."""
+    from saelab.sae.code import SparseCode
+
+    p = next(sae.parameters())
+    code = SparseCode(torch.zeros(1, 1, dtype=torch.long, device=p.device), torch.zeros(1, 1, dtype=p.dtype,
+                                                                                         device=p.device))
+    x0 = torch.zeros(1, sae.cfg.d_in, dtype=p.dtype, device=p.device)
+    return (sae.decode(code, x0) if target_hook(sae) else sae.decode(code))[0].float().to(D.device)
 
 
 @torch.no_grad()
 def sae_nodes(model, batch: TaskBatch, saes: list) -> list[SAENodes]:
     for sae in saes:
         check_sae(model, sae)
-    hooks = [s.cfg.hook_name for s in saes]
-    _, clean = capture(model, batch.clean, hooks)
-    _, corrupt = capture(model, batch.corrupted, hooks)
+    reads = [s.cfg.hook_name for s in saes]
+    hooks = [target_hook(s) or s.cfg.hook_name for s in saes]  # where each one's nodes live
+    wanted = list(dict.fromkeys(reads + hooks))
+    _, clean = capture(model, batch.clean, wanted)
+    _, corrupt = capture(model, batch.corrupted, wanted)
     out = []
-    for sae, h in zip(saes, hooks):
+    for sae, r, h in zip(saes, reads, hooks):
         D = decoder_directions(sae).float()
-        fc, ec = dense_codes(sae, clean[h])
-        fr, er = dense_codes(sae, corrupt[h])
-        bias = (clean[h].reshape(-1, D.shape[1])[:1] - ec.reshape(-1, D.shape[1])[:1]
-                - fc.reshape(-1, D.shape[0])[:1] @ D)[0]
-        out.append(SAENodes(h, sae, D, bias, fc, fr, ec, er))
+        fc, ec = site_codes(sae, clean, r, h)
+        fr, er = site_codes(sae, corrupt, r, h)
+        out.append(SAENodes(h, r, sae, D, decoder_bias(sae, D), fc, fr, ec, er))
     return out
 
 
@@ -172,19 +206,22 @@ def edges(model, batch: TaskBatch, up: SAENodes, down: SAENodes, down_nodes: lis
         box["up"] = act.detach().requires_grad_(True)
         return box["up"]
 
-    def grab(act, hook):
-        box["down"] = act
-        return act
+    def grab(name):  # keyed by the name asked for (a bridge's hook may carry another, aliased name)
+        def keep(act, hook):
+            box[name] = act
+            return act
+        return keep
 
+    grabs = [(h, grab(h)) for h in dict.fromkeys((down.read, down.hook))]  # a transcoder reads one, writes another
     with torch.enable_grad():
-        logits = model.run_with_hooks(batch.corrupted, fwd_hooks=[(up.hook, leaf), (down.hook, grab)] + extra)
+        logits = model.run_with_hooks(batch.corrupted, fwd_hooks=[(up.hook, leaf)] + grabs + extra)
         if method == "relp":
             check_fired(rules or RelPRules(), fired)
         metric = base.normalise(mean_ld(logits, batch)).sum()
-        x_down = box["down"]
+        x_down = box[down.hook]
         (g_down,) = torch.autograd.grad(metric, x_down, retain_graph=True)
         g_down = g_down.reshape(*x_down.shape[:2], -1)
-        f_down, e_down = dense_codes(down.sae, x_down)
+        f_down, e_down = site_codes(down.sae, box, down.read, down.hook)
         dF, dE = up.f_clean - up.f_corrupt, up.e_clean - up.e_corrupt
         out = torch.zeros(len(down_nodes), len(up_nodes))
         for r, (t, j) in enumerate(down_nodes):
@@ -248,19 +285,26 @@ def faithfulness_curve(model, batch: TaskBatch, all_nodes: list[SAENodes], score
             f_mean, e_mean = means[idx]
             lat_keep = torch.stack([m[idx][0] for m in chunk])  # [c, L, n_lat]
             err_keep = torch.stack([m[idx][1] for m in chunk])  # [c, L]
+            box = {}
+
+            def read(act, hook):  # a transcoder's input, as this (ablated) run computes it
+                box[nd.read] = act
+                return act
 
             def ablate(act, hook):
                 B, L = act.shape[:2]
-                f, e = dense_codes(nd.sae, act)
+                box[nd.hook] = act
+                f, e = site_codes(nd.sae, box, nd.read, nd.hook)
                 f = f.view(c, N, L, -1)
                 e = e.view(c, N, L, -1)
-                f = torch.where(lat_keep[:, None], f, f_mean[None, None])
-                e = torch.where(err_keep[:, None, :, None], e, e_mean[None, None])
-                x = f @ nd.D + nd.bias + e
+                f_new = torch.where(lat_keep[:, None], f, f_mean[None, None])
+                e_new = torch.where(err_keep[:, None, :, None], e, e_mean[None, None])
+                # act = x̂ + e: swap the ablated nodes' values (the rest of x̂, a skip term included, stays live)
+                x = act.reshape(c, N, L, -1).float() + (f_new - f) @ nd.D + (e_new - e)
                 return x.reshape(act.shape).to(act.dtype)
-            return ablate
+            return ([(nd.read, read)] if nd.read != nd.hook else []) + [(nd.hook, ablate)]
 
-        fwd = [(nd.hook, make(i, nd)) for i, nd in enumerate(all_nodes)] + last_position_hooks(model)
+        fwd = [h for i, nd in enumerate(all_nodes) for h in make(i, nd)] + last_position_hooks(model)
         logits = model.run_with_hooks(batch.clean.repeat(c, 1), fwd_hooks=fwd)
         lds.append(mean_ld(logits, batch).float())
     lds = torch.cat(lds)
@@ -312,5 +356,5 @@ def feature_attribution(model, batch: TaskBatch, saes: list, methods=("activatio
     return out
 
 
-__all__ = ["SAENodes", "check_sae", "dense_codes", "sae_nodes", "node_effects",
+__all__ = ["SAENodes", "check_sae", "dense_codes", "site_codes", "decoder_bias", "sae_nodes", "node_effects",
            "changed_nodes", "node_activation_patching", "edges", "faithfulness_curve", "feature_attribution"]
