@@ -272,6 +272,12 @@ CASES = [
          ["transcoder", "blocks.2.hook_mlp_out", "sparse probing needs an SAE"], hint="--suite core", model=True),
     Case("steer-a-transcoder", ["steer", "{tmp}/transcoder", "--latent", "1"],
          ["transcoder", "steering needs an SAE"], hint="--suite core", model=True),
+    Case("eval-steering-scores-of-a-transcoder", ["eval", "{tmp}/transcoder", "--suite", "steering", "--tokens", "1k"],
+         ["transcoder", "steering scores needs an SAE"], hint="--suite core", model=True),
+    Case("eval-transcoder-labelled-sae", ["eval", "{tmp}/tc_as_sae"],
+         ["tc_as_sae", "W_dec is (48, 24)", "a transcoder's weights, but the config is an SAE's"], hint="d_out 24"),
+    Case("eval-sae-labelled-transcoder", ["eval", "{tmp}/sae_as_tc"],
+         ["sae_as_tc", "'transcoder' with apply_b_dec_to_input=true"], hint="apply_b_dec_to_input false"),
     # ------------------------------------------------------------------------------------------ reference train
     Case("reference-heads-do-not-divide", ["reference", "train", "--out", "{tmp}/r", "--n-embd", "100"],
          ["n_embd", "100", "n_head (8)"]),
@@ -338,6 +344,12 @@ def make_inputs(tmp: Path) -> None:
 
     SparseAutoencoder(SAEConfig(d_in=256, n_latents=64, k=4, hook_name="blocks.2.mlp.hook_in", d_out=256,
                                 target_hook="blocks.2.hook_mlp_out")).save(tmp / "transcoder")  # a sound transcoder
+    saelens = Path(__file__).parent / "fixtures" / "saelens"  # SAELens's folders, their cfg.json mislabelled:
+    for name, fixture, edits in (("tc_as_sae", "transcoder", {"architecture": "standard"}),  # a transcoder as an SAE
+                                 ("sae_as_tc", "standard", {"architecture": "transcoder", "d_out": 16})):  # reverse
+        shutil.copytree(saelens / fixture, tmp / name)
+        (tmp / name / "cfg.json").write_text(json.dumps({**json.loads((tmp / name / "cfg.json").read_text()),
+                                                         **edits}))
     step = tmp / "tc_run" / "checkpoints" / "step-00000010"  # a transcoder's checkpoint whose target is 99 wide
     step.mkdir(parents=True)
     (step / "state.json").write_text(json.dumps({"sae": {"hook_name": HOOK, "d_in": 256, "target_hook": HOOK,

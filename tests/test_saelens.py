@@ -380,6 +380,32 @@ def test_refuses_what_it_cannot_reproduce(tmp_path, key, value, message):
         load_sae(tmp_path / "s")
 
 
+@pytest.mark.parametrize("fixture, edits, message, hint", [
+    # a transcoder's folder labelled as an SAE: its decoder writes another width
+    ("transcoder", {"architecture": "standard"}, r"W_dec is \(48, 24\): its output is 24 wide, not d_in 16, so "
+                                                 r"these are a transcoder's weights", "d_out 24"),
+    ("skip_transcoder", {"architecture": "transcoder"}, r"unexpected \['W_skip'\] for a relu transcoder",
+     "'skip_transcoder'"),
+    ("transcoder", {"architecture": "skip_transcoder"}, r"missing \['W_skip'\] for a relu skip-transcoder",
+     "'skip_transcoder'"),
+    # an SAE's folder labelled as a transcoder: its b_dec centres the input, which SAELens's transcoders refuse
+    ("standard", {"architecture": "transcoder", "d_out": 16}, "a 'transcoder' with apply_b_dec_to_input=true",
+     "apply_b_dec_to_input false"),
+    ("standard", {"architecture": "transcoder"}, "d_out must be a positive integer, got None", ""),
+    ("jumprelu_transcoder", {"architecture": "transcoder"}, "a 'transcoder' \\(ReLU\\) has no threshold", ""),
+    ("transcoder", {"d_out": 16}, r"W_dec is \(48, 24\) but the config says \(48, 16\) .*d_out 16", ""),
+    ("transcoder", {"architecture": "topk_transcoder", "k": 4}, "architecture 'topk_transcoder' cannot be loaded",
+     "'jumprelu_skip_transcoder'"),
+])
+def test_transcoder_and_sae_folders_mislabelled(tmp_path, fixture, edits, message, hint):
+    """A transcoder's weights under an SAE's cfg.json, or the reverse, is refused with what is wrong."""
+    shutil.copytree(FIXTURES / fixture, tmp_path / "s")
+    edit_json(tmp_path / "s" / "cfg.json", **edits)
+    with pytest.raises(SAEFileError, match=message) as e:
+        load_sae(tmp_path / "s")
+    assert hint in e.value.hint
+
+
 def test_not_a_folder(tmp_path):
     with pytest.raises(SAEFileError, match="no such folder"):
         load_sae(tmp_path / "nope")

@@ -257,6 +257,11 @@ def import_saelens(raw: dict, state: dict[str, torch.Tensor], path: Path) -> tup
             raise SAEFileError(f"{where}: d_out must be a positive integer, got {raw.get('d_out')!r}", hint=RESAVE)
         if "threshold" in state and arch == "standard":
             raise SAEFileError(f"{path / WEIGHTS_FILE}: a 'transcoder' (ReLU) has no threshold tensor", hint=RESAVE)
+        if raw.get("apply_b_dec_to_input"):  # b_dec is the output's bias: SAELens's TranscoderConfig refuses it too
+            raise SAEFileError(f"{where}: a {raw['architecture']!r} with apply_b_dec_to_input=true: a transcoder's "
+                               f"b_dec is its output's bias (d_out wide) and never centres its input",
+                               hint="an SAE's cfg.json says its SAE architecture (e.g. 'standard') and no d_out; a "
+                                    "transcoder's says apply_b_dec_to_input false")
         # SAELens itself splices a transcoder without hook_name_out at its input hook (HookedSAETransformer)
         target = {"target_hook": meta.get("hook_name_out") or meta.get("hook_name") or "", "d_out": raw["d_out"],
                   "skip": skip}
@@ -397,14 +402,24 @@ def _check_tensors(sae, state: dict, path: Path) -> None:
     # (the file's name → the SAE's)
     names = list(attr) + [n for n in export["tensors"] if n not in BASE_TENSORS]
     extra, missing = sorted(set(state) - set(names)), [n for n in names if n not in state]
+    kind = ("skip-transcoder" if sae.cfg.skip else "transcoder") if sae.cfg.target_hook else "SAE"
     if missing or extra:
         raise SAEFileError(f"{where}: {'missing ' + str(missing) if missing else ''}"
                            f"{'; ' if missing and extra else ''}{'unexpected ' + str(extra) if extra else ''} "
-                           f"for a {sae.cfg.architecture} SAE",
-                           hint="the weights do not belong to this config; restore the matching file")
+                           f"for a {sae.cfg.architecture} {kind}",
+                           hint="a skip-transcoder's W_skip goes with cfg.json's architecture 'skip_transcoder' (or "
+                                "'jumprelu_skip_transcoder')" if "W_skip" in missing + extra else
+                                "the weights do not belong to this config; restore the matching file")
     for name in names:
         want = tuple((getattr(sae, attr[name]) if name in attr else export["tensors"][name]).shape)
         if tuple(state[name].shape) != want:
+            width = state[name].shape[-1]
+            if name in ("W_dec", "b_dec") and not sae.cfg.target_hook and width != sae.d_in:
+                raise SAEFileError(f"{where}: {name} is {tuple(state[name].shape)}: its output is {width} wide, not "
+                                   f"d_in {sae.d_in}, so these are a transcoder's weights, but the config is an SAE's",
+                                   hint=f"a transcoder's cfg.json says architecture 'transcoder' (or "
+                                        f"'skip_transcoder', 'jumprelu_transcoder', ...), d_out {width} and its "
+                                        f"target hook as metadata.hook_name_out")
             d_out = f", d_out {sae.cfg.d_out}" if sae.cfg.target_hook else ""
             raise SAEFileError(f"{where}: {name} is {tuple(state[name].shape)} but the config says {want} "
                                f"(d_in {sae.d_in}, n_latents {sae.n_latents}{d_out})",
