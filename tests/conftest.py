@@ -27,3 +27,23 @@ def reference_model():
     from saelab.models import load_model
 
     return load_model("reference")
+
+
+@pytest.fixture(scope="session")
+def bench_module():
+    """`bench_module("architectures")`: a script of bench/ imported as a module (its siblings importable while it
+    loads), for tests of a benchmark's own logic."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+
+    def load(name: str):
+        sys.path.insert(0, bench)
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(bench)
+
+    return load

@@ -2,23 +2,13 @@
 entries), merging a run's rows into a published result (--merge) and refusing one trained on other settings, the
 printed tables and the Pareto figure's traces."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def ab():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import architectures
-    finally:
-        sys.path.remove(str(BENCH))
-    return architectures
+def ab(bench_module):
+    return bench_module("architectures")
 
 
 def _core(l0: float, delta_ce: float) -> dict:

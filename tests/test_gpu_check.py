@@ -3,23 +3,14 @@ float64 reference against autograd through dense matrices, its comparison catchi
 a lost hot latent row, an op that raises), and bench/gpu_report.py's assembly of the final JSON."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture(scope="module")
-def gk():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_kernels
-    finally:
-        sys.path.remove(str(BENCH))
-    return gpu_kernels
+def gk(bench_module):
+    return bench_module("gpu_kernels")
 
 
 @pytest.fixture
@@ -109,12 +100,8 @@ def test_an_op_that_raises_is_recorded_and_the_rest_run(gk, torch_backend, monke
     assert case["ops"]["decode"]["torch"]["ok"] and case["ops"]["grouped"]["torch"]["ok"]
 
 
-def test_report_assembles_steps(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import gpu_report
-    finally:
-        sys.path.remove(str(BENCH))
+def test_report_assembles_steps(tmp_path, bench_module):
+    gpu_report = bench_module("gpu_report")
     (tmp_path / "k.json").write_text(json.dumps({"ok": True, "cases": []}))
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
