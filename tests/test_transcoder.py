@@ -237,3 +237,15 @@ def test_core_metrics_compare_with_the_target_and_splice_the_output_there(refere
     assert m.ce_sae == pytest.approx(float(ce[counted].mean()), rel=1e-5)
     assert m.delta_ce > 0  # an untrained transcoder costs loss
     assert f"{IN} → target: {OUT}" in format_core(m).splitlines()[0]
+
+
+@pytest.mark.parametrize("suite", ["probing", "steering"])
+def test_probing_and_steering_refuse_a_transcoder_before_loading_its_model(tmp_path, suite):
+    """A transcoder of a model this machine cannot load (gpt2, no hub) is refused for what it is, not for the hub."""
+    import saelab
+
+    tc = SparseAutoencoder(SAEConfig(d_in=16, n_latents=32, k=4, hook_name="blocks.0.hook_resid_pre",
+                                     target_hook="blocks.0.hook_mlp_out", d_out=16, model_name="gpt2"))
+    tc.save(tmp_path / "tc")
+    with pytest.raises(ConfigError, match="is a transcoder"):
+        saelab.evaluate(tmp_path / "tc", suites=["core", suite])

@@ -66,7 +66,8 @@ def evaluate(run, suites: str | Sequence[str] = ("core",), tokens: int | str | N
         probe = ProbingSettings(**probing)
         probe.labelled  # noqa: B018  (read and checked before the model loads: a bad line fails at once)
     path = run.path if isinstance(run, Run) else Path(run)
-    loaded = load_run(path)
+    sae_only = {"probing": "sparse probing", "steering": "steering scores"}  # a transcoder: refused before the model
+    loaded = load_run(path, require=" and ".join(sae_only[s] for s in suites if s in sae_only))
     ev = Evaluation(as_run(run))
     if "core" in suites:
         ev.core, ev.paths["core"] = evaluate_run(path, budget["core"], loaded=loaded)

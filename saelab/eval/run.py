@@ -15,9 +15,10 @@ from saelab.settings import check, setting
 STEER_TOKENS = 16_384  # held-out tokens of the corpus pass that finds each latent's max activation
 
 
-def load_run(run: Path):
+def load_run(run: Path, require: str = ""):
     """(SAE, model, TrainConfig, its `RunDir`) of a run directory or a bare SAE directory, with the model and corpus
-    it was trained on."""
+    it was trained on. `require`: what needs an SAE rather than a transcoder (`require_sae`), refused before the
+    model loads."""
     from saelab.config import TrainConfig, load_config
     from saelab.data.corpus import check_source
     from saelab.models import check_hook_names, load_model
@@ -29,6 +30,8 @@ def load_run(run: Path):
                           "(cfg.json + sae_weights.safetensors)")
     cfg = load_config(TrainConfig, rd.config) if rd.config.exists() else TrainConfig()
     sae = SparseAutoencoder.load(rd.sae)
+    if require:
+        require_sae(sae, require, run)
     check_source(cfg.corpus, "validation")
     model_name = sae.cfg.model_name or cfg.model.name
     model = load_model(model_name, device=cfg.model.resolved_device(), dtype=cfg.model.dtype)
@@ -71,8 +74,8 @@ def probe_run(run: Path, tokens: int | None = None, progress: bool = True, loade
     if tokens is None and not st.data:
         raise TypeError("probe_run: the reference tasks need a token budget (tokens)")
     labelled = st.labelled  # read (and checked) before the model loads: a bad line fails at once
-    sae, model, cfg, rd = loaded or load_run(run)
-    require_sae(sae, "sparse probing", run)
+    sae, model, cfg, rd = loaded or load_run(run, require="sparse probing")
+    require_sae(sae, "sparse probing", run)  # a `loaded` run
     with_grad = infers_with_grad(sae)  # a g-SAE: activations with the LM-loss gradient, its fallback probed beside
     if st.data and st.level == "token":
         rows, tasks = labelled
@@ -93,8 +96,8 @@ def score_run(run: Path, tokens: int, progress: bool = True, loaded=None):
     RUN/eval/steering_scores.parquet (+ .json))."""
     from saelab.eval.steering import score_latents, write_scores
 
-    sae, model, cfg, rd = loaded or load_run(run)
-    require_sae(sae, "steering scores", run)
+    sae, model, cfg, rd = loaded or load_run(run, require="steering scores")
+    require_sae(sae, "steering scores", run)  # a `loaded` run
     scores, _ = score_latents(model, sae, n_tokens=tokens, context_size=cfg.context_size, corpus=cfg.corpus,
                               progress=progress)
     return scores, write_scores(scores, rd.eval, model.tokenizer)
@@ -154,8 +157,7 @@ def steer_run(run: Path, latents: list[int], settings: SteerSettings) -> tuple[d
     alphas, sweep, mode, strength_scale = st.alpha, st.sweep, st.mode, st.strength_scale
     max_new_tokens, temperature, seed = st.max_new_tokens, st.temperature, st.seed
     prompt = st.prompt if (st.prompt or sweep) else "\n"  # a sweep with no prompt: the neutral code prefixes
-    sae, model, cfg, rd = load_run(run)
-    require_sae(sae, "steering", run)
+    sae, model, cfg, rd = load_run(run, require="steering")
     check_sae_fits(model, sae)
     n = sae.cfg.n_latents
     for f in latents:
