@@ -54,7 +54,8 @@ class Gated(ReLU):
     def code_train(self, sae, x_c, pre, grad, k=None) -> SparseCode:
         self.support = s = Support.positive(pre)
         self.gate = gate = s.preacts(sae, x_c, pre)
-        return s.code(s.mask(self.magnitudes(sae, s, gate).relu() * (gate > 0)))
+        self.step_values = s.mask(self.magnitudes(sae, s, gate).relu() * (gate > 0))
+        return s.code(self.step_values)
 
     @torch.no_grad()
     def code_inference(self, sae, pre, grad, x_c=None) -> SparseCode:
@@ -67,15 +68,15 @@ class Gated(ReLU):
         return on_support(code, self.magnitudes(sae, s, sae.preacts(x_norm).gather(1, code.indices)).relu())
 
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
-        s, gate = self.support, self.support.mask(self.gate.relu())
-        x_hat = s.decode(code.values, sae.W_dec) + sae.b_dec
+        s, gate, values = self.support, self.support.mask(self.gate.relu()), self.step_values
+        x_hat = s.decode(values, sae.W_dec) + sae.b_dec
         frozen = sae.W_dec.detach()
         x_aux = s.decode(gate, frozen) + sae.b_dec.detach()
         losses = {"fvu": fvu(x_norm - x_hat, sae.loss_normalizer),
                   "l1": weighted_l1(s, gate, frozen) / sae.loss_normalizer,
                   "aux_fvu": fvu(x_norm.detach() - x_aux, sae.loss_normalizer)}  # trains the gate alone
         losses["loss"] = losses["fvu"] + self.l1_coef() * losses["l1"] + losses["aux_fvu"]
-        self.gate = None
+        self.gate = self.step_values = None
         return x_hat, losses
 
     def saelens_export(self, sae) -> dict:

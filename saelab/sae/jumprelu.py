@@ -164,6 +164,7 @@ class JumpReLU(Architecture):
         self.unit_decoder = not self.anthropic
         self.warm = 1.0  # λ's warm-up factor (begin_step); 1 outside the trainer
         self.support: Support | None = None  # code_train's, for losses of the same step
+        self.step_values: torch.Tensor | None = None  # the step's code values in the support's layout
         self.gate: torch.Tensor | None = None  # 1[pre > θ] on the support, with θ's estimator
 
     @classmethod
@@ -261,21 +262,21 @@ class JumpReLU(Architecture):
         theta = self.threshold(sae)
         self.support = s = Support.above(pre, theta.detach() - self.opt.bandwidth / 2)
         f, gate = JumpStep.apply(s.preacts(sae, x_c, pre), theta, s.indices, self.opt.bandwidth, self.anthropic)
-        self.gate = s.mask(gate)
-        return s.code(s.mask(f))
+        self.gate, self.step_values = s.mask(gate), s.mask(f)
+        return s.code(self.step_values)
 
     # ---------------------------------------------------------------------------------------------- losses
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
-        s, gate = self.support, self.gate
-        self.support = self.gate = None
-        x_hat = s.decode(code.values, sae.W_dec) + sae.b_dec
+        s, gate, values = self.support, self.gate, self.step_values
+        self.support = self.gate = self.step_values = None
+        x_hat = s.decode(values, sae.W_dec) + sae.b_dec
         err = x_norm - x_hat
         losses = {"fvu": fvu(err, sae.loss_normalizer)}
         if self.anthropic:
             norms = s.per_latent(sae.W_dec.norm(dim=1))
-            losses["sparsity"] = torch.tanh(self.opt.tanh_scale * code.values * norms).sum(-1).mean()
+            losses["sparsity"] = s.token_mean(torch.tanh(self.opt.tanh_scale * values * norms))
         else:
-            losses["sparsity"] = gate.sum(-1).mean()
+            losses["sparsity"] = s.token_mean(gate)
         losses["l0_coef"] = self.l0_coef(sae)
         losses["loss"] = losses["fvu"] + losses["l0_coef"] * losses["sparsity"]
         if self.anthropic:

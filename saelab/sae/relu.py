@@ -12,9 +12,11 @@ batch and is subtracted before encoding (Anthropic: 0, not subtracted), which ch
 no AuxK (the recipe has none; latents silent for the dead window are reported, not revived).
 
 The code of a ReLU SAE has no fixed k: a latent is active where its pre-activation is positive. `Support` holds
-that set. While it is sparse (at most `DENSE_FRACTION` of the batch's B·n entries) it is packed per token into
-`(indices [B, K], valid)`, K the most active latents of any token in the batch, and the step runs on the sparse
-kernels as TopK's does: padded slots have value 0, read no row and get no gradient. Early in training (λ still
+that set. While it is sparse (at most `DENSE_FRACTION` of the batch's B·n entries) it is packed into rows of K
+slots (`saelab.sae.code.PackedRows`: a token with more than K latents continues on overflow rows, so a few wide
+tokens do not pad the whole batch) and the step runs on the sparse kernels as TopK's does: padded slots have value
+0, read no row and get no gradient; the step's values stay in that layout, and the SparseCode it returns lists them
+per token. Early in training (λ still
 warming up) about half of all latents are active, where the sparse kernels would do more work than dense GEMMs, so
 a dense support runs the step as plain matrix products and its `SparseCode` lists every latent (indices
 0..n−1, zeros where inactive). Both are ordinary SparseCodes, so "active = value ≠ 0", L0 and dead-latent counting
@@ -28,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from saelab.kernels import encoder_values, sparse_decode
-from saelab.sae.architectures import Architecture, DenseEncoder, fvu, pack_rows, threshold_indices
-from saelab.sae.code import SparseCode
+from saelab.sae.architectures import Architecture, DenseEncoder, fvu, threshold_indices
+from saelab.sae.code import PackedRows, SparseCode
 from saelab.settings import setting as option
 
 # the densest support the sparse kernels run; above it the dense path is faster. Packed / dense step time at d 256,
@@ -62,12 +64,15 @@ class ReLUOptions:
 
 @dataclass
 class Support:
-    """The latents each token may use, {pre > 0} (JumpReLU's: {pre > θ − ε/2}): packed (`indices [B, K]`, `valid`)
-    or every latent (`indices` None: the dense path). Its methods run one piece of a step on either path."""
+    """The latents each token may use, {pre > 0} (JumpReLU's: {pre > θ − ε/2}): packed in kernel rows (`indices
+    [R, K]`, `valid`; `rows` their layout, with overflow rows of wide tokens after the B tokens' own; None: row b is
+    token b) or every latent (`indices` None: the dense path). Its methods run one piece of a step on either path;
+    the step's values are [R, K] packed, [B, n] dense, and `code` lists them per token."""
 
     indices: torch.Tensor | None
     valid: torch.Tensor | None
     n: int
+    rows: PackedRows | None = None
 
     @classmethod
     def positive(cls, pre: torch.Tensor, dense_ok: bool = True) -> "Support":
@@ -79,7 +84,8 @@ class Support:
         rows, cols = (pre > threshold).nonzero(as_tuple=True)  # one pass: the count, and the packed support
         if dense_ok and rows.numel() > DENSE_FRACTION * pre.numel():
             return cls(None, None, pre.shape[1])
-        return cls(*pack_rows(rows, cols, pre.shape[0], presorted=True), pre.shape[1])
+        packed = PackedRows.pack(rows, cols, pre.shape[0])
+        return cls(packed.indices, packed.valid, pre.shape[1], packed)
 
     @property
     def dense(self) -> bool:
@@ -90,14 +96,17 @@ class Support:
         the support's threshold: a ReLU, the gate, JumpReLU's step)."""
         if self.dense:
             return DenseEncoder.apply(pre, x_c.detach(), sae.W_enc.T, sae.b_enc, sae.b_pre)
-        return encoder_values(x_c, sae.W_enc, sae.b_enc, self.indices, pre.gather(1, self.indices))
+        x_rows = x_c if self.rows is None else self.rows.token_rows(x_c)
+        return encoder_values(x_rows, sae.W_enc, sae.b_enc, self.indices, self.gather(pre))
 
     def gather(self, pre: torch.Tensor) -> torch.Tensor:
         """Pre-activations on the support, without gradient."""
-        return pre if self.dense else pre.gather(1, self.indices)
+        if self.dense:
+            return pre
+        return pre.gather(1, self.indices) if self.rows is None else self.rows.gather(pre)
 
     def per_latent(self, t: torch.Tensor) -> torch.Tensor:
-        """A per-latent vector [n] at each slot (differentiable): [B, K] packed, [n] (broadcast) dense. By
+        """A per-latent vector [n] at each slot (differentiable): [R, K] packed, [n] (broadcast) dense. By
         index_select, whose backward is an index_add: 60× faster than an embedding of [n, 1] rows (its backward
         sorts the B·K indices), measured at B 4096, K 92, n 4096."""
         return t if self.dense else t.index_select(0, self.indices.reshape(-1)).view(self.indices.shape)
@@ -107,18 +116,30 @@ class Support:
         return values if self.valid is None else values * self.valid
 
     def decode(self, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-        return values @ W_dec if self.dense else sparse_decode(self.indices, values, W_dec)
+        """Σ values·W_dec per token, [B, d]."""
+        if self.dense:
+            return values @ W_dec
+        out = sparse_decode(self.indices, values, W_dec)
+        return out if self.rows is None else self.rows.sum_tokens(out)
+
+    def token_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """E_tokens Σ_slots t of a tensor in the step's layout."""
+        n_tokens = t.shape[0] if self.dense or self.rows is None else self.rows.n_tokens
+        return t.sum() / n_tokens
 
     def code(self, values: torch.Tensor) -> SparseCode:
+        """The step's values as a per-token SparseCode (differentiable)."""
         if self.dense:
             every = torch.arange(self.n, device=values.device).expand(values.shape[0], self.n)
             return SparseCode(every, values)
-        return SparseCode(self.indices, values)
+        if self.rows is None:
+            return SparseCode(self.indices, values)
+        return SparseCode(self.rows.code_indices, self.rows.code_values(values))
 
 
 def weighted_l1(support: Support, values: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """E_tokens Σ_i values_i·‖W_dec,i‖ (values ≥ 0, zero off the support)."""
-    return (values * support.per_latent(W_dec.norm(dim=1))).sum(-1).mean()
+    """E_tokens Σ_i values_i·‖W_dec,i‖ (values ≥ 0, zero off the support; in the support's layout)."""
+    return support.token_mean(values * support.per_latent(W_dec.norm(dim=1)))
 
 
 class ReLU(Architecture):
@@ -132,6 +153,7 @@ class ReLU(Architecture):
         super().__init__(cfg)
         self.l1_scale = 1.0  # λ's warm-up factor (begin_step); 1 outside the trainer
         self.support: Support | None = None  # code_train's, for losses of the same step
+        self.step_values: torch.Tensor | None = None  # the step's code values in the support's layout
 
     @torch.no_grad()
     def init_parameters(self, sae) -> None:
@@ -154,13 +176,15 @@ class ReLU(Architecture):
 
     def code_train(self, sae, x_c, pre, grad, k=None) -> SparseCode:
         self.support = s = Support.positive(pre)
-        return s.code(s.mask(s.preacts(sae, x_c, pre).relu()))
+        self.step_values = s.mask(s.preacts(sae, x_c, pre).relu())
+        return s.code(self.step_values)
 
     def losses(self, sae, x_norm, x_c, pre, code, grad, dead_mask):
-        s = self.support
-        x_hat = s.decode(code.values, sae.W_dec) + sae.b_dec
+        s, values = self.support, self.step_values
+        self.step_values = None
+        x_hat = s.decode(values, sae.W_dec) + sae.b_dec
         losses = {"fvu": fvu(x_norm - x_hat, sae.loss_normalizer),
-                  "l1": weighted_l1(s, code.values, sae.W_dec) / sae.loss_normalizer}
+                  "l1": weighted_l1(s, values, sae.W_dec) / sae.loss_normalizer}
         losses["loss"] = losses["fvu"] + self.l1_coef() * losses["l1"]
         return x_hat, losses
 
