@@ -216,7 +216,6 @@ def test_probing(family, capsys):
 def test_dashboard_matches_transformers(family, bundle):
     """A latent's examples are the SAE applied to transformers' hidden states of their rows; its logit lens is the
     folder's own final norm and unembedding (Gemma: RMSNorm's 1 + w) applied to its decoder direction."""
-    from saelab.dashboard.weights import decoder_rows
     from saelab.sae import SparseAutoencoder
 
     _, folder, _, runs = family
@@ -231,7 +230,7 @@ def test_dashboard_matches_transformers(family, bundle):
         dense = sae.encode(hidden).to_dense(sae.cfg.n_latents)[:, latent].numpy()
     np.testing.assert_allclose(ex.acts[1:], dense, rtol=1e-4, atol=1e-5 * max(1.0, float(dense.max())))
     _, norm = hf_layers(hf)
-    d = decoder_rows(sae)[latent][None]
+    d = sae.decoder_rows().float()[latent][None]
     with torch.no_grad():  # the lens drops the norm's bias (LayerNorm) and its 1/σ, the same for every latent
         effect = hf.get_output_embeddings()(norm(d) - norm(torch.zeros_like(d)))[0]
     want = effect.topk(len(lat.logits_top)).indices.tolist()

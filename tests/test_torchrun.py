@@ -132,12 +132,12 @@ FAILING = textwrap.dedent("""
 
     step_of = trainer.SAERun.step
 
-    def step(self, step, x, grad):  # rank 1 {how} at step 3; rank 0 is waiting for it in the gradient all-reduce
+    def step(self, step, x, grad, target=None):  # rank 1 {how} at step 3; rank 0 waits in the gradient all-reduce
         if step == 3 and os.environ["RANK"] == "1":
             if "{how}" == "fails":
                 raise DataError("a planted failure")
             time.sleep(3600)
-        return step_of(self, step, x, grad)
+        return step_of(self, step, x, grad, target)
 
     trainer.SAERun.step = step
     from saelab.cli import main

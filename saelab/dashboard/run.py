@@ -130,7 +130,7 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
 
     from saelab.dashboard.stats import group_ends
     from saelab.dashboard.vocab import display_vocab
-    from saelab.dashboard.weights import decoder_rows, unembed_of
+    from saelab.dashboard.weights import unembed_of
 
     rp = open_pass(run, tokens, split, dataset, context_size, device)
     sae, model, hook = rp.sae, rp.model, rp.sae.cfg.hook_name
@@ -155,7 +155,7 @@ def build_run_bundle(run: str | Path, out: str | Path | None = None, tokens: int
                      "corpus": rp.corpus_info, "context_size": rp.context_size}}
     out = Path(out) if out else rp.run_dir.dashboard
     with torch.no_grad():
-        return build_bundle(out, rp.rows, rp.n_rows, rp.capture, sae.encode, sae_info, decoder_rows(sae).cpu(),
+        return build_bundle(out, rp.rows, rp.n_rows, rp.capture, sae.encode, sae_info, sae.decoder_rows().float().cpu(),
                             unembed, display_vocab(model.tokenizer, model.cfg.d_vocab), meta, settings=settings,
                             run=None if rp.run_dir.bare else rp.run_dir.path, progress=progress, force=force)
 

@@ -15,16 +15,6 @@ import torch
 from saelab.dashboard.stats import bin_index
 
 
-def decoder_rows(sae) -> torch.Tensor:
-    """Decoder rows in raw activation space, float32 [F, d_out] (d_in for an SAE; a transcoder's rows live at its
-    target hook). An in-memory "scale" SAE divides by its output side's scale (an SAE's input scale, a transcoder's
-    target scale)."""
-    w = sae.W_dec.detach().float()
-    if sae.cfg.normalize == "scale" and sae.output_scale != 1.0:
-        w = w / sae.output_scale
-    return w
-
-
 def unembed_of(model) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """(W_U [d_model, V] float32, final-norm gain γ [d_model] or None, whether the final norm centres (LayerNorm)).
     The gain is what the norm multiplies by: its weight, or 1 + weight where TransformerLens says the family's RMSNorm

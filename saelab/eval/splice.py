@@ -244,20 +244,15 @@ def decoder_directions(sae) -> torch.Tensor:
     """[n_latents, d_out]: what one unit of each latent adds to the reconstruction in RAW activation space (d_out =
     d_in for an SAE; a transcoder's directions live at its target hook).
 
-    A folder loaded from disk has its scales folded in (rows are already raw); an in-memory SAE with
-    normalize == "scale" divides by its output side's scale (an SAE's input scale, a transcoder's target scale). A layer_norm SAE has no fixed raw direction (it is scaled by
-    each token's norm), so it is refused here.
+    `SparseAutoencoder.decoder_rows()`, except that a layer_norm SAE, which has no fixed raw direction (it is scaled
+    by each token's norm), is refused here.
     """
-    cfg = sae.cfg
-    W = sae.W_dec.detach()
-    norm = getattr(cfg, "normalize", "none")
-    if norm == "layer_norm":
+    if sae.cfg.normalize == "layer_norm":
         from saelab.errors import ConfigError
 
         raise ConfigError("a layer_norm SAE has no fixed raw-space decoder direction (it depends on each token's "
                           "norm)", hint="use an SAE trained with normalize='scale' or 'none'")
-    scale = float(getattr(cfg, "target_scale" if target_hook(sae) else "input_scale", 1.0) or 1.0)
-    return W / scale if norm == "scale" and scale != 1.0 else W
+    return sae.decoder_rows()
 
 
 def check_sae_fits(model, sae) -> None:

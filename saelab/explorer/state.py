@@ -135,9 +135,7 @@ def decoder_directions(path: str):
     """Raw-space decoder rows [F, d_out] (float32 torch; d_in for an SAE), unit-normalised copy for cosines."""
     import torch
 
-    from saelab.dashboard.weights import decoder_rows
-
-    w = decoder_rows(load_sae(path))
+    w = load_sae(path).decoder_rows().float()
     return w, torch.nn.functional.normalize(w, dim=1)
 
 

@@ -150,6 +150,14 @@ class SparseAutoencoder(nn.Module):
         transcoder."""
         return self.cfg.target_scale if self.cfg.target_hook else self.cfg.input_scale
 
+    def decoder_rows(self) -> torch.Tensor:
+        """[n_latents, d_out]: what one unit of each latent adds to the output in raw activation space (d_in for an
+        SAE; a transcoder's rows live at its target hook): W_dec with "scale" undone. A folder loaded from disk has its
+        scales folded in already; a per-token normalisation has no fixed raw direction (its rows are returned as
+        trained: callers that need raw directions refuse it, `saelab.eval.splice.decoder_directions`)."""
+        w = self.W_dec.detach()
+        return w / self.output_scale if self.cfg.normalize == "scale" and self.output_scale != 1.0 else w
+
     def normalize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
         """(x̃, per-token statistics or None): x̃ = (x − shift) / scale for the per-token normalisations."""
         mode = self.cfg.normalize
