@@ -278,6 +278,7 @@ def test_bits_per_byte_on_a_sample_matches_the_card(card, reference_model, refer
     assert math.isclose(got["bytes_per_token"], card["validation"]["bytes_per_token"], rel_tol=0.15)
 
 
+@pytest.mark.slow  # ~9 s of generation
 @pytest.mark.filterwarnings(STDLIB_FIXTURES)
 def test_bracket_closing_on_a_sample(card, reference_model, reference_tokenizer, record_property):
     """The first 200 of the card's own sites (every 7th held-out closer, in corpus order)."""

@@ -119,6 +119,7 @@ def test_absorbed_children_score_one_over_root_two():
     assert score(_sae_with(W, threshold=1e-4), data)["absorption"] == pytest.approx(-1 / math.sqrt(2), abs=1e-5)
 
 
+@pytest.mark.slow  # 1500 steps of pursuit: ~13 s
 def test_mp_recovers_the_toy_tree_without_absorption(tmp_path):
     """Issue 10, the MP-SAE paper's Table 1: on the toy tree (its App. B.1 setup: 20 features in R^20, batch 200,
     Adam(0.5, 0.9375) at 3e-2, pursuit until ‖r‖ ≤ 0.05 or a repeated atom) MP's dictionary is the truth, so each
