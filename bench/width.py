@@ -10,7 +10,8 @@ today's dense encoder (one [B, n] GEMM), in the same run: step time and peak RSS
 
 Each (width, encoder) runs in a fresh subprocess, so its peak RSS (resource.getrusage's ru_maxrss) is its own. A
 dense run whose [B, n] pre-activations and top-k buffers, with the parameters, gradients and Adam state, would not
-fit in this machine's available memory is not started: it is recorded as refused with the estimate. Rows are merged
+fit in this machine's available memory is not started: it is recorded as refused with the message `saelab train`
+gives there (`saelab/training/memory.py`). Rows are merged
 into bench/results/width.json (a row of the same n and encoder is replaced; the file is rewritten after every run,
 so a run cut short keeps what it measured), each with the load average when it ran: this machine is shared, and
 times taken under load are not comparable between rows. `--interleave R` compares step times fairly instead: one
@@ -50,21 +51,6 @@ def parse_width(text: str) -> int:
     if scale is None:
         return int(text)
     return 2 ** round(math.log2(float(text[:-1]) * scale))
-
-
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def dense_estimate(d: int, n: int, batch: int) -> int:
-    """Bytes of a dense step: parameters + gradients + Adam's two moments (fp32), the [B, n] pre-activations and
-    the top-k's working copy of a row block (ATen's topk copies each row into a (value, index) queue: 16 bytes per
-    entry per thread; counted for the whole matrix as a bound on its temporaries)."""
-    params = 2 * n * d + n + d
-    return 4 * 4 * params + 4 * batch * n + 4 * batch * n
 
 
 def make_step(d: int, n: int, k: int, batch: int, chunk: int):
@@ -212,6 +198,10 @@ def main() -> int:
         ap.error(f"--encoders: dense, streaming and/or latent-parallel, got {args.encoders!r}")
     results = load_results(args.out, args)
     failed = False
+    from saelab.config import SAEConfig
+    from saelab.errors import ConfigError
+    from saelab.training.memory import check_step_fits, step_bytes
+
     for n in widths:
         batch = 4096 if n < 262_144 else 1024
         if args.interleave:
@@ -223,13 +213,12 @@ def main() -> int:
             continue
         for encoder in encoders:
             row = {"n": n, "batch": batch, "encoder": encoder, "load_avg": os.getloadavg()[0]}
-            if encoder == "dense":
-                need, avail = dense_estimate(args.d, n, batch), mem_available()
-                row["dense_estimate_mb"] = need / 2 ** 20
-                if need > 0.9 * avail:
-                    row["refused"] = (f"the dense step needs ~{need / 2 ** 30:.1f} GiB ([{batch}, {n}] pre-activations "
-                                      f"and top-k buffers, parameters, gradients, Adam), {avail / 2 ** 30:.1f} GiB "
-                                      f"available")
+            if encoder == "dense":  # refused as `saelab train` refuses it, before the step is tried
+                row["dense_estimate_mb"] = step_bytes(args.d, 0, n, batch, 0) / 2 ** 20
+                try:
+                    check_step_fits(SAEConfig(d_in=args.d, n_latents=n, k=args.k, encoder_chunk=0), batch, 1, "cpu")
+                except ConfigError as e:
+                    row["refused"] = e.message
             if "refused" not in row:
                 spec = {"d": args.d, "n": n, "k": args.k, "batch": batch, "steps": args.steps,
                         "chunk": 0 if encoder == "dense" else min(args.chunk, n)}

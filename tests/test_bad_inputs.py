@@ -135,6 +135,8 @@ CASES = [
          ["sae.encoder_chunk", "65", "n_latents (64)"]),
     Case("train-encoder-chunk-relu", ["train", "--arch", "relu", "--encoder-chunk", "1024"],
          ["sae.encoder_chunk", "relu trains with the dense encoder"]),
+    Case("train-cache-beyond-memory", ["train", "--cache", "{cache}", "--n-latents", str(2 ** 28)],
+         ["268,435,456 latents", "needs at least", "GiB free"], hint="--shard-latents"),
     Case("train-shard-latents-negative", ["train", "--shard-latents", "-1"], ["shard_latents", "got -1"]),
     Case("train-shard-latents-without-torchrun", ["train", "--shard-latents", "2"],
          ["shard_latents 2", "this is one process"], hint="torchrun --nproc-per-node 2"),

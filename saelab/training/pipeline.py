@@ -22,6 +22,7 @@ from saelab.errors import CacheError, ConfigError, DataError, SaelabError
 from saelab.models.loading import default_hook_name, locate_model, model_id
 from saelab.rundir import RunDir
 from saelab.training.latent_parallel import check_layout, data_position
+from saelab.training.memory import check_step_fits
 from saelab.training.trainer import TrainResult, default_run_name, train
 
 
@@ -84,7 +85,8 @@ def _check_cache(cfg: TrainConfig, data: dict) -> int:
         raise ConfigError(f"sae.d_in: {cfg.sae.d_in}, but {hook} in the cache at {cfg.cache} is {d_in} wide",
                           hint="drop sae.d_in from the config (it is taken from the activations)")
     d_out = {"d_out": int(spec["d_in"][target])} if target else {}
-    from_dict(SAEConfig, {**data["sae"], "d_in": d_in, **d_out})  # k <= n_latents and the like, now that the width is known
+    sae = from_dict(SAEConfig, {**data["sae"], "d_in": d_in, **d_out})  # k <= n_latents and the like, now that the width is known
+    check_step_fits(sae, cfg.batch_size, cfg.shard_latents, rank_device(cfg.model.resolved_device()))
     if not manifest["shards"]:
         raise CacheError(f"the cache at {cfg.cache} has no complete shard yet",
                          hint="finish writing it: rerun the `saelab cache` command that made it")

@@ -31,6 +31,7 @@ from saelab.sae.latent_shard import total_latents
 from saelab.sae.saelens import run_metadata
 from saelab.training import checkpoint as ckpt
 from saelab.training.latent_parallel import make_grid
+from saelab.training.memory import check_step_fits
 
 
 @dataclass
@@ -178,6 +179,8 @@ class SAERun:
         with self.own_rng():
             widths = {"d_in": first.shape[1], **({"d_out": target.shape[1]} if cfg.sae.target_hook else {})}
             sae_cfg = from_dict(SAEConfig, {**to_dict(cfg.sae), **widths})
+            with all_or_none():  # before the first step rather than killed for memory in it (a cache's run: resolve)
+                check_step_fits(sae_cfg, first.shape[0], cfg.shard_latents, device)
             if self.grid is None:
                 sae = SparseAutoencoder(sae_cfg, device=device)
             else:
