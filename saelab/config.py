@@ -526,4 +526,8 @@ class TrainConfig:
             check(bool(latent_sharding(get_architecture(self.sae.architecture))), "shard_latents",
                   f"latent-parallel training covers {', '.join(able)}; {self.sae.architecture} trains on one "
                   f"process or data-parallel (drop --shard-latents)")
+            check(not self.sae.target_hook, "shard_latents",
+                  f"latent-parallel training splits SAEs; a transcoder (--target-hook {self.sae.target_hook}) has "
+                  f"tensors it neither splits nor replicates (b_in, W_skip): train it on one process or "
+                  f"data-parallel (drop --shard-latents)")
             check_width(self.sae.n_latents, self.sae.k, self.shard_latents)
