@@ -197,7 +197,8 @@ def save_png(fig, html: Path, png: Path) -> str | None:
 
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 920, "height": 580})
+            page = browser.new_page(viewport={"width": (fig.layout.width or 900) + 20,
+                                              "height": (fig.layout.height or 560) + 20})
             page.goto(html.resolve().as_uri())
             page.wait_for_selector(".main-svg")
             page.screenshot(path=str(png))
@@ -206,6 +207,16 @@ def save_png(fig, html: Path, png: Path) -> str | None:
     except Exception as e:  # no browser here: the HTML is the figure
         print(f"no PNG ({type(e).__name__}: {e})")
         return None
+
+
+def write_figure(fig, html: Path, png: Path) -> str | None:
+    """The figure as HTML loading plotly.js from its CDN (a few KB in the repository, not 4.7 MB) and as a PNG, the
+    offline view, drawn from a self-contained copy; → what drew the PNG (None: no PNG)."""
+    fig.write_html(str(html), include_plotlyjs="cdn")
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(tmp) / html.name
+        fig.write_html(str(full), include_plotlyjs=True)
+        return save_png(fig, full, png)
 
 
 def main() -> None:
@@ -338,15 +349,8 @@ def main() -> None:
 
 def report(result: dict, out: Path) -> None:
     """The Pareto plot (HTML + PNG) and the tables on stdout."""
-    fig = pareto_figure(result["runs"])
     html, png = out.with_name(out.stem + "_pareto.html"), out.with_name(out.stem + "_pareto.png")
-    # the HTML loads plotly.js from its CDN (a few KB in the repository, not 4.7 MB); the PNG is the offline view,
-    # drawn from a self-contained copy
-    fig.write_html(str(html), include_plotlyjs="cdn")
-    with tempfile.TemporaryDirectory() as tmp:
-        full = Path(tmp) / "pareto.html"
-        fig.write_html(str(full), include_plotlyjs=True)
-        drawn = save_png(fig, full, png)
+    drawn = write_figure(pareto_figure(result["runs"]), html, png)
     print(format_tables(result))
     print(f"wrote {out}, {html}" + (f", {png} ({drawn})" if drawn else ""))
 

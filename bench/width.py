@@ -147,7 +147,8 @@ def run_sharded(d: int, n: int, k: int, batch: int, chunk: int, steps: int, shar
 def load_results(path: Path, args) -> dict:
     """The results file's rows measured with the same d, k and chunk (to merge into), or a fresh one."""
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": platform.platform(),
-              "processor": platform.processor(), "d": args.d, "k": args.k, "chunk": args.chunk}
+              "processor": platform.processor(), "memory_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+              "d": args.d, "k": args.k, "chunk": args.chunk}
     old = json.loads(path.read_text()) if path.exists() else {}
     same = all(old.get(key) == header[key] for key in ("d", "k", "chunk"))
     return {**header, "runs": old.get("runs", []) if same else [],
@@ -168,6 +169,52 @@ def save(results: dict, path: Path, key: str, row: dict, same: tuple) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def figure(results: dict):
+    """Step time and peak RSS against width, one trace per encoder; a refused dense run is drawn at its estimate."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training step (s, loaded machine: see each row's load)",
+                                                        "peak RSS (GB)"))
+    colours = {"dense": "#d62728", "streaming": "#1f77b4", "latent-parallel": "#2ca02c"}
+    for encoder, colour in colours.items():
+        rows = [r for r in results["runs"] if r["encoder"] == encoder and "step_s" in r]
+        label = encoder + (" (per rank)" if encoder == "latent-parallel" else "")
+        text = [f"n {r['n']:,}, B {r['batch']:,}, load {r.get('load_avg', float('nan')):.1f}" for r in rows]
+        for col, key, scale in ((1, "step_s", 1.0), (2, "peak_rss_mb", 2 ** 20 / 1e9)):
+            fig.add_trace(go.Scatter(x=[r["n"] for r in rows], y=[r[key] * scale for r in rows], text=text,
+                                     mode="lines+markers", name=label, legendgroup=encoder, showlegend=col == 1,
+                                     line={"color": colour}), row=1, col=col)
+        refused = [r for r in results["runs"] if r["encoder"] == encoder and "refused" in r]
+        if refused:
+            fig.add_trace(go.Scatter(x=[r["n"] for r in refused],
+                                     y=[r["dense_estimate_mb"] * 2 ** 20 / 1e9 for r in refused],
+                                     text=[r["refused"] for r in refused], mode="markers", name=f"{encoder}: refused "
+                                     "(its lower bound)", marker={"symbol": "x", "size": 12, "color": colour}),
+                          row=1, col=2)
+    state = sorted({r["n"]: 4 * r["params_mb"] for r in results["runs"]
+                    if "params_mb" in r and r["encoder"] != "latent-parallel"}.items())
+    fig.add_trace(go.Scatter(x=[n for n, _ in state], y=[mb * 2 ** 20 / 1e9 for _, mb in state], mode="lines",
+                             name="parameters + gradients + Adam (one process)", line={"color": "grey", "dash": "dash"}),
+                  row=1, col=2)
+    memory = results.get("memory_gb")
+    if memory:
+        fig.add_hline(y=memory, line_dash="dot", annotation_text=f"this machine: {memory:.0f} GB", row=1, col=2)
+    fig.update_xaxes(type="log", title_text="latents n (d 256, k 32; B 4,096, 1,024 from n 262k)")
+    fig.update_yaxes(type="log")
+    fig.update_layout(template="plotly_white", width=1100, height=460,
+                      title="Width: the streaming encoder's memory grows with B·chunk, the dense one's with B·n")
+    return fig
+
+
+def plot(results: dict, out: Path) -> None:
+    from architectures import write_figure  # bench/architectures.py: HTML, and a PNG by kaleido or Chromium
+
+    html, png = out.with_suffix(".html"), out.with_suffix(".png")
+    drawn = write_figure(figure(results), html, png)
+    print(f"wrote {html}" + (f" and {png} ({drawn})" if drawn else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default=WIDTHS, help=f"comma-separated n: 4k, 65k, 1M name the nearest power of two (default {WIDTHS})")
@@ -180,6 +227,7 @@ def main() -> int:
                     help="time R dense and R streaming steps alternately in one process instead (no RSS)")
     ap.add_argument("--out", type=Path, default=OUT, help=f"results file, rows merged in (default {OUT})")
     ap.add_argument("--shard-latents", type=int, default=2, help="latent-parallel: processes (default 2)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure (width.html/.png) from --out")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process, as JSON on stdout
     ap.add_argument("--one-sharded", help=argparse.SUPPRESS)  # internal: this rank of a latent-parallel run
     args = ap.parse_args()
@@ -192,6 +240,9 @@ def main() -> int:
         print(json.dumps(run_one(**json.loads(args.one))))
         return 0
 
+    if args.replot:
+        plot(json.loads(args.out.read_text()), args.out)
+        return 0
     widths = [parse_width(w) for w in args.widths.split(",")]
     encoders = [e.strip() for e in args.encoders.split(",")]
     if not set(encoders) <= {"dense", "streaming", "latent-parallel"}:
@@ -238,6 +289,7 @@ def main() -> int:
             shown = row.get("refused") or row.get("error") or (f"{row['step_s'] * 1e3:8.0f} ms/step  "
                                                                 f"peak RSS {row['peak_rss_mb']:7.0f} MB")
             print(f"n {n:>9,}  B {batch:>5}  {encoder:>9}: {shown}", flush=True)
+    plot(results, args.out)
     return 1 if failed else 0
 
 
