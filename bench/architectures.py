@@ -369,6 +369,10 @@ def format_tables(result: dict) -> str:
         lines.append(f"{name:<20}" + "".join(f"{v:>11.4g}" for v in vals)
                      + f"{100 * wide.get('frac_dead', float('nan')):>11.4g}"
                        f"{r['dead_latents_training']:>11}{r['sae_tokens_per_s']:>9,}")
+        fallback = core.get("topk_fallback")  # a g-SAE: the same tokens encoded without the gradient
+        if fallback:
+            lines.append(f"{'  TopK fallback':<20}" + "".join(
+                f"{fallback.get(key, float('nan')) * (100 if key == 'frac_dead' else 1):>11.4g}" for _, key in COLS))
     first = next(iter(rows.values()))
     wide = first.get("dead_dashboard_window", {}).get("window", "(not counted)")
     train = first.get("dead_training_window", "training's window")

@@ -102,3 +102,13 @@ def test_merge_refuses_rows_trained_on_other_settings(ab):
     new["synthetic"]["spec"]["steps"] = 100
     with pytest.raises(ValueError, match="planted steps 100"):
         ab.merge_result(old | {"synthetic": _result({}, [])["synthetic"]}, new)
+
+
+def test_a_gsae_row_prints_its_topk_fallback_beneath_it(ab):
+    gsae = _row("gtopk", 32, 32, 1.07)
+    gsae["core_eval_heldout"]["topk_fallback"] = {**_core(32, 1.11), "explained_variance": 0.6543}
+    text = ab.format_tables(_result({"gtopk-k32": gsae, "topk-k32": _row("topk", 32, 32, 1.2)}, []))
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("gtopk-k32"))
+    assert lines[at + 1].startswith("  TopK fallback") and "1.11" in lines[at + 1] and "0.6543" in lines[at + 1]
+    assert "1.07" in lines[at] and sum("TopK fallback" in line for line in lines) == 1  # TopK itself has none
