@@ -14,8 +14,8 @@ from saelab.activations.in_memory import InMemoryActivations
 from saelab.config import ConfigError, SAEConfig
 from saelab.sae import SparseAutoencoder
 from saelab.sae.batchtopk import BatchTopK
-from saelab.sae.choice import (FeatureChoice, MutualChoice, capacities, feature_choice_indices, fitted_exponent,
-                               zipf_by_rank)
+from saelab.sae.choice import (FeatureChoice, MutualChoice, capacities, feature_choice_entries, feature_choice_indices,
+                               fitted_exponent, zipf_by_rank)
 from saelab.training import train
 from saelab.training.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -78,10 +78,10 @@ def brute_usage(pre, k):
 
 
 def brute_mask(pre, m):
-    """Each column's m_i largest entries, by sorting the column."""
+    """Each column's m_i largest entries, by sorting the column (stably: of equal entries the earlier rows)."""
     mask = torch.zeros_like(pre, dtype=torch.bool)
     for i in range(pre.shape[1]):
-        mask[pre[:, i].argsort(descending=True)[: int(m[i])], i] = True
+        mask[pre[:, i].argsort(descending=True, stable=True)[: int(m[i])], i] = True
     return mask
 
 
@@ -169,6 +169,27 @@ def test_feature_choice_is_per_column_top_m(case):
         q = int(m[i])
         want = col[0, i] if q == 0 else col[q - 1, i] if q == B else (col[q - 1, i] + col[q, i]) / 2
         assert float(cut[i]) == pytest.approx(float(want)), (case, i)
+
+
+def test_feature_choice_ties_at_the_cut_go_to_the_first_tokens():
+    """Identical rows (the same token after the same prefix) tie in every column: a latent whose m_i-th place is
+    shared keeps exactly m_i, above the tie all and at it the earliest tokens (the order a data-parallel run's ranks
+    agree on), densely and in blocks of columns."""
+    g = torch.Generator().manual_seed(0)
+    B, n = 50, 40
+    pre = torch.randn(12, n, generator=g)[torch.randint(0, 12, (B,), generator=g)]  # 12 distinct rows
+    m = capacities(3 * B, B, n, "zipf", 1.0, torch.rand(n, generator=g))
+    col = pre.sort(dim=0, descending=True).values
+    inside = (m >= 1) & (m < B)
+    tied = inside & (col.gather(0, (m - 1).clamp_min(0)[None])[0] == col.gather(0, m.clamp_max(B - 1)[None])[0])
+    assert int(tied.sum()) >= n // 2  # most columns' cut falls inside a tie
+    want = brute_mask(pre, m)
+    idx, valid = feature_choice_indices(pre, m)
+    assert torch.equal(dense_mask(idx, valid, n), want) and (want.sum(0) == m).all()
+    rows, cols, vals, _ = feature_choice_entries(lambda: [(s, pre[:, s:s + 16]) for s in range(0, n, 16)], m)
+    got = torch.zeros_like(want)
+    got[rows, cols] = True
+    assert torch.equal(got, want) and rows.numel() == int(m.sum()) and torch.equal(vals, pre[rows, cols])
 
 
 def test_feature_choice_forward_matches_dense_reference():

@@ -73,13 +73,22 @@ class GlobalBatches:
 
 
 @pytest.mark.slow
-def test_torchrun_trains_one_sae_as_one_process_with_the_global_batch(cache, tmp_path):
+@pytest.mark.parametrize("arch", [
+    [],
+    # batch-level selections cut the global batch (one threshold over both ranks' streamed blocks)
+    ["--arch", "batchtopk", "--encoder-chunk", "64"],
+    # each latent's top m_i of the global batch; the cache repeats a token after the same prefix on both ranks, so
+    # some latents' m_i-th place is a tie between the ranks' rows, which go to rank 0's first as in one process
+    ["--arch", "feature_choice", "--encoder-chunk", "64"],
+    ["--arch", "mutual"],  # BatchTopK's code on the dense encoder
+], ids=["topk", "batchtopk-streaming", "feature_choice-streaming", "mutual"])
+def test_torchrun_trains_one_sae_as_one_process_with_the_global_batch(cache, tmp_path, arch):
     from saelab.config import TrainConfig, load_config
     from saelab.training import train
 
     big, _ = cache
     out = tmp_path / "ddp"
-    proc = torchrun("-m", "saelab.cli", "train", "--cache", str(big), "--out", str(out), *TRAIN,
+    proc = torchrun("-m", "saelab.cli", "train", "--cache", str(big), "--out", str(out), *TRAIN, *arch,
                     "--eval-tokens", "1k")
     assert proc.returncode == 0, proc.stderr[-4000:]
     # rank 0 alone printed the summary and ran the closing evaluation

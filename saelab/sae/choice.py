@@ -24,7 +24,10 @@ Capacities (`capacities`). The paper sets the per-feature constraints by a Zipf 
   to the same density k/n).
 
 Selection is per latent: a top-m_i over the batch dimension, the columns grouped by capacity (powers of two) so that
-a latent with a large capacity does not make every column's sort that deep.
+a latent with a large capacity does not make every column's sort that deep. Where a latent's m_i-th and (m_i+1)-th
+largest affinities are equal (identical activation rows are common: the same token after the same prefix), it takes
+those above the tie and then the tied tokens in batch order, first come first served, so it keeps exactly m_i and the
+choice does not depend on how a sort orders equal values.
 
 Auxiliary loss `aux_zipf`. The paper's aux_zipf_loss generalises AuxK from dead to dead *and under-utilised*
 features, the under-utilised ones being those whose density falls below the Zipf curve (its low tail). Its exact
@@ -44,8 +47,9 @@ batch.
 
 Under torch.distributed "the batch" is the global one (as for BatchTopK): capacities are m_i of the global batch
 k·B·world, each rank sends its per-latent top-m candidates to all ranks, every rank computes the same per-latent
-cut-off (the global m_i-th largest) and keeps its own entries above it: the same matches as one process holding
-every rank's rows (ties aside). Usage counts and the threshold statistics are reduced over ranks too.
+cut-off (the global m_i-th largest) and keeps its own entries above it, and of the entries tied at it the first in
+the global batch's order (rank 0's rows first, as one process holding the ranks' batches side by side): the same
+matches as that process, ties included. Usage counts and the threshold statistics are reduced over ranks too.
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ class FeatureChoice(Architecture):
         rows, cols, _ = self.allocate(sae, lambda: [(0, pre)], pre.shape[0])
         return pack_rows(rows, cols, pre.shape[0])
 
+    @torch.no_grad()  # as `select`'s dense pre: the selection records no autograd graph (the values get theirs later)
     def select_streaming(self, sae, x_c, grad, k):
         first: list = []
         rows, cols, vals = self.allocate(sae, preact_blocks(x_c, sae.W_enc, sae.b_enc, self.cfg.encoder_chunk, first),
@@ -347,13 +352,31 @@ def column_tops(pre: torch.Tensor, m: torch.Tensor, depth: int | None = None):
     return top, ranked
 
 
-def column_cut(ranked: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Per column the midpoint of its m_i-th and (m_i+1)-th largest values (the boundary between kept and not
-    kept): the m_i-th when m_i is the whole batch, the largest when m_i = 0 (nothing passes it)."""
+def column_bounds(ranked: torch.Tensor, m: torch.Tensor):
+    """Per column its m_i-th and (m_i+1)-th largest values (of `ranked`, each column's top values, descending) and
+    where both exist (1 ≤ m_i < the column's length): (upper, lower, inside)."""
     last = ranked.shape[0] - 1
     upper = ranked.gather(0, (m - 1).clamp(0, last).unsqueeze(0)).squeeze(0)
     lower = ranked.gather(0, m.clamp_max(last).unsqueeze(0)).squeeze(0)
-    return torch.where((m >= 1) & (m <= last), (upper + lower) / 2, upper)
+    return upper, lower, (m >= 1) & (m <= last)
+
+
+def column_cut(ranked: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per column the midpoint of its m_i-th and (m_i+1)-th largest values (the boundary between kept and not
+    kept): the m_i-th when m_i is the whole batch, the largest when m_i = 0 (nothing passes it)."""
+    upper, lower, inside = column_bounds(ranked, m)
+    return torch.where(inside, (upper + lower) / 2, upper)
+
+
+def tied_rows(pre: torch.Tensor, cut: torch.Tensor, need: torch.Tensor):
+    """(rows, columns) of the entries of `pre` [B, c] equal to their column's `cut` that a column keeps: its first
+    `need` of them in the order of the (global) batch, i.e. under torch.distributed after the ties on lower ranks."""
+    tie = pre == cut
+    before = 0
+    if rank_world()[1] > 1:  # each rank's tie counts per column; the ranks below this one's come first
+        counts = gather_rows(tie.sum(0, keepdim=True).to(pre.dtype))
+        before = counts[: rank_world()[0]].sum(0)
+    return (tie & (tie.cumsum(0) + before <= need)).nonzero(as_tuple=True)
 
 
 def feature_choice_entries(blocks: Blocks, m: torch.Tensor):
@@ -362,9 +385,13 @@ def feature_choice_entries(blocks: Blocks, m: torch.Tensor):
     (`column_cut`). A column's top entries depend on its values and on the sort depth alone, and the depth is its
     capacity group's however the columns are blocked, so blocks give the dense path's matches, ties included.
 
-    Under torch.distributed the batch is the global one: the cut-off of column i is the m_i-th largest of its
-    values on all ranks (each rank contributes its own top m_i + 1), and each rank keeps its entries at or above
-    it."""
+    A column whose m_i-th largest value is tied with its (m_i+1)-th keeps the entries above that value and then the
+    first of the tied ones in row order (`tied_rows`: a mask over the block's column, not the sort's arbitrary pick),
+    so it keeps exactly m_i, the same on every path.
+
+    Under torch.distributed the batch is the global one, rank 0's rows first: the cut-off of column i is the m_i-th
+    largest of its values on all ranks (each rank contributes its own top m_i + 1), each rank keeps its entries
+    above it, and the tied ones go to the lower ranks first."""
     rows, cols, vals = [], [], []
     cut = None
     for s, pre in blocks():
@@ -378,12 +405,20 @@ def feature_choice_entries(blocks: Blocks, m: torch.Tensor):
             if lo == hi:
                 continue
             here, mg = group[lo:hi], m[group[lo:hi]]
-            top, ranked = column_tops(pre if hi - lo == pre.shape[1] else pre.index_select(1, here - s), mg,
-                                      min(depth, B))
+            sub = pre if hi - lo == pre.shape[1] else pre.index_select(1, here - s)
+            top, ranked = column_tops(sub, mg, min(depth, B))
             keep = torch.arange(top.values.shape[0], device=pre.device).unsqueeze(1) < mg.unsqueeze(0)
+            kth, after, inside = column_bounds(ranked, mg)
             if rank_world()[1] > 1:  # at or above the global m_i-th largest
-                kth = ranked.gather(0, (mg - 1).clamp(0, ranked.shape[0] - 1).unsqueeze(0))
                 keep &= top.values >= kth
+            tied = (inside & (kth == after)).nonzero().squeeze(1)
+            if tied.numel():  # the m_i-th place is shared: above it all, at it the first tokens (`tied_rows`)
+                t = kth[tied]
+                keep[:, tied] = top.values[:, tied] > t
+                r, c = tied_rows(sub[:, tied], t, mg[tied] - (ranked[:, tied] > t).sum(0))
+                rows.append(r)
+                cols.append(here[tied][c])
+                vals.append(t[c])
             rows.append(top.indices[keep])
             cols.append(here.unsqueeze(0).expand_as(keep)[keep])
             vals.append(top.values[keep])
