@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from saelab.config import SAEConfig
 from saelab.errors import ConfigError
-from saelab.kernels.topk_stream import BLOCK_ALIGN, block_bounds, streaming_topk
-from saelab.sae.architectures import abs_key, auxk_loss
+from saelab.kernels.topk_stream import BLOCK_ALIGN, abs_key, block_bounds, relu_key, streaming_topk
+from saelab.sae.architectures import auxk_loss
 from saelab.sae.batch_select import (batch_topk_entries, batch_topk_indices, batch_topk_streaming, packed,
                                      preact_blocks)
 from saelab.sae.choice import capacities, feature_choice_entries, feature_choice_indices
 from saelab.sae.sae import SparseAutoencoder
-from saelab.sae.topk import relu_key
 
 
 def dense_topk(x, W, b, k, key=None):

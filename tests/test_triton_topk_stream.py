@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_kernels import triton_ready  # noqa: E402
 
 from saelab.kernels import backend as kb  # noqa: E402
-from saelab.kernels.topk_stream import streaming_topk  # noqa: E402
+from saelab.kernels.topk_stream import abs_key, relu_key, streaming_topk  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 KEY_FNS = {"pre": lambda p: p, "relu": lambda p: p.clamp_min(0), "abs": lambda p: p.abs()}
@@ -129,8 +129,9 @@ def test_random_floats_to_gemm_rounding(tk):
 
 
 def test_streaming_topk_dispatches_to_the_fused_kernel(tk, monkeypatch):
-    """SAELAB_KERNELS=triton: streaming_topk without a key (and with AuxK's columns) runs the fused kernel; with a
-    key it keeps the blocked torch path. Both answers equal the dense reference."""
+    """SAELAB_KERNELS=triton: streaming_topk without a key (and with AuxK's columns), and with the abs and relu keys
+    (AbsTopK, signed AuxK, relu_before_topk), runs the fused kernel with that key; any other key (g-SAE's gradient)
+    keeps the blocked torch path. Every answer equals the dense reference."""
     monkeypatch.setenv(kb.ENV_VAR, "triton")
     calls = []
     real = tk.fused_topk
@@ -145,8 +146,13 @@ def test_streaming_topk_dispatches_to_the_fused_kernel(tk, monkeypatch):
     assert len(calls) == 2 and calls[1][1] is cols
     want_v, want_i = reference(dense_pre(x, W, b, cols), 4)
     assert torch.equal(i, want_i) and torch.equal(v, want_v)
+    for key_fn, name in ((abs_key, "abs"), (relu_key, "relu")):
+        v, i = streaming_topk(x, W, b, 4, 64, key=key_fn)
+        assert calls[-1] == (name, None)
+        want_v, want_i = reference(dense_pre(x, W, b), 4, name)
+        assert torch.equal(i, want_i) and torch.equal(v, want_v)
     v, i = streaming_topk(x, W, b, 4, 64, key=lambda pre, s, e: pre.abs())
-    assert len(calls) == 2
+    assert len(calls) == 4
     assert torch.equal(v.abs().sort(1).values, dense_pre(x, W, b).abs().topk(4, dim=1).values.sort(1).values)
 
 

@@ -52,6 +52,20 @@ PARTIAL_SORT_FACTOR = 64  # ATen's CPU topk uses partial_sort (descending output
 Key = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
+def abs_key(pre: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Rank by magnitude (AbsTopK, signed AuxK)."""
+    return pre.abs()
+
+
+def relu_key(pre: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """Rank ReLU'd pre-activations (TopK's relu_before_topk)."""
+    return pre.clamp_min(0)
+
+
+# the keys the fused Triton kernel computes itself (its KEY); any other key (g-SAE's gradient) takes the torch path
+FUSED_KEYS: dict = {None: "pre", abs_key: "abs", relu_key: "relu"}
+
+
 def block_bounds(n: int, chunk: int, rows: int | None = None) -> list[tuple[int, int]]:
     """The column blocks [s, e) of a scan over n latents: `chunk` rounded down to a multiple of BLOCK_ALIGN (at least
     BLOCK_ALIGN) wide, a remainder narrower than BLOCK_ALIGN joined to the block before it; one block when chunk ≥ n
@@ -85,8 +99,8 @@ def streaming_topk(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, 
     n = W_enc.shape[1] if columns is None else columns.numel()
     if not 1 <= k <= n:
         raise ValueError(f"streaming_topk: k must be in [1, {n}], got {k}")
-    if key is None and backend_for(x_c, W_enc, b_enc, columns) == "triton":
-        fused = _fused_topk(x_c, W_enc, b_enc, k, columns)
+    if key in FUSED_KEYS and backend_for(x_c, W_enc, b_enc, columns) == "triton":
+        fused = _fused_topk(x_c, W_enc, b_enc, k, columns, FUSED_KEYS[key])
         if fused is not None:
             return fused
     blocks = block_bounds(n, chunk, x_c.shape[0])
@@ -143,7 +157,7 @@ def _dense_rows(x_c, W_enc, b_enc, k, blocks, key, columns, rows):
     return full_val.gather(1, idx), idx
 
 
-def _fused_topk(x_c, W_enc, b_enc, k, columns):
+def _fused_topk(x_c, W_enc, b_enc, k, columns, key: str):
     """The fused Triton kernel's (values, indices); None where it does not serve the call (k above its MAX_K, mixed
     dtypes, which the dense addmm refuses too) or failed in `auto` (warned once by `with_fallback`): the blocked
     torch path answers."""
@@ -152,7 +166,7 @@ def _fused_topk(x_c, W_enc, b_enc, k, columns):
     if k > fused.MAX_K or not x_c.dtype == W_enc.dtype == b_enc.dtype:
         return None
     if forced_backend() == "triton":
-        return fused.fused_topk(x_c, W_enc, b_enc, k, "pre", columns)
+        return fused.fused_topk(x_c, W_enc, b_enc, k, key, columns)
     return with_fallback(x_c.device, frozenset({x_c.dtype}), "streaming_topk",
                          lambda: fused.checked(x_c.device, x_c.dtype)
-                         and fused.fused_topk(x_c, W_enc, b_enc, k, "pre", columns), lambda: None)
+                         and fused.fused_topk(x_c, W_enc, b_enc, k, key, columns), lambda: None)

@@ -11,7 +11,8 @@ AbsTopK does. SAELens 6.54 has the architecture (`abstopk`, a TopK-family config
 
 from __future__ import annotations
 
-from saelab.sae.architectures import Architecture, abs_key, topk_indices
+from saelab.kernels.topk_stream import abs_key
+from saelab.sae.architectures import Architecture, topk_indices
 
 
 class AbsTopK(Architecture):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from saelab.distributed import rank_world
 from saelab.errors import ConfigError
 from saelab.kernels import encoder_values, sparse_decode
-from saelab.kernels.topk_stream import Key, block_preacts, streaming_topk
+from saelab.kernels.topk_stream import Key, abs_key, block_preacts, streaming_topk
 from saelab.sae.code import SparseCode
 from saelab.sae.latent_shard import batch_count, reconstruct, shard_of
 from saelab.settings import setting
@@ -336,11 +336,6 @@ def auxk_loss(sae, x_c: torch.Tensor, pre: torch.Tensor | None, err: torch.Tenso
     denom = residual_variance(err).clamp_min(1e-12)
     scale = min(n_dead / k_aux, 1.0)
     return torch.nan_to_num(scale * (err - e_hat).pow(2).sum(-1).mean() / denom, 0.0)
-
-
-def abs_key(pre: torch.Tensor, s: int, e: int) -> torch.Tensor:
-    """Rank by magnitude (a `streaming_topk` key: AbsTopK, signed AuxK)."""
-    return pre.abs()
 
 
 def residual_variance(err: torch.Tensor) -> torch.Tensor:

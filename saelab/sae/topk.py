@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from saelab.kernels.topk_stream import relu_key
 from saelab.sae.architectures import Architecture, fvu, topk_indices
 from saelab.sae.latent_shard import reconstruct, total_latents
 from saelab.settings import setting as option
@@ -39,11 +40,6 @@ class TopK(Architecture):
             losses["multi_topk_fvu"] = fvu(err4, sae.loss_normalizer)
             losses["loss"] = losses["loss"] + losses["multi_topk_fvu"] / 8
         return x_hat, losses
-
-
-def relu_key(pre, s: int, e: int):
-    """Rank ReLU'd pre-activations (a `streaming_topk` key)."""
-    return pre.clamp_min(0)
 
 
 ARCHITECTURE = TopK
