@@ -63,7 +63,12 @@ def test_decoder_hygiene():
     sae = make_sae()
     x = torch.randn(32, 24)
     sae(x).losses["loss"].backward()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(96, 1) + 0.5)  # rows off unit norm: the projection divides by ‖w‖²
+    g, w = sae.W_dec.grad.double(), sae.W_dec.detach().double()
+    want = g - (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w  # by hand, in float64
     sae.remove_parallel_grad_()
+    torch.testing.assert_close(sae.W_dec.grad.double(), want, atol=1e-7, rtol=1e-5)
     dots = (sae.W_dec.grad * sae.W_dec).sum(1)
     assert dots.abs().max() < 1e-6
     with torch.no_grad():

@@ -128,7 +128,9 @@ class SparseAutoencoder(nn.Module):
         if self.W_dec.grad is None or not self.arch.unit_decoder:
             return
         w, g = self.W_dec, self.W_dec.grad
-        g -= (g * w).sum(1, keepdim=True) * w / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+        # row dot products and one fused update: no [n, d] temporaries (4 of them before: 4 GB at n 2^20, d 256)
+        along = torch.linalg.vecdot(g, w) / torch.linalg.vecdot(w, w).clamp_min(1e-12)
+        g.addcmul_(w, along.unsqueeze(1), value=-1)
 
     # ------------------------------------------------------------------------------------------ normalisation
     @property
