@@ -20,15 +20,8 @@ from saelab.training import train
 from saelab.training.checkpoint import latest_checkpoint, load_checkpoint
 
 sys.path.insert(0, os.path.dirname(__file__))
+from test_architectures import make  # noqa: E402
 from test_train import DiesAfter, Interrupted, final_weights, planted_data, small_cfg  # noqa: E402
-
-
-def make(arch, d=24, n=96, k=4, **options):
-    sae = SparseAutoencoder(SAEConfig(architecture=arch, d_in=d, n_latents=n, k=k, options=options, hook_name="h"))
-    sae.reset_parameters(seed=0)
-    with torch.no_grad():
-        sae.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-    return sae
 
 
 def dense_mask(idx, valid, n):

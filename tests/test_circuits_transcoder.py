@@ -19,7 +19,7 @@ from saelab.eval import circuits, patching
 from saelab.sae import SparseAutoencoder
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_patching import linear_toy, toy_batch  # noqa: E402
+from test_patching import assert_edges_sum_to_finite_difference, linear_toy, toy_batch  # noqa: E402
 
 IN, OUT = "blocks.1.mlp.hook_pre", "blocks.1.hook_mlp_out"  # 16 → 8 wide
 N_LAT, K = 32, 4
@@ -147,15 +147,7 @@ def test_edges_through_a_transcoder_sum_to_a_finite_difference(where):
             f = down.sae.encode(box[OUT].reshape(-1, 8)).to_dense(16).view(*box[OUT].shape[:2], -1)
             return f, box[OUT] - (f @ down.sae.W_dec + down.sae.b_dec)
 
-    eps = 1e-3
-    f0, e0 = down_nodes_at(x_r)
-    f1, e1 = down_nodes_at(x_r + eps * dx)
-    for r, (t, j) in enumerate(down_nodes):
-        if j >= 0:
-            hand = ((c[:, t] @ down.D[j]) * (f1[:, t, j] - f0[:, t, j]) / eps).sum()
-        else:
-            hand = (c[:, t] * (e1[:, t] - e0[:, t]) / eps).sum()
-        assert float(E[r].sum()) == pytest.approx(float(hand), rel=2e-2, abs=1e-4)
+    assert_edges_sum_to_finite_difference(E, down_nodes, c, down.D, down_nodes_at, x_r, dx)
     assert E[:-1].sum(1).abs().max() > 1e-3 and E[-1].abs().max() > 1e-4  # latents' and error's edges to check
 
 

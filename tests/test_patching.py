@@ -101,6 +101,21 @@ def toy_batch(vocab=11, length=5, n=6, seed=1):
     return TaskBatch("toy", clean, corrupted, answer, wrong, pairs)
 
 
+def assert_edges_sum_to_finite_difference(E, down_nodes, c, D, nodes_at, x, dx, eps=1e-3):
+    """Row r of E (the edges into downstream node `down_nodes[r]` = (position, latent or -1: the error)) sums to
+    ∇_d m · (the node's change along dx at x), by a finite difference of `nodes_at(x)` → (latents, error) of the
+    downstream SAE with x written upstream; a latent reaches the metric through its decoder row D[j], with c the
+    metric's gradient at the downstream hook."""
+    f0, e0 = nodes_at(x)
+    f1, e1 = nodes_at(x + eps * dx)
+    for r, (t, j) in enumerate(down_nodes):
+        if j >= 0:
+            hand = ((c[:, t] @ D[j]) * (f1[:, t, j] - f0[:, t, j]) / eps).sum()
+        else:
+            hand = (c[:, t] * (e1[:, t] - e0[:, t]) / eps).sum()
+        assert float(E[r].sum()) == pytest.approx(float(hand), rel=2e-2, abs=1e-4)
+
+
 def test_every_estimator_exact_on_linear_toy():
     model, batch = linear_toy(), toy_batch()
     sites = patching.model_sites(model)
@@ -317,7 +332,6 @@ def test_edges_sum_to_finite_difference_on_linear_toy(down_arch):
     _, acts = patching.capture(model, batch.corrupted, [up.hook])
     x_r = acts[up.hook]
     dx = (up.f_clean - up.f_corrupt) @ up.D + (up.e_clean - up.e_corrupt)
-    eps = 1e-3
 
     def down_nodes_at(x):
         box = {}
@@ -327,14 +341,7 @@ def test_edges_sum_to_finite_difference_on_linear_toy(down_arch):
         with torch.no_grad():
             return circuits.dense_codes(down.sae, box["d"])
 
-    f0, e0 = down_nodes_at(x_r)
-    f1, e1 = down_nodes_at(x_r + eps * dx)
-    for r, (t, j) in enumerate(down_nodes):
-        if j >= 0:
-            hand = ((c[:, t] @ down.D[j]) * (f1[:, t, j] - f0[:, t, j]) / eps).sum()
-        else:
-            hand = (c[:, t] * (e1[:, t] - e0[:, t]) / eps).sum()
-        assert float(E[r].sum()) == pytest.approx(float(hand), rel=2e-2, abs=1e-4)
+    assert_edges_sum_to_finite_difference(E, down_nodes, c, down.D, down_nodes_at, x_r, dx)
     assert E[:-1].sum(1).abs().max() > 1e-3  # the latent nodes have edges to check, not only the error node
 
 
