@@ -7,6 +7,7 @@ today's dense encoder (one [B, n] GEMM), in the same run: step time and peak RSS
     python bench/width.py --widths 262k --encoders streaming --steps 1     # one row, merged into the results
     python bench/width.py --widths 4k,16k --interleave 5                   # step times, dense and streaming alternated
     python bench/width.py --widths 262k --encoders latent-parallel --steps 2   # 2 gloo ranks, each half the latents
+    python bench/width.py --table                  # the README's table, from the results file
 
 Each (width, encoder) runs in a fresh subprocess, so its peak RSS (resource.getrusage's ru_maxrss) is its own. A
 dense run whose [B, n] pre-activations and top-k buffers, with the parameters, gradients and Adam state, would not
@@ -207,6 +208,29 @@ def figure(results: dict):
     return fig
 
 
+def table(results: dict) -> str:
+    """The README's table: per width, each encoder's step time and peak RSS (GB), beside the whole SAE's state."""
+    cell = {}
+    for r in results["runs"]:
+        if "refused" in r:
+            cell[r["n"], r["encoder"]] = f"refused (needs ≥ {r['dense_estimate_mb'] * 2 ** 20 / 1e9:.1f} GB)"
+        elif "step_s" in r:
+            rss = r["peak_rss_mb"] * 2 ** 20 / 1e9
+            cell[r["n"], r["encoder"]] = f"{r['step_s']:.2f} s, {rss:.2f} GB" + (
+                f" per rank ({r['shards']})" if r["encoder"] == "latent-parallel" else "")
+    lines = ["| n | B | parameters + gradients + Adam | dense: step, peak RSS | streaming | latent-parallel | load |",
+             "|---|---|---|---|---|---|---|"]
+    for n in sorted({r["n"] for r in results["runs"]}):
+        rows = [r for r in results["runs"] if r["n"] == n]
+        state = 4 * (2 * n * results["d"] + n + results["d"]) * 4 / 1e9
+        loads = [r["load_avg"] for r in rows if "load_avg" in r and "step_s" in r]
+        load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded"
+        lines.append(f"| {n:,} | {rows[0]['batch']:,} | {state:.2f} GB | "
+                     + " | ".join(cell.get((n, e), "") for e in ("dense", "streaming", "latent-parallel"))
+                     + f" | {load} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict, out: Path) -> None:
     from architectures import write_figure  # bench/architectures.py: HTML, and a PNG by kaleido or Chromium
 
@@ -228,6 +252,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=OUT, help=f"results file, rows merged in (default {OUT})")
     ap.add_argument("--shard-latents", type=int, default=2, help="latent-parallel: processes (default 2)")
     ap.add_argument("--replot", action="store_true", help="only redraw the figure (width.html/.png) from --out")
+    ap.add_argument("--table", action="store_true", help="only print --out's rows as the README's markdown table")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run in this process, as JSON on stdout
     ap.add_argument("--one-sharded", help=argparse.SUPPRESS)  # internal: this rank of a latent-parallel run
     args = ap.parse_args()
@@ -242,6 +267,9 @@ def main() -> int:
 
     if args.replot:
         plot(json.loads(args.out.read_text()), args.out)
+        return 0
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
         return 0
     widths = [parse_width(w) for w in args.widths.split(",")]
     encoders = [e.strip() for e in args.encoders.split(",")]
@@ -290,6 +318,7 @@ def main() -> int:
                                                                 f"peak RSS {row['peak_rss_mb']:7.0f} MB")
             print(f"n {n:>9,}  B {batch:>5}  {encoder:>9}: {shown}", flush=True)
     plot(results, args.out)
+    print(table(results))
     return 1 if failed else 0
 
 
