@@ -92,6 +92,28 @@ def test_resume_is_bit_exact_after_an_interruption(tmp_path):
     assert [json.loads(r)["fvu"] for r in log_a] == [json.loads(r)["fvu"] for r in log_b]
 
 
+def test_resumed_optimizer_state_keeps_each_parameters_layout(tmp_path):
+    """A checkpoint file holds tensors row-major; Adam's moments of the column-major W_enc come back column-major
+    (a mismatched layout sent every resumed step down the optimizer's strided path), with the same values."""
+    from saelab.sae.sae import SparseAutoencoder
+    from saelab.training.checkpoint import load_checkpoint, optimizer_from_flat, optimizer_to_flat, save_checkpoint
+
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=32, k=4))
+    assert not sae.W_enc.is_contiguous()  # the layout this test is about
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    for p in sae.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tensors, meta = optimizer_to_flat(opt)
+    tensors, _ = load_checkpoint(save_checkpoint(tmp_path, 1, tensors, {}))
+    resumed = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    optimizer_from_flat(resumed, tensors, meta)
+    for p in sae.parameters():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert resumed.state[p][name].stride() == p.stride(), name
+            assert torch.equal(resumed.state[p][name], opt.state[p][name]), name
+
+
 SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})

@@ -44,6 +44,13 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, torch.Ten
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # a file holds tensors row-major; a state tensor laid out unlike its parameter (the column-major W_enc) sends
+    # every later step down the optimizer's strided path (5x slower Adam), so restore the parameter's layout
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for name, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][name] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def tensors_file(shard: int = 0) -> str:
