@@ -3,7 +3,7 @@
 folder and encoding the same rows as saelab. Records the run's peak RSS beside the parameters + gradients + Adam
 state one process must hold, the step time, the evaluation and the SAELens check.
 
-    python bench/width_train.py --cache CACHE --workdir W            # 300 steps of 1,024 tokens; resumes W's run
+    python bench/width_train.py --cache CACHE --workdir W            # 200 steps of 1,024 tokens; resumes W's run
     python bench/width_train.py --cache CACHE --workdir W --steps 50 --n-latents 262k    # a smaller try
 
 The run checkpoints every --checkpoint-every steps (a 1M-latent checkpoint is about 6 GB: parameters, Adam's two
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--n-latents", default="1M", help="width: 1M = 1,048,576 (default)")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--lr", default="", help="learning rate (default saelab's, 2e-4 / sqrt(n / 2^14): 2.5e-5 at 1M, "
                                              "tuned for long runs; a few hundred steps move such an SAE little)")
@@ -121,6 +121,8 @@ def main() -> int:
         "wall_s": round(wall, 1), "resumed": "--resume" in cmd,
         "peak_rss_gb": peak / 1e9, "state_gb": state_bytes(d_in, 0, n, False) / 1e9,
         "step_s_median": statistics.median(args.batch_size / r["tokens_per_s"] for r in log) if log else None,
+        # each logged row's rate covers the steps since the row before (a resumed part's first row: since the start)
+        "step_s_by_logged_step": [[r["step"], round(args.batch_size / r["tokens_per_s"], 2)] for r in log],
         "load_avg": os.getloadavg()[0],
         "last_logged": log[-1] if log else None,
         "core_eval": {key: core.get(key) for key in ("explained_variance", "delta_ce", "l0", "frac_dead", "n_tokens",
