@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--checkpoint-every", type=int, default=25)
     ap.add_argument("--lr", default="", help="learning rate (default saelab's, 2e-4 / sqrt(n / 2^14): 2.5e-5 at 1M, "
                                              "tuned for long runs; a few hundred steps move such an SAE little)")
+    ap.add_argument("--dead-tokens", default="", help="saelab's --dead-tokens (default its own: a quarter of the run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-tokens", default="65536")
     ap.add_argument("--saelens-python", type=Path, default=Path(os.environ.get("SAELENS_PYTHON", "")),
@@ -94,7 +95,8 @@ def main() -> int:
     cmd = ["saelab", "train", "--cache", args.cache, "--n-latents", str(n), "--k", str(args.k),
            "--batch-size", str(args.batch_size), "--tokens", str(args.batch_size * args.steps),
            "--checkpoint-every", str(args.checkpoint_every), "--threads", str(args.threads),
-           "--eval-tokens", args.eval_tokens, "--out", str(run), "--no-progress", *(["--lr", args.lr] if args.lr else [])]
+           "--eval-tokens", args.eval_tokens, "--out", str(run), "--no-progress", *(["--lr", args.lr] if args.lr else []),
+           *(["--dead-tokens", args.dead_tokens] if args.dead_tokens else [])]
     if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         cmd.append("--resume")
     print("$", " ".join(cmd), flush=True)
