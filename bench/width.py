@@ -175,7 +175,7 @@ def figure(results: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("training step (s, loaded machine: see each row's load)",
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("training step (s; each row's load in its hover text)",
                                                         "peak RSS (GB)"))
     colours = {"dense": "#d62728", "streaming": "#1f77b4", "latent-parallel": "#2ca02c"}
     for encoder, colour in colours.items():
@@ -199,8 +199,10 @@ def figure(results: dict):
                              name="parameters + gradients + Adam (one process)", line={"color": "grey", "dash": "dash"}),
                   row=1, col=2)
     memory = results.get("memory_gb")
-    if memory:
-        fig.add_hline(y=memory, line_dash="dot", annotation_text=f"this machine: {memory:.0f} GB", row=1, col=2)
+    if memory:  # a trace, not add_hline: a shape's y on a log axis would be read as log10(y)
+        ns = [r["n"] for r in results["runs"]]
+        fig.add_trace(go.Scatter(x=[min(ns), max(ns)], y=[memory, memory], mode="lines", name=f"this machine: "
+                                 f"{memory:.0f} GB", line={"color": "black", "dash": "dot"}), row=1, col=2)
     fig.update_xaxes(type="log", title_text="latents n (d 256, k 32; B 4,096, 1,024 from n 262k)")
     fig.update_yaxes(type="log")
     fig.update_layout(template="plotly_white", width=1100, height=460,
