@@ -58,12 +58,13 @@ def make_step(d: int, n: int, k: int, batch: int, chunk: int):
     """A TopK SAE (seed 0) and one training step of it on a fixed Gaussian batch: (sae, step)."""
     import torch
 
-    from saelab.config import SAEConfig
+    from saelab.config import SAEConfig, TrainConfig
     from saelab.sae.sae import SparseAutoencoder
+    from saelab.training.trainer import make_optimizer
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAEConfig(d_in=d, n_latents=n, k=k, encoder_chunk=chunk))
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    opt = make_optimizer(sae, 1e-4, TrainConfig())  # the trainer's Adam (foreach on CPU, as `saelab train` steps)
     x = torch.randn(batch, d, generator=torch.Generator().manual_seed(1))
 
     def step():
