@@ -213,6 +213,8 @@ def figure(results: dict):
 
 def table(results: dict) -> str:
     """The README's table: per width, each encoder's step time and peak RSS (GB), beside the whole SAE's state."""
+    from saelab.training.memory import state_bytes
+
     cell = {}
     for r in results["runs"]:
         if "refused" in r:
@@ -225,7 +227,7 @@ def table(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for n in sorted({r["n"] for r in results["runs"]}):
         rows = [r for r in results["runs"] if r["n"] == n]
-        state = 4 * (2 * n * results["d"] + n + results["d"]) * 4 / 1e9
+        state = state_bytes(results["d"], 0, n, False) / 1e9
         loads = [r["load_avg"] for r in rows if "load_avg" in r and "step_s" in r]
         load = f"{min(loads):.1f}–{max(loads):.1f}" if loads else "not recorded"
         lines.append(f"| {n:,} | {rows[0]['batch']:,} | {state:.2f} GB | "
